@@ -1,0 +1,183 @@
+// Small dense matrix products for one task's tiles (row-major, contiguous rows).
+//
+// The fast-weight tiles are small (tens to a few hundred rows and columns) and stay in L1/L2 for
+// the whole unroll, so a register-blocked kernel that the compiler vectorises beats a call into a
+// BLAS library, whose dispatch and packing cost more than the product itself at these sizes.
+// Internal to the CPU backend: no torch, no argument checks (ops/ checked them once).
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace metakernels {
+namespace cpu {
+
+// A short vector of T, 64 bytes: one AVX-512 register or two AVX2 registers. GCC and Clang lower
+// the arithmetic to whatever the target has, so the code stays portable.
+template <typename T>
+struct Vec {
+  typedef T type __attribute__((vector_size(64), aligned(sizeof(T))));
+  static constexpr int64_t lanes = 64 / static_cast<int64_t>(sizeof(T));
+};
+
+template <typename T>
+inline typename Vec<T>::type vload(const T* p) {
+  typename Vec<T>::type v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+template <typename T>
+inline void vstore(T* p, typename Vec<T>::type v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+
+// C[ROWS, NV vectors] (+)= alpha * A[ROWS, K] @ B[K, NV vectors]: the accumulators stay in
+// registers across K (4 rows x 4 vectors = 16 AVX-512 registers).
+template <typename T, int ROWS, int NV>
+inline void gemm_block_vec(const T* __restrict a, int64_t lda, const T* __restrict b, int64_t ldb,
+                           T* __restrict c, int64_t ldc, int64_t inner, T alpha, bool accumulate) {
+  using V = typename Vec<T>::type;
+  constexpr int64_t L = Vec<T>::lanes;
+  V acc[ROWS][NV];
+  for (int r = 0; r < ROWS; ++r)
+    for (int v = 0; v < NV; ++v) acc[r][v] = V{};
+  for (int64_t k = 0; k < inner; ++k) {
+    const T* b_row = b + k * ldb;
+    V b_vec[NV];
+    for (int v = 0; v < NV; ++v) b_vec[v] = vload(b_row + v * L);
+    for (int r = 0; r < ROWS; ++r) {
+      const T a_rk = a[r * lda + k];
+      for (int v = 0; v < NV; ++v) acc[r][v] += a_rk * b_vec[v];
+    }
+  }
+  for (int r = 0; r < ROWS; ++r)
+    for (int v = 0; v < NV; ++v) {
+      T* p = c + r * ldc + v * L;
+      V out = alpha * acc[r][v];
+      if (accumulate) out += vload(p);
+      vstore(p, out);
+    }
+}
+
+// The last cols < one vector of columns, in scalar code the compiler may vectorise.
+template <typename T, int ROWS>
+inline void gemm_block_tail(const T* __restrict a, int64_t lda, const T* __restrict b, int64_t ldb,
+                            T* __restrict c, int64_t ldc, int64_t inner, int64_t cols, T alpha,
+                            bool accumulate) {
+  T acc[ROWS][Vec<T>::lanes];
+  for (int r = 0; r < ROWS; ++r)
+    for (int64_t j = 0; j < cols; ++j) acc[r][j] = T(0);
+  for (int64_t k = 0; k < inner; ++k) {
+    const T* b_row = b + k * ldb;
+    for (int r = 0; r < ROWS; ++r) {
+      const T a_rk = a[r * lda + k];
+      for (int64_t j = 0; j < cols; ++j) acc[r][j] += a_rk * b_row[j];
+    }
+  }
+  for (int r = 0; r < ROWS; ++r) {
+    T* c_row = c + r * ldc;
+    for (int64_t j = 0; j < cols; ++j)
+      c_row[j] = accumulate ? c_row[j] + alpha * acc[r][j] : alpha * acc[r][j];
+  }
+}
+
+template <typename T, int ROWS>
+inline void gemm_rows(const T* a, int64_t lda, const T* b, int64_t ldb, T* c, int64_t ldc,
+                      int64_t inner, int64_t cols, T alpha, bool accumulate) {
+  constexpr int64_t L = Vec<T>::lanes;
+  int64_t j = 0;
+  for (; j + 4 * L <= cols; j += 4 * L)
+    gemm_block_vec<T, ROWS, 4>(a, lda, b + j, ldb, c + j, ldc, inner, alpha, accumulate);
+  for (; j + L <= cols; j += L)
+    gemm_block_vec<T, ROWS, 1>(a, lda, b + j, ldb, c + j, ldc, inner, alpha, accumulate);
+  if (j < cols)
+    gemm_block_tail<T, ROWS>(a, lda, b + j, ldb, c + j, ldc, inner, cols - j, alpha, accumulate);
+}
+
+// C[ROWS, COLS] (+)= alpha * A[ROWS, K] @ Bt[COLS, K]ᵀ as dot products along K: the layout for
+// products with few output columns (a 5-way classifier head), where vectors run along K instead.
+template <typename T, int ROWS, int COLS>
+inline void gemm_block_dot(const T* __restrict a, int64_t lda, const T* __restrict bt,
+                           int64_t ldbt, T* __restrict c, int64_t ldc, int64_t inner, T alpha,
+                           bool accumulate) {
+  using V = typename Vec<T>::type;
+  constexpr int64_t L = Vec<T>::lanes;
+  V acc[ROWS][COLS];
+  for (int r = 0; r < ROWS; ++r)
+    for (int q = 0; q < COLS; ++q) acc[r][q] = V{};
+  int64_t k = 0;
+  for (; k + L <= inner; k += L) {
+    V a_vec[ROWS];
+    for (int r = 0; r < ROWS; ++r) a_vec[r] = vload(a + r * lda + k);
+    for (int q = 0; q < COLS; ++q) {
+      const V b_vec = vload(bt + q * ldbt + k);
+      for (int r = 0; r < ROWS; ++r) acc[r][q] += a_vec[r] * b_vec;
+    }
+  }
+  for (int r = 0; r < ROWS; ++r)
+    for (int q = 0; q < COLS; ++q) {
+      T sum = T(0);
+      for (int64_t l = 0; l < L; ++l) sum += acc[r][q][l];
+      for (int64_t kk = k; kk < inner; ++kk) sum += a[r * lda + kk] * bt[q * ldbt + kk];
+      T* p = c + r * ldc + q;
+      *p = accumulate ? *p + alpha * sum : alpha * sum;
+    }
+}
+
+template <typename T, int ROWS>
+inline void gemm_rows_dot(const T* a, int64_t lda, const T* bt, int64_t ldbt, T* c, int64_t ldc,
+                          int64_t inner, int64_t cols, T alpha, bool accumulate) {
+  int64_t q = 0;
+  for (; q + 2 <= cols; q += 2)
+    gemm_block_dot<T, ROWS, 2>(a, lda, bt + q * ldbt, ldbt, c + q, ldc, inner, alpha, accumulate);
+  if (q < cols)
+    gemm_block_dot<T, ROWS, 1>(a, lda, bt + q * ldbt, ldbt, c + q, ldc, inner, alpha, accumulate);
+}
+
+// dst[cols, rows] = src[rows, cols]ᵀ (src rows have stride lds).
+template <typename T>
+inline void transpose(int64_t rows, int64_t cols, const T* src, int64_t lds, T* dst) {
+  constexpr int64_t kTile = 16;
+  for (int64_t i0 = 0; i0 < rows; i0 += kTile)
+    for (int64_t j0 = 0; j0 < cols; j0 += kTile) {
+      const int64_t i1 = i0 + kTile < rows ? i0 + kTile : rows;
+      const int64_t j1 = j0 + kTile < cols ? j0 + kTile : cols;
+      for (int64_t j = j0; j < j1; ++j)
+        for (int64_t i = i0; i < i1; ++i) dst[j * rows + i] = src[i * lds + j];
+    }
+}
+
+// C[M, N] = alpha * A[M, K] @ B[K, N]          (accumulate = false)
+// C[M, N] += alpha * A[M, K] @ B[K, N]         (accumulate = true)
+// Leading dimensions are row strides in elements; with K = 0 the product is zero. Narrow products
+// (N under one vector, K at least one) run as dot products along K on a transposed copy of B.
+template <typename T>
+inline void gemm(int64_t rows, int64_t inner, int64_t cols, T alpha, const T* a, int64_t lda,
+                 const T* b, int64_t ldb, bool accumulate, T* c, int64_t ldc) {
+  constexpr int64_t L = Vec<T>::lanes;
+  constexpr int kRows = 4;
+  if (cols < L && inner >= L) {
+    thread_local std::vector<T> b_transposed;
+    b_transposed.resize(static_cast<size_t>(inner * cols));
+    transpose(inner, cols, b, ldb, b_transposed.data());
+    const T* bt = b_transposed.data();
+    int64_t i = 0;
+    for (; i + kRows <= rows; i += kRows)
+      gemm_rows_dot<T, kRows>(a + i * lda, lda, bt, inner, c + i * ldc, ldc, inner, cols, alpha,
+                              accumulate);
+    for (; i < rows; ++i)
+      gemm_rows_dot<T, 1>(a + i * lda, lda, bt, inner, c + i * ldc, ldc, inner, cols, alpha,
+                          accumulate);
+    return;
+  }
+  int64_t i = 0;
+  for (; i + kRows <= rows; i += kRows)
+    gemm_rows<T, kRows>(a + i * lda, lda, b, ldb, c + i * ldc, ldc, inner, cols, alpha, accumulate);
+  for (; i < rows; ++i)
+    gemm_rows<T, 1>(a + i * lda, lda, b, ldb, c + i * ldc, ldc, inner, cols, alpha, accumulate);
+}
+
+}  // namespace cpu
+}  // namespace metakernels

@@ -1,0 +1,252 @@
+// The one file that knows torch: tensors in, raw pointers to the kernels, tensors out.
+//
+// metakernels/ops/ checked every argument against SPEC.md before calling here, and the Python
+// custom ops (torch.library) own autograd and the fake (meta) implementations; this module is the
+// eager CPU body of those ops. Work is split over tasks with at::parallel_for, so it follows
+// torch.set_num_threads.
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <limits>
+#include <vector>
+
+#include "metakernels/fast_weight.h"
+
+namespace {
+
+using at::Tensor;
+using c10::optional;
+using metakernels::Loss;
+
+constexpr int64_t kGrainTasks = 1;
+
+// Tests set this so every output starts as NaN: an element a kernel forgets to write shows up.
+bool g_poison_outputs = false;
+
+Tensor new_output(at::IntArrayRef shape, const at::TensorOptions& options) {
+  return g_poison_outputs ? at::full(shape, std::numeric_limits<double>::quiet_NaN(), options)
+                          : at::empty(shape, options);
+}
+
+template <typename T>
+const T* ptr_or_null(const optional<Tensor>& t) {
+  return t.has_value() ? t->data_ptr<T>() : nullptr;
+}
+
+template <typename T>
+T* out_ptr_or_null(const Tensor& t) {
+  return t.defined() && t.numel() > 0 ? t.data_ptr<T>() : nullptr;
+}
+
+optional<Tensor> contiguous_or_none(const optional<Tensor>& t) {
+  if (!t.has_value()) return c10::nullopt;
+  return t->contiguous();
+}
+
+Tensor no_output(const Tensor& like) { return at::empty({0}, like.options()); }
+
+// A shared [d_in, d_out] / [d_out] tensor has task stride 0; a per-task one, its matrix size.
+int64_t task_stride(const Tensor& t, int64_t per_task_dim) {
+  return t.dim() == per_task_dim ? t.stride(0) : 0;
+}
+
+struct Unroll {
+  metakernels::UnrollDims dims;
+  Tensor weight, x, targets, lr;
+  optional<Tensor> bias, lr_scale, bias_lr_scale, queries;
+  bool x_per_step = false;
+
+  Unroll(const Tensor& weight_, const Tensor& x_, const Tensor& targets_, const Tensor& lr_,
+         const optional<Tensor>& bias_, const optional<Tensor>& lr_scale_,
+         const optional<Tensor>& bias_lr_scale_, const optional<Tensor>& queries_, int64_t loss)
+      : weight(weight_.contiguous()),
+        x(x_.contiguous()),
+        targets(targets_.contiguous()),
+        lr(lr_.contiguous()),
+        bias(contiguous_or_none(bias_)),
+        lr_scale(contiguous_or_none(lr_scale_)),
+        bias_lr_scale(contiguous_or_none(bias_lr_scale_)),
+        queries(contiguous_or_none(queries_)) {
+    x_per_step = x.dim() == 4;
+    dims.tasks = x.size(0);
+    dims.steps = lr.size(1);
+    dims.support = x.size(-2);
+    dims.d_in = weight.size(-2);
+    dims.d_out = weight.size(-1);
+    dims.queries = queries.has_value() ? queries->size(2) : 0;
+    dims.loss = loss == 1 ? Loss::kCrossEntropy : Loss::kMse;
+  }
+
+  template <typename T>
+  metakernels::UnrollInputs<T> inputs() const {
+    metakernels::UnrollInputs<T> in;
+    in.weight = weight.data_ptr<T>();
+    in.weight_task_stride = task_stride(weight, 3);
+    in.bias = ptr_or_null<T>(bias);
+    in.bias_task_stride = bias.has_value() ? task_stride(*bias, 2) : 0;
+    in.x = x.data_ptr<T>();
+    in.x_task_stride = x.stride(0);
+    in.x_step_stride = x_per_step ? x.stride(1) : 0;
+    if (dims.loss == Loss::kMse) {
+      in.y = targets.data_ptr<T>();
+      in.y_task_stride = targets.stride(0);
+      in.y_step_stride = x_per_step ? targets.stride(1) : 0;
+    } else {
+      in.labels = targets.data_ptr<int64_t>();
+      in.labels_task_stride = targets.stride(0);
+      in.labels_step_stride = x_per_step ? targets.stride(1) : 0;
+    }
+    in.lr = lr.data_ptr<T>();
+    in.lr_scale = ptr_or_null<T>(lr_scale);
+    in.bias_lr_scale = ptr_or_null<T>(bias_lr_scale);
+    in.queries = ptr_or_null<T>(queries);
+    return in;
+  }
+};
+
+std::vector<Tensor> unroll_forward(const Tensor& weight, const Tensor& x, const Tensor& targets,
+                                   const Tensor& lr, const optional<Tensor>& bias,
+                                   const optional<Tensor>& lr_scale,
+                                   const optional<Tensor>& bias_lr_scale,
+                                   const optional<Tensor>& queries, int64_t loss,
+                                   bool store_states) {
+  const Unroll u(weight, x, targets, lr, bias, lr_scale, bias_lr_scale, queries, loss);
+  const auto& d = u.dims;
+  const auto opts = u.weight.options();
+  Tensor weight_out = new_output({d.tasks, d.d_in, d.d_out}, opts);
+  Tensor bias_out = bias.has_value() ? new_output({d.tasks, d.d_out}, opts) : no_output(u.weight);
+  Tensor losses = new_output({d.tasks, d.steps}, opts);
+  Tensor readout = queries.has_value() ? new_output({d.tasks, d.steps, d.queries, d.d_out}, opts)
+                                       : no_output(u.weight);
+  Tensor residual = new_output({d.tasks, d.steps, d.support, d.d_out}, opts);
+  Tensor states = store_states ? new_output({d.tasks, d.steps, d.d_in, d.d_out}, opts)
+                               : no_output(u.weight);
+  AT_DISPATCH_FLOATING_TYPES(u.weight.scalar_type(), "fast_weight_unroll_forward", [&] {
+    const auto in = u.inputs<scalar_t>();
+    metakernels::UnrollForwardOutputs<scalar_t> out;
+    out.weight = weight_out.data_ptr<scalar_t>();
+    out.bias = out_ptr_or_null<scalar_t>(bias_out);
+    out.losses = losses.data_ptr<scalar_t>();
+    out.readout = out_ptr_or_null<scalar_t>(readout);
+    out.residual = residual.data_ptr<scalar_t>();
+    out.states = out_ptr_or_null<scalar_t>(states);
+    at::parallel_for(0, d.tasks, kGrainTasks, [&](int64_t begin, int64_t end) {
+      metakernels::fast_weight_unroll_forward<scalar_t>(d, in, out, begin, end);
+    });
+  });
+  return {weight_out, bias_out, losses, readout, residual, states};
+}
+
+// wanted: which gradients to compute, in the order weight, x, y, lr, bias, lr_scale,
+// bias_lr_scale, queries; metakernels/ops decided them (inputs that are absent or get no gradient
+// in first order are never wanted). Returns them in that order, each empty where not wanted,
+// shared inputs summed over tasks.
+std::vector<Tensor> unroll_backward(const Tensor& weight, const Tensor& x, const Tensor& targets,
+                                    const Tensor& lr, const optional<Tensor>& bias,
+                                    const optional<Tensor>& lr_scale,
+                                    const optional<Tensor>& bias_lr_scale,
+                                    const optional<Tensor>& queries, const Tensor& residual,
+                                    const Tensor& states, const Tensor& weight_final,
+                                    const Tensor& grad_weight_final,
+                                    const optional<Tensor>& grad_bias_final,
+                                    const optional<Tensor>& grad_readout, int64_t loss,
+                                    bool first_order, std::vector<bool> wanted) {
+  TORCH_CHECK(wanted.size() == 8, "metakernels internal error: unroll_backward takes 8 flags");
+  const Unroll u(weight, x, targets, lr, bias, lr_scale, bias_lr_scale, queries, loss);
+  const auto& d = u.dims;
+  const auto opts = u.weight.options();
+  TORCH_CHECK(!((wanted[1] && !first_order) || wanted[7]) || states.dim() == 4,
+              "metakernels internal error: the backward needs the stored fast weights");
+  auto maybe = [&](bool need, at::IntArrayRef shape) {
+    return need ? new_output(shape, opts) : no_output(u.weight);
+  };
+  Tensor grad_weight = maybe(wanted[0], {d.tasks, d.d_in, d.d_out});
+  Tensor grad_x = maybe(wanted[1], u.x.sizes());
+  Tensor grad_y = maybe(wanted[2], u.targets.sizes());
+  Tensor grad_lr = maybe(wanted[3], {d.tasks, d.steps});
+  Tensor grad_bias = maybe(wanted[4], {d.tasks, d.d_out});
+  Tensor grad_lr_scale = maybe(wanted[5], {d.tasks, d.d_in, d.d_out});
+  Tensor grad_bias_lr_scale = maybe(wanted[6], {d.tasks, d.d_out});
+  Tensor grad_queries = maybe(wanted[7], {d.tasks, d.steps, d.queries, d.d_in});
+  const Tensor residual_c = residual.contiguous();
+  const Tensor states_c = states.contiguous();
+  const Tensor weight_final_c = weight_final.contiguous();
+  const Tensor grad_weight_final_c = grad_weight_final.contiguous();
+  const optional<Tensor> grad_bias_final_c = contiguous_or_none(grad_bias_final);
+  const optional<Tensor> grad_readout_c = contiguous_or_none(grad_readout);
+
+  AT_DISPATCH_FLOATING_TYPES(u.weight.scalar_type(), "fast_weight_unroll_backward", [&] {
+    const auto in = u.inputs<scalar_t>();
+    metakernels::UnrollBackwardArgs<scalar_t> args;
+    args.residual = residual_c.data_ptr<scalar_t>();
+    args.states = out_ptr_or_null<scalar_t>(states_c);
+    args.weight_final = weight_final_c.data_ptr<scalar_t>();
+    args.grad_weight_final = grad_weight_final_c.data_ptr<scalar_t>();
+    args.grad_bias_final = bias.has_value() ? ptr_or_null<scalar_t>(grad_bias_final_c) : nullptr;
+    args.grad_readout = queries.has_value() ? ptr_or_null<scalar_t>(grad_readout_c) : nullptr;
+    args.first_order = first_order;
+    args.grad_weight = out_ptr_or_null<scalar_t>(grad_weight);
+    args.grad_bias = out_ptr_or_null<scalar_t>(grad_bias);
+    args.grad_x = out_ptr_or_null<scalar_t>(grad_x);
+    args.grad_y = out_ptr_or_null<scalar_t>(grad_y);
+    args.grad_lr = out_ptr_or_null<scalar_t>(grad_lr);
+    args.grad_lr_scale = out_ptr_or_null<scalar_t>(grad_lr_scale);
+    args.grad_bias_lr_scale = out_ptr_or_null<scalar_t>(grad_bias_lr_scale);
+    args.grad_queries = out_ptr_or_null<scalar_t>(grad_queries);
+    at::parallel_for(0, d.tasks, kGrainTasks, [&](int64_t begin, int64_t end) {
+      metakernels::fast_weight_unroll_backward<scalar_t>(d, in, args, begin, end);
+    });
+  });
+  // Shared inputs get the sum over tasks of their per-task gradients.
+  if (wanted[0] && weight.dim() == 2) grad_weight = grad_weight.sum(0);
+  if (wanted[4] && bias->dim() == 1) grad_bias = grad_bias.sum(0);
+  if (wanted[5]) grad_lr_scale = grad_lr_scale.sum(0);
+  if (wanted[6]) grad_bias_lr_scale = grad_bias_lr_scale.sum(0);
+  return {grad_weight, grad_x, grad_y, grad_lr, grad_bias, grad_lr_scale, grad_bias_lr_scale,
+          grad_queries};
+}
+
+std::vector<Tensor> linear_hvp(const Tensor& weight_, const Tensor& x_, const Tensor& v_,
+                               const optional<Tensor>& bias_, const optional<Tensor>& v_bias_,
+                               int64_t loss, bool with_bias) {
+  const Tensor weight = weight_.contiguous(), x = x_.contiguous(), v = v_.contiguous();
+  const optional<Tensor> bias = contiguous_or_none(bias_), v_bias = contiguous_or_none(v_bias_);
+  const int64_t tasks = x.size(0), d_in = weight.size(-2), d_out = weight.size(-1);
+  const auto opts = weight.options();
+  Tensor hv_weight = new_output({tasks, d_in, d_out}, opts);
+  Tensor hv_bias = with_bias ? new_output({tasks, d_out}, opts) : no_output(weight);
+  AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "linear_hvp", [&] {
+    metakernels::HvpArgs<scalar_t> args;
+    args.tasks = tasks;
+    args.support = x.size(1);
+    args.d_in = d_in;
+    args.d_out = d_out;
+    args.loss = loss == 1 ? Loss::kCrossEntropy : Loss::kMse;
+    args.weight = weight.data_ptr<scalar_t>();
+    args.weight_task_stride = task_stride(weight, 3);
+    args.bias = ptr_or_null<scalar_t>(bias);
+    args.bias_task_stride = bias.has_value() ? task_stride(*bias, 2) : 0;
+    args.x = x.data_ptr<scalar_t>();
+    args.v = v.data_ptr<scalar_t>();
+    args.v_bias = ptr_or_null<scalar_t>(v_bias);
+    args.v_bias_task_stride = v_bias.has_value() ? task_stride(*v_bias, 2) : 0;
+    args.hv_weight = hv_weight.data_ptr<scalar_t>();
+    args.hv_bias = out_ptr_or_null<scalar_t>(hv_bias);
+    at::parallel_for(0, tasks, kGrainTasks, [&](int64_t begin, int64_t end) {
+      metakernels::linear_hvp_forward<scalar_t>(args, begin, end);
+    });
+  });
+  return {hv_weight, hv_bias};
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "metakernels fused CPU kernels (eager bodies of the metakernels:: custom ops)";
+  m.def("unroll_forward", &unroll_forward);
+  m.def("unroll_backward", &unroll_backward);
+  m.def("linear_hvp", &linear_hvp);
+  m.def("set_poison_outputs", [](bool poison) { g_poison_outputs = poison; },
+        "Fill every output with NaN before the kernels write it (for tests).");
+}

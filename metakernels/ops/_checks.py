@@ -1,0 +1,91 @@
+"""Argument checks shared by the ops (SPEC.md section 4).
+
+Every problem raises before any kernel runs: ``TypeError`` for a wrong Python type, ``ValueError``
+for a wrong shape, dtype, device or value, each naming the argument, what it got and what it
+expected.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+SUPPORTED_DTYPES = {
+    "cpu": (torch.float32, torch.float64),
+    "cuda": (torch.float32, torch.float64, torch.bfloat16, torch.float16),
+}
+LOSSES = ("mse", "ce")
+
+
+def shape_str(shape) -> str:
+    return "[" + ", ".join(str(s) for s in shape) + "]"
+
+
+def require_tensor(name: str, value, *, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if not isinstance(value, Tensor):
+        expected = "a torch.Tensor or None" if optional else "a torch.Tensor"
+        raise TypeError(f"{name} must be {expected}, got {type(value).__name__}")
+
+
+def check_loss(loss) -> str:
+    if not isinstance(loss, str):
+        raise TypeError(f"loss must be a str, one of {LOSSES}, got {type(loss).__name__}")
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+    return loss
+
+
+def check_flag(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
+
+
+def check_float_dtype(weight: Tensor) -> torch.dtype:
+    """The dtype of every floating input: weight's, which must be supported on its device."""
+    supported = SUPPORTED_DTYPES.get(weight.device.type)
+    if supported is None:
+        raise ValueError(f"weight is on device {weight.device}; metakernels supports cpu and cuda")
+    if weight.dtype not in supported:
+        names = ", ".join(str(d).replace("torch.", "") for d in supported)
+        raise ValueError(f"weight has dtype {str(weight.dtype).replace('torch.', '')}; "
+                         f"on {weight.device.type} metakernels supports {names}")
+    return weight.dtype
+
+
+def check_same_dtype(name: str, tensor: Tensor | None, dtype: torch.dtype) -> None:
+    if tensor is not None and tensor.dtype != dtype:
+        raise ValueError(f"{name} has dtype {str(tensor.dtype).replace('torch.', '')} but weight has "
+                         f"{str(dtype).replace('torch.', '')}; floating inputs must share one dtype")
+
+
+def check_device(name: str, tensor: Tensor | None, device: torch.device) -> None:
+    if tensor is not None and tensor.device != device:
+        raise ValueError(f"{name} is on {tensor.device} but weight is on {device}; "
+                         "all tensor inputs must be on one device")
+
+
+def check_shape(name: str, tensor: Tensor | None, *expected: tuple) -> None:
+    """tensor's shape must be one of the expected shapes."""
+    if tensor is None or tuple(tensor.shape) in [tuple(e) for e in expected]:
+        return
+    wanted = " or ".join(shape_str(e) for e in expected)
+    raise ValueError(f"{name} has shape {shape_str(tensor.shape)}, expected {wanted}")
+
+
+def check_labels(name: str, labels: Tensor, classes: int) -> Tensor:
+    """ce labels: an integer tensor with values in [0, classes); returned as int64."""
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise ValueError(f"{name} has dtype {str(labels.dtype).replace('torch.', '')}; loss='ce' "
+                         "takes integer class labels (int64)")
+    # Under torch.compile the range is a data-dependent branch that cannot be traced; the
+    # compiled backends' op bodies run this check again eagerly, and their kernels turn a label
+    # out of range into NaN, never a read out of bounds.
+    if labels.numel() > 0 and not torch.compiler.is_compiling():
+        low, high = int(labels.min()), int(labels.max())
+        if low < 0 or high >= classes:
+            raise ValueError(f"{name} holds labels in [{low}, {high}], expected them in "
+                             f"[0, {classes}) (d_out = {classes})")
+    return labels.long()

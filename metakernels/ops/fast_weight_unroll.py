@@ -1,0 +1,296 @@
+"""``fast_weight_unroll``: T inner-loop steps for B tasks at once (SPEC.md section 1).
+
+The public function checks the contract once, picks a backend and returns an
+:class:`UnrollOutput`. The compiled backends run behind the custom ops
+``metakernels::fast_weight_unroll_fwd`` / ``_bwd`` (``torch.library``), so the op works under
+autograd, ``torch.func``-free trainers and ``torch.compile``. The backward of the fused op is the
+exact second-order meta-gradient computed by the kernel; differentiating that backward again
+(double backward) is not supported and raises.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+from torch import Tensor
+
+from metakernels import reference
+from metakernels.ops import _backends, _checks
+
+LOSS_CODES = {"mse": 0, "ce": 1}
+# The gradients the backward op can return, in its order.
+GRAD_INPUTS = ("weight", "x", "y", "lr", "bias", "lr_scale", "bias_lr_scale", "queries")
+
+
+class UnrollOutput(NamedTuple):
+    """What :func:`fast_weight_unroll` returns.
+
+    weight:  ``[B, d_in, d_out]`` W_T, the adapted fast weights of every task.
+    bias:    ``[B, d_out]`` b_T, or None without a bias.
+    losses:  ``[B, T]`` the inner loss at (W_t, b_t) before step t; detached.
+    readout: ``[B, T, m, d_out]`` ``queries[:, t] @ W_{t+1} + b_{t+1}``, or None without queries.
+    """
+
+    weight: Tensor
+    bias: Optional[Tensor]
+    losses: Tensor
+    readout: Optional[Tensor]
+
+
+def fast_weight_unroll(weight: Tensor, x: Tensor, y: Tensor, lr, *, steps: int | None = None,
+                       loss: str = "mse", bias: Tensor | None = None,
+                       lr_scale: Tensor | None = None, bias_lr_scale: Tensor | None = None,
+                       queries: Tensor | None = None, first_order: bool = False,
+                       backend: str = "auto") -> UnrollOutput:
+    r"""Run T steps of gradient descent on a linear model for B tasks at once.
+
+    Per task, with ``P = lr_scale`` and ``p = bias_lr_scale`` (ones when None)::
+
+        Z_t = X_t W_t + 1 b_tᵀ
+        G_t = X_tᵀ E_t,  g_t = 1ᵀ E_t,  E_t = ∂ℓ_t/∂Z_t     (ℓ: mse or ce, mean over the n rows)
+        W_{t+1} = W_t − η_t (P ∘ G_t),   b_{t+1} = b_t − η_t (p ∘ g_t)
+        O_t = Q_t W_{t+1} + 1 b_{t+1}ᵀ
+
+    The backward is the exact meta-gradient through all T steps (second order: the
+    Hessian-vector products of MAML), or first order with ``first_order=True``.
+
+    Args:
+        weight: ``[d_in, d_out]`` shared meta-init (its gradient sums over tasks) or
+            ``[B, d_in, d_out]`` per task.
+        x: ``[B, n, d_in]`` with ``steps=T`` (the same support set every step: MAML) or
+            ``[B, T, n, d_in]`` (one batch per step: a trajectory).
+        y: mse: float targets shaped like x with ``d_out`` last; ce: integer labels
+            ``[B, n]`` or ``[B, T, n]`` in ``[0, d_out)``.
+        lr: python float, or a tensor broadcastable to ``[B, T]`` (``[]``, ``[T]``, ``[B, 1]``,
+            ``[B, T]``); differentiable.
+        steps: T, with 3-D x only.
+        loss: ``"mse"`` (½‖z − y‖² over n) or ``"ce"`` (softmax cross-entropy over n).
+        bias: None, ``[d_out]`` shared or ``[B, d_out]``.
+        lr_scale: None or ``[d_in, d_out]`` (Meta-SGD); differentiable.
+        bias_lr_scale: None or ``[d_out]``; needs ``bias``; differentiable.
+        queries: None or ``[B, T, m, d_in]``; the readout after every step; differentiable.
+        first_order: FOMAML: drop every gradient term that passes through the inner gradient.
+        backend: ``"auto"``, ``"reference"`` or ``"cpu"``; see :func:`available_backends`.
+
+    Returns:
+        :class:`UnrollOutput` ``(weight, bias, losses, readout)``.
+
+    Memory (cpu backend): E_t for every step, ``[B, T, n, d_out]``, and W_t for every step,
+    ``[B, T, d_in, d_out]``, only when the backward needs them: x's gradient in second order, or
+    the queries' gradient. The reference backend keeps the whole autograd graph.
+    """
+    args = _check(weight, x, y, lr, steps, loss, bias, lr_scale, bias_lr_scale, queries,
+                  first_order)
+    which = _backends.resolve(backend, weight.device, weight.dtype)
+    weight, x, y, lr, steps, bias, lr_scale, bias_lr_scale, queries = args
+    if which == "reference":
+        return UnrollOutput(*reference.fast_weight_unroll(
+            weight, x, y, lr, steps=steps, loss=loss, bias=bias, lr_scale=lr_scale,
+            bias_lr_scale=bias_lr_scale, queries=queries, first_order=first_order))
+    store_states = torch.is_grad_enabled() and (
+        (x.requires_grad and not first_order) or (queries is not None and queries.requires_grad))
+    weight_t, bias_t, losses, readout, _, _ = torch.ops.metakernels.fast_weight_unroll_fwd(
+        weight, x, y, lr, bias, lr_scale, bias_lr_scale, queries, LOSS_CODES[loss], first_order,
+        store_states)
+    return UnrollOutput(weight_t, bias_t if bias is not None else None, losses,
+                        readout if queries is not None else None)
+
+
+def _check(weight, x, y, lr, steps, loss, bias, lr_scale, bias_lr_scale, queries, first_order):
+    """Checks the arguments against SPEC.md; returns them normalised: lr a ``[B, T]`` tensor, T,
+    and ce labels as int64."""
+    for name, value in (("weight", weight), ("x", x), ("y", y)):
+        _checks.require_tensor(name, value)
+    for name, value in (("bias", bias), ("lr_scale", lr_scale), ("bias_lr_scale", bias_lr_scale),
+                        ("queries", queries)):
+        _checks.require_tensor(name, value, optional=True)
+    _checks.check_loss(loss)
+    _checks.check_flag("first_order", first_order)
+    dtype = _checks.check_float_dtype(weight)
+    device = weight.device
+
+    if weight.dim() not in (2, 3):
+        raise ValueError(f"weight has shape {_checks.shape_str(weight.shape)}, expected "
+                         "[d_in, d_out] (shared) or [B, d_in, d_out]")
+    if x.dim() == 3:
+        if steps is None:
+            raise ValueError(f"steps is missing: x has shape {_checks.shape_str(x.shape)} "
+                             "[B, n, d_in], the same support set every step, so pass steps=T")
+        if isinstance(steps, bool) or not isinstance(steps, int):
+            raise TypeError(f"steps must be an int, got {type(steps).__name__}")
+        if steps < 1:
+            raise ValueError(f"steps must be at least 1, got {steps}")
+    elif x.dim() == 4:
+        if steps is not None:
+            raise ValueError(f"steps={steps!r} was given, but x has shape "
+                             f"{_checks.shape_str(x.shape)} [B, T, n, d_in], which sets T itself; "
+                             "leave steps=None")
+        steps = x.shape[1]
+        if steps < 1:
+            raise ValueError(f"x has shape {_checks.shape_str(x.shape)}: T = 0 steps, expected "
+                             "at least 1")
+    else:
+        raise ValueError(f"x has shape {_checks.shape_str(x.shape)}, expected [B, n, d_in] "
+                         "(with steps=T) or [B, T, n, d_in]")
+    tasks, support, d_in = x.shape[0], x.shape[-2], x.shape[-1]
+    d_out = weight.shape[-1]
+    if weight.shape[-2] < 1 or d_out < 1:
+        raise ValueError(f"weight has shape {_checks.shape_str(weight.shape)}; d_in and d_out "
+                         "must be at least 1")
+    _checks.check_shape("weight", weight, (d_in, d_out), (tasks, d_in, d_out))
+    if support < 1:
+        raise ValueError(f"x has shape {_checks.shape_str(x.shape)}: n = 0 support rows, "
+                         "expected at least 1")
+
+    lead = tuple(x.shape[:-1])
+    if loss == "mse":
+        if not y.dtype.is_floating_point:
+            raise ValueError(f"y has dtype {str(y.dtype).replace('torch.', '')}; loss='mse' takes "
+                             "float targets (for class labels use loss='ce')")
+        _checks.check_shape("y", y, lead + (d_out,))
+    else:
+        _checks.check_shape("y", y, lead)
+        y = _checks.check_labels("y", y, d_out)
+
+    if isinstance(lr, bool) or not isinstance(lr, (int, float, Tensor)):
+        raise TypeError(f"lr must be a float or a tensor, got {type(lr).__name__}")
+    if not isinstance(lr, Tensor):
+        lr = torch.full((tasks, steps), float(lr), dtype=dtype, device=device)
+    else:
+        if not lr.dtype.is_floating_point:
+            raise ValueError(f"lr has dtype {str(lr.dtype).replace('torch.', '')}, expected "
+                             f"{str(dtype).replace('torch.', '')} like weight")
+        try:
+            broadcast = torch.broadcast_shapes(lr.shape, (tasks, steps))
+        except RuntimeError:
+            broadcast = None
+        if lr.dim() > 2 or broadcast != (tasks, steps):
+            raise ValueError(f"lr has shape {_checks.shape_str(lr.shape)}, which does not "
+                             f"broadcast to [B, T] = {_checks.shape_str((tasks, steps))}; use [], "
+                             "[T], [B, 1] or [B, T]")
+
+    _checks.check_shape("bias", bias, (d_out,), (tasks, d_out))
+    _checks.check_shape("lr_scale", lr_scale, (d_in, d_out))
+    _checks.check_shape("bias_lr_scale", bias_lr_scale, (d_out,))
+    if bias_lr_scale is not None and bias is None:
+        raise ValueError("bias_lr_scale was given without bias; it scales the bias's step")
+    if queries is not None:
+        if queries.dim() != 4:
+            raise ValueError(f"queries has shape {_checks.shape_str(queries.shape)}, expected "
+                             f"[B, T, m, d_in] = [{tasks}, {steps}, m, {d_in}]")
+        _checks.check_shape("queries", queries, (tasks, steps, queries.shape[2], d_in))
+
+    floats = {"x": x, "lr": lr, "bias": bias, "lr_scale": lr_scale,
+              "bias_lr_scale": bias_lr_scale, "queries": queries}
+    if loss == "mse":
+        floats["y"] = y
+    for name, tensor in floats.items():
+        _checks.check_same_dtype(name, tensor, dtype)
+    for name, tensor in dict(floats, y=y).items():
+        _checks.check_device(name, tensor, device)
+    lr = lr.broadcast_to((tasks, steps))
+    return weight, x, y, lr, steps, bias, lr_scale, bias_lr_scale, queries
+
+
+# --- the custom ops behind the compiled backends -------------------------------------------------
+
+@torch.library.custom_op("metakernels::fast_weight_unroll_fwd", mutates_args=(), device_types="cpu")
+def _unroll_fwd(weight: Tensor, x: Tensor, y: Tensor, lr: Tensor, bias: Optional[Tensor],
+                lr_scale: Optional[Tensor], bias_lr_scale: Optional[Tensor],
+                queries: Optional[Tensor], loss: int, first_order: bool,
+                store_states: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns (W_T, b_T or [0], losses, readout or [0], residual E_t, states W_t or [0])."""
+    if loss == LOSS_CODES["ce"]:
+        _checks.check_labels("y", y, weight.shape[-1])
+    return tuple(_backends.extension().unroll_forward(
+        weight, x, y, lr, bias, lr_scale, bias_lr_scale, queries, loss, store_states))
+
+
+@_unroll_fwd.register_fake
+def _unroll_fwd_fake(weight, x, y, lr, bias, lr_scale, bias_lr_scale, queries, loss, first_order,
+                     store_states):
+    tasks, steps = lr.shape
+    support, d_in, d_out = x.shape[-2], weight.shape[-2], weight.shape[-1]
+    return (
+        weight.new_empty(tasks, d_in, d_out),
+        weight.new_empty(tasks, d_out) if bias is not None else weight.new_empty(0),
+        weight.new_empty(tasks, steps),
+        weight.new_empty(tasks, steps, queries.shape[2], d_out) if queries is not None
+        else weight.new_empty(0),
+        weight.new_empty(tasks, steps, support, d_out),
+        weight.new_empty(tasks, steps, d_in, d_out) if store_states else weight.new_empty(0),
+    )
+
+
+def _unroll_setup_context(ctx, inputs, output):
+    (weight, x, y, lr, bias, lr_scale, bias_lr_scale, queries, loss, first_order, _) = inputs
+    weight_t, _, losses, _, residual, states = output
+    ctx.save_for_backward(weight, x, y, lr, bias, lr_scale, bias_lr_scale, queries, residual,
+                          states, weight_t)
+    ctx.loss, ctx.first_order = loss, first_order
+    ctx.mark_non_differentiable(losses, residual, states)
+    # Unused outputs (the saved residual and states above all) get None, not a zero-filled tensor.
+    ctx.set_materialize_grads(False)
+
+
+def _unroll_backward(ctx, grad_weight_t, grad_bias_t, _grad_losses, grad_readout, _grad_residual,
+                     _grad_states):
+    (weight, x, y, lr, bias, lr_scale, bias_lr_scale, queries, residual, states,
+     weight_t) = ctx.saved_tensors
+    first_order, present = ctx.first_order, (True, True, True, True, bias is not None,
+                                             lr_scale is not None, bias_lr_scale is not None,
+                                             queries is not None)
+    # x and y get no gradient in first order; ce labels never do.
+    flows = (True, not first_order, not first_order and ctx.loss == LOSS_CODES["mse"], True,
+             True, True, True, True)
+    wanted = [bool(need and here and flow) for need, here, flow
+              in zip(ctx.needs_input_grad[:8], present, flows)]
+    if grad_weight_t is None:
+        grad_weight_t = torch.zeros_like(weight_t)
+    if (wanted[1] or wanted[7]) and states.dim() != 4:
+        # The forward was told no W_t would be needed (store_states is a memory hint); recompute.
+        states = torch.ops.metakernels.fast_weight_unroll_fwd(
+            weight, x, y, lr, bias, lr_scale, bias_lr_scale, queries, ctx.loss, first_order,
+            True)[5]
+    grads = torch.ops.metakernels.fast_weight_unroll_bwd(
+        weight, x, y, lr, bias, lr_scale, bias_lr_scale, queries, residual, states, weight_t,
+        grad_weight_t, grad_bias_t if bias is not None else None,
+        grad_readout if queries is not None else None, ctx.loss, first_order, wanted)
+    return tuple(g if want else None for g, want in zip(grads, wanted)) + (None, None, None)
+
+
+_unroll_fwd.register_autograd(_unroll_backward, setup_context=_unroll_setup_context)
+
+
+@torch.library.custom_op("metakernels::fast_weight_unroll_bwd", mutates_args=(), device_types="cpu")
+def _unroll_bwd(weight: Tensor, x: Tensor, y: Tensor, lr: Tensor, bias: Optional[Tensor],
+                lr_scale: Optional[Tensor], bias_lr_scale: Optional[Tensor],
+                queries: Optional[Tensor], residual: Tensor, states: Tensor, weight_t: Tensor,
+                grad_weight_t: Tensor, grad_bias_t: Optional[Tensor],
+                grad_readout: Optional[Tensor], loss: int, first_order: bool,
+                wanted: list[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+                                             Tensor, Tensor]:
+    """The gradients of (weight, x, y, lr, bias, lr_scale, bias_lr_scale, queries), each an
+    empty tensor where not wanted."""
+    return tuple(_backends.extension().unroll_backward(
+        weight, x, y, lr, bias, lr_scale, bias_lr_scale, queries, residual, states, weight_t,
+        grad_weight_t, grad_bias_t, grad_readout, loss, first_order, wanted))
+
+
+@_unroll_bwd.register_fake
+def _unroll_bwd_fake(weight, x, y, lr, bias, lr_scale, bias_lr_scale, queries, residual, states,
+                     weight_t, grad_weight_t, grad_bias_t, grad_readout, loss, first_order, wanted):
+    inputs = (weight, x, y, lr, bias, lr_scale, bias_lr_scale, queries)
+    return tuple(t.new_empty(t.shape, dtype=weight.dtype) if want else weight.new_empty(0)
+                 for t, want in zip(inputs, wanted))
+
+
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError(
+        "metakernels: the backward of fast_weight_unroll (a fused kernel computing the exact "
+        "second-order meta-gradient) cannot be differentiated again. Double backward through "
+        "it is not supported; use backend='reference' for higher-order derivatives.")
+
+
+_unroll_bwd.register_autograd(_no_double_backward)

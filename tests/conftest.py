@@ -1,0 +1,148 @@
+"""Shared test helpers: random problems of every input form, the comparison every test uses, and
+NaN-poisoned outputs for the compiled backends."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+import metakernels as mk
+
+COMPILED_BACKENDS = [b for b in mk.available_backends("cpu") if b != "reference"]
+# SPEC.md section 5: norm-wise relative error against the float64 reference.
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-4}
+
+
+@pytest.fixture(autouse=True)
+def poison_compiled_outputs():
+    """Every output of the compiled kernels starts as NaN, so an unwritten element fails a test."""
+    from metakernels.ops import _backends
+    module = _backends._extension()[0]
+    if module is not None:
+        module.set_poison_outputs(True)
+    yield
+    if module is not None:
+        module.set_poison_outputs(False)
+
+
+def rel_err(out, ref) -> float:
+    """‖out − ref‖ / ‖ref‖ in float64 (the plain norm where ref is zero)."""
+    out, ref = out.detach().double(), ref.detach().double()
+    assert out.shape == ref.shape, f"shape {tuple(out.shape)} != {tuple(ref.shape)}"
+    diff = (out - ref).norm().item()
+    scale = ref.norm().item()
+    if diff != diff:  # NaN
+        return float("inf")
+    return diff / scale if scale > 0 else diff
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One input form of fast_weight_unroll (SPEC.md section 1)."""
+
+    loss: str = "mse"
+    per_step: bool = False          # 4-D x [B, T, n, d_in] instead of 3-D x with steps=T
+    tasks: int = 3
+    steps: int = 4
+    support: int = 5
+    d_in: int = 7
+    d_out: int = 6
+    queries: int = 0                # m, readout rows per step (0: no readout)
+    weight: str = "shared"          # "shared" [d_in, d_out] or "task" [B, d_in, d_out]
+    bias: str | None = None         # None, "shared" [d_out] or "task" [B, d_out]
+    lr_form: str = "float"          # float | scalar [] | steps [T] | tasks [B, 1] | full [B, T]
+    lr_scale: bool = False
+    bias_lr_scale: bool = False
+    first_order: bool = False
+
+
+def make_inputs(case: Case, dtype=torch.float64, seed: int = 0) -> dict:
+    """Fresh random keyword arguments for fast_weight_unroll; every differentiable floating
+    tensor requires grad. x is scaled so that the inner loop is stable at lr ≤ 0.6."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(shape, generator=gen, dtype=torch.float64) * scale).to(dtype)
+
+    def rand(*shape, low, high):
+        return (low + (high - low) * torch.rand(shape, generator=gen, dtype=torch.float64)).to(dtype)
+
+    B, T, n, d_in, d_out = case.tasks, case.steps, case.support, case.d_in, case.d_out
+    lead = (B, T, n) if case.per_step else (B, n)
+    kwargs = {
+        "weight": randn(*((d_in, d_out) if case.weight == "shared" else (B, d_in, d_out)),
+                        scale=d_in ** -0.5),
+        "x": randn(*lead, d_in, scale=d_in ** -0.5),
+        "loss": case.loss,
+        "first_order": case.first_order,
+    }
+    if case.loss == "mse":
+        kwargs["y"] = randn(*lead, d_out)
+    else:
+        kwargs["y"] = torch.randint(0, d_out, lead, generator=gen)
+    lr_shapes = {"scalar": (), "steps": (T,), "tasks": (B, 1), "full": (B, T)}
+    if case.lr_form == "float":
+        kwargs["lr"] = 0.4
+    else:
+        kwargs["lr"] = rand(*lr_shapes[case.lr_form], low=0.2, high=0.6)
+    if not case.per_step:
+        kwargs["steps"] = T
+    if case.bias is not None:
+        kwargs["bias"] = randn(*((d_out,) if case.bias == "shared" else (B, d_out)))
+    if case.lr_scale:
+        kwargs["lr_scale"] = rand(d_in, d_out, low=0.5, high=1.5)
+    if case.bias_lr_scale:
+        kwargs["bias_lr_scale"] = rand(d_out, low=0.5, high=1.5)
+    if case.queries:
+        kwargs["queries"] = randn(B, T, case.queries, d_in)
+    for value in kwargs.values():
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            value.requires_grad_(True)
+    return kwargs
+
+
+def cast_inputs(kwargs: dict, dtype) -> dict:
+    """The same inputs in another floating dtype, as fresh leaves."""
+    out = {}
+    for key, value in kwargs.items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            value = value.detach().to(dtype).requires_grad_(value.requires_grad)
+        out[key] = value
+    return out
+
+
+def differentiable(kwargs: dict) -> dict:
+    return {k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor) and v.requires_grad}
+
+
+def cotangents(out: mk.UnrollOutput, seed: int = 1) -> list:
+    """Random adjoints for the differentiable outputs (W_T, b_T, readout)."""
+    gen = torch.Generator().manual_seed(seed)
+    return [None if t is None else torch.randn(t.shape, generator=gen, dtype=torch.float64).to(t.dtype)
+            for t in (out.weight, out.bias, out.readout)]
+
+
+def run_unroll(kwargs: dict, backend: str, seed: int = 1) -> dict:
+    """Outputs and the gradients of every differentiable input under random adjoints."""
+    out = mk.fast_weight_unroll(**kwargs, backend=backend)
+    outputs = [t for t in (out.weight, out.bias, out.readout) if t is not None]
+    grads_out = [g for g in cotangents(out, seed) if g is not None]
+    leaves = differentiable(kwargs)
+    grads = torch.autograd.grad(outputs, list(leaves.values()), grads_out, allow_unused=True)
+    result = {"weight": out.weight, "bias": out.bias, "losses": out.losses,
+              "readout": out.readout}
+    result.update({f"grad_{k}": g for k, g in zip(leaves, grads)})
+    return result
+
+
+def assert_close(result: dict, expected: dict, tol: float, label: str = "") -> None:
+    assert result.keys() == expected.keys()
+    for key in expected:
+        got, want = result[key], expected[key]
+        if want is None or got is None:
+            assert got is None and want is None, f"{label} {key}: {got is None=} {want is None=}"
+            continue
+        err = rel_err(got, want)
+        assert err <= tol, f"{label} {key}: relative error {err:.3e} > {tol:.0e}"
