@@ -33,7 +33,8 @@ def _extension():
     cpu_arch = os.environ.get("METAKERNELS_CPU_ARCH", "native")
     # -fopenmp: at::parallel_for is inline OpenMP code; without the flag it runs on one thread.
     # It binds to the libgomp.so.1 that torch ships and has already loaded, so one runtime runs.
-    cxx_flags = ["-O3", "-g0", f"-march={cpu_arch}", "-fopenmp"]
+    # -Wno-psabi: see CMakeLists.txt.
+    cxx_flags = ["-O3", "-g0", f"-march={cpu_arch}", "-fopenmp", "-Wno-psabi"]
     sources = ["csrc/torch/binding.cpp"] + sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     include_dirs = [os.path.join(ROOT, "csrc", "include"), os.path.join(ROOT, "csrc", "cpu")]
     cuda_sources = _cuda_sources()

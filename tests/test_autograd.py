@@ -149,3 +149,21 @@ def test_reference_and_backend_agree_under_repeated_calls(backend):
 def run_unroll_grad(kwargs):
     out = mk.fast_weight_unroll(**kwargs, backend="reference")
     return torch.autograd.grad(out.readout.sum(), kwargs["weight"])[0]
+
+
+@pytest.mark.parametrize("backend", COMPILED_BACKENDS)
+def test_backward_recomputes_states_it_was_told_it_would_not_need(backend):
+    """store_states is a memory hint: a caller of the raw op that passes False and then asks for
+    x's gradient still gets the exact gradient (the backward recomputes W_t)."""
+    kwargs = make_inputs(Case(loss="ce", per_step=True, bias="shared", lr_form="full", queries=2))
+    args = [kwargs[k] for k in ("weight", "x", "y", "lr", "bias")]
+    weight_t, _, _, readout, _, states = torch.ops.metakernels.fast_weight_unroll_fwd(
+        *args, None, None, kwargs["queries"], 1, False, False)
+    assert states.numel() == 0
+    objective = weight_t.pow(2).sum() + readout.sum()
+    got = torch.autograd.grad(objective, [kwargs["x"], kwargs["queries"], kwargs["weight"]])
+    out = mk.fast_weight_unroll(**kwargs, backend="reference")
+    want = torch.autograd.grad(out.weight.pow(2).sum() + out.readout.sum(),
+                               [kwargs["x"], kwargs["queries"], kwargs["weight"]])
+    for g, w in zip(got, want):
+        assert rel_err(g, w) < 1e-10

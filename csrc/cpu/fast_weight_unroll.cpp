@@ -86,12 +86,12 @@ void fast_weight_unroll_forward(const UnrollDims& dims, const UnrollInputs<T>& i
       // W_{t+1} = W_t − η_t (P ∘ X_tᵀ E_t),  b_{t+1} = b_t − η_t (p ∘ 1ᵀ E_t).
       const T lr = in.lr[b * T_ + t];
       if (in.lr_scale) {
-        cpu::gemm<T>(d_in, n, d_out, T(1), x_transposed.data(), n, residual, d_out, false,
-                     inner_grad.data(), d_out);
+        cpu::gemm_tn<T>(d_in, n, d_out, T(1), x, d_in, x_transposed.data(), residual, d_out,
+                        false, inner_grad.data(), d_out);
         for (int64_t k = 0; k < w_size; ++k) weight[k] -= lr * in.lr_scale[k] * inner_grad[k];
       } else {
-        cpu::gemm<T>(d_in, n, d_out, -lr, x_transposed.data(), n, residual, d_out, true, weight,
-                     d_out);
+        cpu::gemm_tn<T>(d_in, n, d_out, -lr, x, d_in, x_transposed.data(), residual, d_out, true,
+                        weight, d_out);
       }
       if (has_bias) {
         std::fill(bias_grad.begin(), bias_grad.end(), T(0));
@@ -136,7 +136,6 @@ void fast_weight_unroll_backward(const UnrollDims& dims, const UnrollInputs<T>& 
   std::vector<T> probs(ce ? d_out : 0), inner_grad(args.grad_lr_scale ? w_size : 0);
   std::vector<T> transposed_w(args.grad_queries || (args.grad_x && second_order) ? w_size : 0);
   std::vector<T> transposed_dir(args.grad_x && second_order ? w_size : 0);
-  std::vector<T> q_transposed(in.queries ? d_in * m : 0);
 
   for (int64_t b = task_begin; b < task_end; ++b) {
     std::memcpy(w_adj.data(), args.grad_weight_final + b * w_size, sizeof(T) * w_size);
@@ -161,9 +160,8 @@ void fast_weight_unroll_backward(const UnrollDims& dims, const UnrollInputs<T>& 
       if (in.queries && args.grad_readout) {
         const T* queries = in.queries + (b * T_ + t) * m * d_in;
         const T* readout_adj = args.grad_readout + (b * T_ + t) * m * d_out;
-        cpu::transpose(m, d_in, queries, d_in, q_transposed.data());
-        cpu::gemm<T>(d_in, m, d_out, T(1), q_transposed.data(), m, readout_adj, d_out, true,
-                     w_adj.data(), d_out);
+        cpu::gemm_tn<T>(d_in, m, d_out, T(1), queries, d_in, nullptr, readout_adj, d_out, true,
+                        w_adj.data(), d_out);
         if (has_bias) add_column_sums(m, d_out, readout_adj, T(1), b_adj.data());
         if (args.grad_queries) {
           const T* w_next = t + 1 < T_ ? args.states + (b * T_ + t + 1) * w_size
@@ -193,8 +191,8 @@ void fast_weight_unroll_backward(const UnrollDims& dims, const UnrollInputs<T>& 
       // η̂_t = −⟨Ŵ_{t+1}, P ∘ G_t⟩ − ⟨b̂_{t+1}, p ∘ g_t⟩ = −⟨U, E_t⟩.
       if (args.grad_lr) args.grad_lr[b * T_ + t] = -dot(n * d_out, pushed.data(), residual);
       if (grad_lr_scale) {
-        cpu::gemm<T>(d_in, n, d_out, T(1), x_transposed.data(), n, residual, d_out, false,
-                     inner_grad.data(), d_out);
+        cpu::gemm_tn<T>(d_in, n, d_out, T(1), x, d_in, x_transposed.data(), residual, d_out,
+                        false, inner_grad.data(), d_out);
         for (int64_t k = 0; k < w_size; ++k) grad_lr_scale[k] -= lr * w_adj[k] * inner_grad[k];
       }
       if (grad_bias_lr_scale && has_bias)
@@ -233,8 +231,8 @@ void fast_weight_unroll_backward(const UnrollDims& dims, const UnrollInputs<T>& 
       }
 
       // Ŵ_t = Ŵ_{t+1} + X_tᵀ Ẑ,  b̂_t = b̂_{t+1} + 1ᵀ Ẑ.
-      cpu::gemm<T>(d_in, n, d_out, T(1), x_transposed.data(), n, z_adj.data(), d_out, true,
-                   w_adj.data(), d_out);
+      cpu::gemm_tn<T>(d_in, n, d_out, T(1), x, d_in, x_transposed.data(), z_adj.data(), d_out,
+                      true, w_adj.data(), d_out);
       if (has_bias) add_column_sums(n, d_out, z_adj.data(), T(1), b_adj.data());
     }
 
@@ -249,7 +247,6 @@ void linear_hvp_forward(const HvpArgs<T>& args, int64_t task_begin, int64_t task
   const int64_t w_size = d_in * d_out;
   const T n_rows = T(n);
   std::vector<T> pushed(n * d_out), logits(args.loss == Loss::kCrossEntropy ? n * d_out : 0);
-  std::vector<T> x_transposed(d_in * n);
   for (int64_t b = task_begin; b < task_end; ++b) {
     const T* x = args.x + b * n * d_in;
     // U = X V + 1 v_bᵀ, then Ẑ = H_E U row by row.
@@ -273,9 +270,8 @@ void linear_hvp_forward(const HvpArgs<T>& args, int64_t task_begin, int64_t task
                              pushed.data() + i * d_out);
       }
     }
-    cpu::transpose(n, d_in, x, d_in, x_transposed.data());
-    cpu::gemm<T>(d_in, n, d_out, T(1), x_transposed.data(), n, pushed.data(), d_out, false,
-                 args.hv_weight + b * w_size, d_out);
+    cpu::gemm_tn<T>(d_in, n, d_out, T(1), x, d_in, nullptr, pushed.data(), d_out, false,
+                    args.hv_weight + b * w_size, d_out);
     if (args.hv_bias) {
       T* hv_bias = args.hv_bias + b * d_out;
       std::fill(hv_bias, hv_bias + d_out, T(0));

@@ -179,5 +179,35 @@ inline void gemm(int64_t rows, int64_t inner, int64_t cols, T alpha, const T* a,
     gemm_rows<T, 1>(a + i * lda, lda, b, ldb, c + i * ldc, ldc, inner, cols, alpha, accumulate);
 }
 
+// C[rows, cols] (+)= alpha * A[inner, rows]ᵀ @ B[inner, cols]: the products Xᵀ E of the inner
+// gradient. a_transposed is Aᵀ [rows, inner] dense when the caller already has it (3-D x reuses it
+// every step), else null. A narrow C (a classifier head with few columns) is computed as
+// (Bᵀ A)ᵀ, so that the vectors run along the long side.
+template <typename T>
+inline void gemm_tn(int64_t rows, int64_t inner, int64_t cols, T alpha, const T* a, int64_t lda,
+                    const T* a_transposed, const T* b, int64_t ldb, bool accumulate, T* c,
+                    int64_t ldc) {
+  constexpr int64_t L = Vec<T>::lanes;
+  thread_local std::vector<T> scratch, product;
+  if (cols < L && rows >= L) {
+    scratch.resize(static_cast<size_t>(cols * inner));
+    product.resize(static_cast<size_t>(cols * rows));
+    transpose(inner, cols, b, ldb, scratch.data());
+    gemm<T>(cols, inner, rows, alpha, scratch.data(), inner, a, lda, false, product.data(), rows);
+    for (int64_t i = 0; i < rows; ++i)
+      for (int64_t j = 0; j < cols; ++j) {
+        T* p = c + i * ldc + j;
+        *p = accumulate ? *p + product[j * rows + i] : product[j * rows + i];
+      }
+    return;
+  }
+  if (a_transposed == nullptr) {
+    scratch.resize(static_cast<size_t>(rows * inner));
+    transpose(inner, rows, a, lda, scratch.data());
+    a_transposed = scratch.data();
+  }
+  gemm<T>(rows, inner, cols, alpha, a_transposed, inner, b, ldb, accumulate, c, ldc);
+}
+
 }  // namespace cpu
 }  // namespace metakernels
