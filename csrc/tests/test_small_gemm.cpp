@@ -22,31 +22,33 @@ double unit_roundoff() {
   return sizeof(T) == 4 ? 6e-8 : 1.2e-16;
 }
 
-// One product C[rows, cols] (+)= alpha A[rows, inner] B[inner, cols] with row strides lda, ldb,
-// ldc (>= the widths); checks every element within a forward-error bound and the padding of C
-// (the columns between cols and ldc, and a guard after the last row) unchanged.
+// C[rows, ldc] for one product: NaN in the product's place unless accumulating (then c0),
+// a sentinel in the padding columns and in a guard after the last row.
 template <typename T>
-int64_t check_one(int64_t rows, int64_t inner, int64_t cols, int64_t pad, T alpha, bool accumulate) {
-  const int64_t lda = inner + pad, ldb = cols + pad, ldc = cols + pad;
-  const std::vector<T> a = mk_test::randn<T>(static_cast<size_t>(rows * lda));
-  const std::vector<T> b = mk_test::randn<T>(static_cast<size_t>(inner * ldb));
-  const T sentinel = static_cast<T>(mk_test::kSentinel);
-  // C: NaN in the product's place unless accumulating (then random), sentinel in the padding.
-  std::vector<T> c(static_cast<size_t>(rows * ldc + mk_test::kGuard), sentinel);
-  const std::vector<T> c0 = mk_test::randn<T>(static_cast<size_t>(rows * cols));
+std::vector<T> output_buffer(int64_t rows, int64_t cols, int64_t ldc, bool accumulate,
+                             const std::vector<T>& c0) {
+  std::vector<T> c(static_cast<size_t>(rows * ldc + mk_test::kGuard),
+                   static_cast<T>(mk_test::kSentinel));
   for (int64_t i = 0; i < rows; ++i)
     for (int64_t j = 0; j < cols; ++j)
       c[i * ldc + j] = accumulate ? c0[i * cols + j] : mk_test::nan_value<T>();
+  return c;
+}
 
-  gemm<T>(rows, inner, cols, alpha, a.data(), lda, b.data(), ldb, accumulate, c.data(), ldc);
-
+// Counts the wrong elements of C (+)= alpha A B, with A given by an accessor a_at(i, k): every
+// element within a forward-error bound of a long-double sum, the padding and guard unchanged.
+template <typename T, typename AAt>
+int64_t count_wrong(int64_t rows, int64_t inner, int64_t cols, T alpha, bool accumulate, AAt a_at,
+                    const std::vector<T>& b, int64_t ldb, const std::vector<T>& c0,
+                    const std::vector<T>& c, int64_t ldc) {
+  const T sentinel = static_cast<T>(mk_test::kSentinel);
   const double eps = unit_roundoff<T>();
   int64_t bad = 0;
   for (int64_t i = 0; i < rows; ++i) {
     for (int64_t j = 0; j < cols; ++j) {
       long double sum = 0, abs_sum = 0;
       for (int64_t k = 0; k < inner; ++k) {
-        const long double p = static_cast<long double>(a[i * lda + k]) * b[k * ldb + j];
+        const long double p = static_cast<long double>(a_at(i, k)) * b[k * ldb + j];
         sum += p;
         abs_sum += std::fabs(static_cast<double>(p));
       }
@@ -66,6 +68,20 @@ int64_t check_one(int64_t rows, int64_t inner, int64_t cols, int64_t pad, T alph
   for (int64_t g = 0; g < mk_test::kGuard; ++g)
     if (c[rows * ldc + g] != sentinel) ++bad;
   return bad;
+}
+
+// One product C[rows, cols] (+)= alpha A[rows, inner] B[inner, cols] with row strides lda, ldb,
+// ldc (>= the widths).
+template <typename T>
+int64_t check_one(int64_t rows, int64_t inner, int64_t cols, int64_t pad, T alpha, bool accumulate) {
+  const int64_t lda = inner + pad, ldb = cols + pad, ldc = cols + pad;
+  const std::vector<T> a = mk_test::randn<T>(static_cast<size_t>(rows * lda));
+  const std::vector<T> b = mk_test::randn<T>(static_cast<size_t>(inner * ldb));
+  const std::vector<T> c0 = mk_test::randn<T>(static_cast<size_t>(rows * cols));
+  std::vector<T> c = output_buffer<T>(rows, cols, ldc, accumulate, c0);
+  gemm<T>(rows, inner, cols, alpha, a.data(), lda, b.data(), ldb, accumulate, c.data(), ldc);
+  return count_wrong<T>(rows, inner, cols, alpha, accumulate,
+                        [&](int64_t i, int64_t k) { return a[i * lda + k]; }, b, ldb, c0, c, ldc);
 }
 
 template <typename T>
@@ -105,42 +121,12 @@ int64_t check_one_tn(int64_t rows, int64_t inner, int64_t cols, int64_t pad, T a
   std::vector<T> a_t(static_cast<size_t>(rows * inner));
   for (int64_t k = 0; k < inner; ++k)
     for (int64_t i = 0; i < rows; ++i) a_t[i * inner + k] = a[k * lda + i];
-  const T sentinel = static_cast<T>(mk_test::kSentinel);
-  std::vector<T> c(static_cast<size_t>(rows * ldc + mk_test::kGuard), sentinel);
   const std::vector<T> c0 = mk_test::randn<T>(static_cast<size_t>(rows * cols));
-  for (int64_t i = 0; i < rows; ++i)
-    for (int64_t j = 0; j < cols; ++j)
-      c[i * ldc + j] = accumulate ? c0[i * cols + j] : mk_test::nan_value<T>();
-
+  std::vector<T> c = output_buffer<T>(rows, cols, ldc, accumulate, c0);
   gemm_tn<T>(rows, inner, cols, alpha, a.data(), lda, give_transposed ? a_t.data() : nullptr,
              b.data(), ldb, accumulate, c.data(), ldc);
-
-  const double eps = unit_roundoff<T>();
-  int64_t bad = 0;
-  for (int64_t i = 0; i < rows; ++i) {
-    for (int64_t j = 0; j < cols; ++j) {
-      long double sum = 0, abs_sum = 0;
-      for (int64_t k = 0; k < inner; ++k) {
-        const long double p = static_cast<long double>(a[k * lda + i]) * b[k * ldb + j];
-        sum += p;
-        abs_sum += std::fabs(static_cast<double>(p));
-      }
-      long double expected = static_cast<long double>(alpha) * sum;
-      double bound = std::fabs(static_cast<double>(alpha)) * static_cast<double>(abs_sum);
-      if (accumulate) {
-        expected += c0[i * cols + j];
-        bound += std::fabs(static_cast<double>(c0[i * cols + j]));
-      }
-      const double got = static_cast<double>(c[i * ldc + j]);
-      const double tol = 4.0 * (inner + 2) * eps * bound + 1e-300;
-      if (!(std::fabs(got - static_cast<double>(expected)) <= tol)) ++bad;
-    }
-    for (int64_t j = cols; j < ldc; ++j)
-      if (c[i * ldc + j] != sentinel) ++bad;
-  }
-  for (int64_t g = 0; g < mk_test::kGuard; ++g)
-    if (c[rows * ldc + g] != sentinel) ++bad;
-  return bad;
+  return count_wrong<T>(rows, inner, cols, alpha, accumulate,
+                        [&](int64_t i, int64_t k) { return a[k * lda + i]; }, b, ldb, c0, c, ldc);
 }
 
 template <typename T>

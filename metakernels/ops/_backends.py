@@ -2,21 +2,26 @@
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 BACKENDS = ("auto", "reference", "cpu", "triton", "cuda")
 
 
-@functools.lru_cache(maxsize=None)
-def _extension():
-    """(metakernels._C or None, the import error's text)."""
+def _load_extension():
     try:
         from metakernels import _C
     except ImportError as error:
         return None, str(error)
     return _C, ""
+
+
+# Loaded once at import, not behind a cache decorator, so torch.compile traces a plain read.
+_EXTENSION = _load_extension()
+
+
+def _extension():
+    """(metakernels._C or None, the import error's text)."""
+    return _EXTENSION
 
 
 def extension():

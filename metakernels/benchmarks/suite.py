@@ -1,0 +1,144 @@
+"""One configuration end to end: check every contestant against the reference, time the ones
+that agree (interleaved), measure their peak memory, and lay the records out as a table."""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import statistics
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from metakernels.benchmarks import memory, timing
+from metakernels.benchmarks.configs import BenchConfig, make_problem
+from metakernels.benchmarks.contestants import contestant_names, get_contestant
+from metakernels.benchmarks.correctness import (TOLERANCE, max_relative_error,
+                                                reference_meta_grad)
+
+
+@dataclass
+class Record:
+    """One contestant on one configuration. Times in ms; ``ratio`` is this contestant's median
+    over the baseline's (how many times faster the baseline is); ``rel_error`` the largest
+    relative error of its meta-gradient against the float64 reference."""
+
+    config: str
+    contestant: str
+    baseline: str
+    dtype: str
+    device: str
+    rel_error: float
+    agrees: bool
+    reason: str = ""
+    median_ms: float | None = None
+    iqr_ms: float | None = None
+    ratio: float | None = None
+    times_ms: list[float] = field(default_factory=list)
+    peak_mib: float | None = None
+    memory_method: str = ""
+    memory_error: str = ""
+
+
+def run_config(config: BenchConfig, *, repeats: int, warmup: int = 3,
+               dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+               measure_memory: bool = True, seed: int = 0,
+               log: Callable[[str], None] = print) -> list[Record]:
+    """Records for every contestant on ``config``; the baseline is the fastest metakernels
+    backend of the device. A contestant whose meta-gradient disagrees with the reference (or that
+    raises) is recorded with ``agrees=False`` and its reason, and neither timed nor measured."""
+    device = torch.device(device)
+    names = contestant_names(device)
+    baseline = names[0]
+    dtype_name = str(dtype).replace("torch.", "")
+    problem = make_problem(config, dtype, device, seed)
+    log(f"  checking {len(names)} contestants against the reference meta-gradient "
+        f"(float64, same inputs; tolerance {TOLERANCE[dtype]:g})")
+    reference = reference_meta_grad(problem)
+    records: dict[str, Record] = {}
+    for name in names:
+        record = Record(config.name, name, baseline, dtype_name, str(device), math.nan, False)
+        try:
+            record.rel_error = max_relative_error(get_contestant(name)(problem), reference)
+        except Exception as error:  # a baseline that cannot run here is left out, not fatal
+            record.reason = f"raised {type(error).__name__}: {error}"
+        else:
+            record.agrees = record.rel_error <= TOLERANCE[dtype]
+            if not record.agrees:
+                record.reason = (f"meta-gradient differs from the reference: rel. error "
+                                 f"{record.rel_error:.2e} > {TOLERANCE[dtype]:g}")
+        if not record.agrees:
+            log(f"  left out {name}: {record.reason}")
+        records[name] = record
+    timed = [name for name in names if records[name].agrees]
+
+    log(f"  timing {len(timed)} contestants: {repeats} interleaved repeats after "
+        f"{warmup} warm-up rounds")
+    runs = {name: (lambda meta_step=get_contestant(name): meta_step(problem)) for name in timed}
+    samples = timing.time_interleaved(runs, repeats=repeats, warmup=warmup, device=device)
+    for name, seconds in samples.items():
+        ms = [1e3 * s for s in seconds]
+        record = records[name]
+        record.times_ms, record.median_ms = ms, statistics.median(ms)
+        if len(ms) >= 4:
+            quartiles = statistics.quantiles(ms, n=4)
+            record.iqr_ms = quartiles[2] - quartiles[0]
+    if baseline in samples:
+        for name in samples:
+            records[name].ratio = records[name].median_ms / records[baseline].median_ms
+
+    if measure_memory and timed:
+        where = "in process" if device.type == "cuda" else "one child process each"
+        log(f"  peak memory of {len(timed)} contestants ({where})")
+        for name, peak in memory.measure_many(config, timed, dtype, device, seed).items():
+            record = records[name]
+            record.memory_method, record.memory_error = peak.method, peak.error
+            if peak.peak_bytes is not None:
+                record.peak_mib = peak.peak_bytes / 2**20
+    return list(records.values())
+
+
+def format_table(records: list[Record]) -> str:
+    """The contestants that agree, side by side; the ones left out below, with their reason."""
+    def number(value: float | None, spec: str) -> str:
+        return "-" if value is None else format(value, spec)
+
+    baseline = records[0].baseline
+    header = (f"  {'contestant':<24}{'median ms':>11}{'IQR ms':>9}{'ratio':>8}"
+              f"{'peak MiB':>10}{'rel. error':>12}")
+    lines = [header, "  " + "-" * (len(header) - 2)]
+    for r in records:
+        if r.agrees:
+            lines.append(f"  {r.contestant:<24}{number(r.median_ms, '.3f'):>11}"
+                         f"{number(r.iqr_ms, '.3f'):>9}{number(r.ratio, '.2f'):>8}"
+                         f"{number(r.peak_mib, '.1f'):>10}{r.rel_error:>12.1e}")
+    for r in records:
+        if not r.agrees:
+            lines.append(f"  {r.contestant:<24}left out: {r.reason}")
+        elif r.memory_error:
+            lines.append(f"  {r.contestant:<24}peak memory not measured: {r.memory_error}")
+    lines.append(f"  ratio = median / median of {baseline} (how many times faster {baseline} is)")
+    return "\n".join(lines)
+
+
+def machine_description() -> dict[str, str | int]:
+    """What the figures were measured on."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            models = [line.split(":", 1)[1].strip() for line in cpuinfo
+                      if line.startswith("model name")]
+        cpu = models[0] if models else cpu
+    except OSError:
+        pass
+    description: dict[str, str | int] = {
+        "cpu": cpu, "cores": os.cpu_count() or 0,
+        "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+        "python": platform.python_version(), "platform": platform.platform(),
+    }
+    if torch.cuda.is_available():
+        description["gpu"] = torch.cuda.get_device_name()
+    return description
+
