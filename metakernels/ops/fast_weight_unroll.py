@@ -238,14 +238,12 @@ def _unroll_backward(ctx, grad_weight_t, grad_bias_t, _grad_losses, grad_readout
                      _grad_states):
     (weight, x, y, lr, bias, lr_scale, bias_lr_scale, queries, residual, states,
      weight_t) = ctx.saved_tensors
-    first_order, present = ctx.first_order, (True, True, True, True, bias is not None,
-                                             lr_scale is not None, bias_lr_scale is not None,
-                                             queries is not None)
-    # x and y get no gradient in first order; ce labels never do.
+    first_order = ctx.first_order
+    # needs_input_grad is False for absent (None) inputs; x and y get no gradient in first
+    # order, and ce labels never do.
     flows = (True, not first_order, not first_order and ctx.loss == LOSS_CODES["mse"], True,
              True, True, True, True)
-    wanted = [bool(need and here and flow) for need, here, flow
-              in zip(ctx.needs_input_grad[:8], present, flows)]
+    wanted = [bool(need and flow) for need, flow in zip(ctx.needs_input_grad[:8], flows)]
     if grad_weight_t is None:
         grad_weight_t = torch.zeros_like(weight_t)
     if (wanted[1] or wanted[7]) and states.dim() != 4:
