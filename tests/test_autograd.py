@@ -112,7 +112,8 @@ def test_no_grad_mode_skips_saved_state(backend):
 
 
 @pytest.mark.parametrize("backend", COMPILED_BACKENDS)
-def test_torch_compile(backend):
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_torch_compile(backend, compiler):
     """A MAML meta-step compiled with fullgraph=True gives the eager meta-gradient."""
     case = Case(loss="ce", bias="shared", lr_form="full", queries=2)
     kwargs = make_inputs(case, seed=3)
@@ -123,7 +124,7 @@ def test_torch_compile(backend):
         return out.readout.logsumexp(-1).sum() + out.weight.pow(2).sum()
 
     args = [kwargs[k] for k in ("weight", "bias", "x", "y", "lr", "queries")]
-    compiled = torch.compile(meta_step, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(meta_step, fullgraph=True, backend=compiler)
     eager_loss = meta_step(*args)
     eager = torch.autograd.grad(eager_loss, [args[0], args[1], args[4], args[5]])
     compiled_loss = compiled(*args)
