@@ -7,34 +7,47 @@
 #pragma once
 
 #include <cstdint>
-#include <cstring>
 #include <vector>
 
 namespace metakernels {
 namespace cpu {
 
-// A short vector of T, 64 bytes: one AVX-512 register or two AVX2 registers. GCC and Clang lower
-// the arithmetic to whatever the target has, so the code stays portable.
+// The target's vector register and the register block of the wide kernel (ROWS x NV vectors of
+// accumulators, plus NV for a row of B): with AVX-512's 32 registers of 64 bytes, 6 x 4; with
+// 16 AVX registers of 32 bytes or 16 SSE/NEON registers of 16, 3 x 4. A vector wider than the
+// target's registers would be split by the compiler piecewise, element by element, and run ~50x
+// slower, so the width follows the target (-march).
+#if defined(__AVX512F__)
+constexpr int kVectorBytes = 64, kBlockRows = 6, kBlockVectors = 4;
+#elif defined(__AVX__)
+constexpr int kVectorBytes = 32, kBlockRows = 3, kBlockVectors = 4;
+#else
+constexpr int kVectorBytes = 16, kBlockRows = 3, kBlockVectors = 4;
+#endif
+
+// A vector of T in one register. GCC and Clang lower its arithmetic to the target's instructions.
+// Loads and stores go through an unaligned, may_alias twin of the type rather than memcpy: with
+// GCC's generic x86-64-v3 tuning (which splits unaligned 256-bit loads), a memcpy'd vector went
+// through the stack and ran 20x slower.
 template <typename T>
 struct Vec {
-  typedef T type __attribute__((vector_size(64), aligned(sizeof(T))));
-  static constexpr int64_t lanes = 64 / static_cast<int64_t>(sizeof(T));
+  typedef T type __attribute__((vector_size(kVectorBytes)));
+  typedef T unaligned __attribute__((vector_size(kVectorBytes), aligned(sizeof(T)), may_alias));
+  static constexpr int64_t lanes = kVectorBytes / static_cast<int64_t>(sizeof(T));
 };
 
 template <typename T>
 inline typename Vec<T>::type vload(const T* p) {
-  typename Vec<T>::type v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
+  return *reinterpret_cast<const typename Vec<T>::unaligned*>(p);
 }
 
 template <typename T>
 inline void vstore(T* p, typename Vec<T>::type v) {
-  std::memcpy(p, &v, sizeof(v));
+  *reinterpret_cast<typename Vec<T>::unaligned*>(p) = v;
 }
 
 // C[ROWS, NV vectors] (+)= alpha * A[ROWS, K] @ B[K, NV vectors]: the accumulators stay in
-// registers across K (4 rows x 4 vectors = 16 AVX-512 registers).
+// registers across K.
 template <typename T, int ROWS, int NV>
 inline void gemm_block_vec(const T* __restrict a, int64_t lda, const T* __restrict b, int64_t ldb,
                            T* __restrict c, int64_t ldc, int64_t inner, T alpha, bool accumulate) {
@@ -88,12 +101,27 @@ inline void gemm_rows(const T* a, int64_t lda, const T* b, int64_t ldb, T* c, in
                       int64_t inner, int64_t cols, T alpha, bool accumulate) {
   constexpr int64_t L = Vec<T>::lanes;
   int64_t j = 0;
-  for (; j + 4 * L <= cols; j += 4 * L)
-    gemm_block_vec<T, ROWS, 4>(a, lda, b + j, ldb, c + j, ldc, inner, alpha, accumulate);
+  for (; j + kBlockVectors * L <= cols; j += kBlockVectors * L)
+    gemm_block_vec<T, ROWS, kBlockVectors>(a, lda, b + j, ldb, c + j, ldc, inner, alpha,
+                                           accumulate);
   for (; j + L <= cols; j += L)
     gemm_block_vec<T, ROWS, 1>(a, lda, b + j, ldb, c + j, ldc, inner, alpha, accumulate);
   if (j < cols)
     gemm_block_tail<T, ROWS>(a, lda, b + j, ldb, c + j, ldc, inner, cols - j, alpha, accumulate);
+}
+
+// The last rows < kBlockRows, as one block of exactly that many rows (B's rows are loaded once
+// for all of them, not once per row).
+template <typename T, int ROWS>
+inline void gemm_rows_tail(int64_t rows, const T* a, int64_t lda, const T* b, int64_t ldb, T* c,
+                           int64_t ldc, int64_t inner, int64_t cols, T alpha, bool accumulate) {
+  if constexpr (ROWS >= 1) {
+    if (rows == ROWS) {
+      gemm_rows<T, ROWS>(a, lda, b, ldb, c, ldc, inner, cols, alpha, accumulate);
+      return;
+    }
+    gemm_rows_tail<T, ROWS - 1>(rows, a, lda, b, ldb, c, ldc, inner, cols, alpha, accumulate);
+  }
 }
 
 // C[ROWS, COLS] (+)= alpha * A[ROWS, K] @ Bt[COLS, K]ᵀ as dot products along K: the layout for
@@ -157,8 +185,8 @@ template <typename T>
 inline void gemm(int64_t rows, int64_t inner, int64_t cols, T alpha, const T* a, int64_t lda,
                  const T* b, int64_t ldb, bool accumulate, T* c, int64_t ldc) {
   constexpr int64_t L = Vec<T>::lanes;
-  constexpr int kRows = 4;
   if (cols < L && inner >= L) {
+    constexpr int kRows = 4;  // 4 x 2 dot accumulators
     thread_local std::vector<T> b_transposed;
     b_transposed.resize(static_cast<size_t>(inner * cols));
     transpose(inner, cols, b, ldb, b_transposed.data());
@@ -173,10 +201,11 @@ inline void gemm(int64_t rows, int64_t inner, int64_t cols, T alpha, const T* a,
     return;
   }
   int64_t i = 0;
-  for (; i + kRows <= rows; i += kRows)
-    gemm_rows<T, kRows>(a + i * lda, lda, b, ldb, c + i * ldc, ldc, inner, cols, alpha, accumulate);
-  for (; i < rows; ++i)
-    gemm_rows<T, 1>(a + i * lda, lda, b, ldb, c + i * ldc, ldc, inner, cols, alpha, accumulate);
+  for (; i + kBlockRows <= rows; i += kBlockRows)
+    gemm_rows<T, kBlockRows>(a + i * lda, lda, b, ldb, c + i * ldc, ldc, inner, cols, alpha,
+                             accumulate);
+  gemm_rows_tail<T, kBlockRows - 1>(rows - i, a + i * lda, lda, b, ldb, c + i * ldc, ldc, inner,
+                                    cols, alpha, accumulate);
 }
 
 // C[rows, cols] (+)= alpha * A[inner, rows]ᵀ @ B[inner, cols]: the products Xᵀ E of the inner
