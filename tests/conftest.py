@@ -146,3 +146,13 @@ def assert_close(result: dict, expected: dict, tol: float, label: str = "") -> N
             continue
         err = rel_err(got, want)
         assert err <= tol, f"{label} {key}: relative error {err:.3e} > {tol:.0e}"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked gpu are skipped where no CUDA device is present."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
