@@ -194,3 +194,17 @@ def test_huge_logits_stay_finite(backend):
     ref = mk.fast_weight_unroll(**inputs, backend="reference")
     assert torch.isfinite(out.losses).all() and torch.isfinite(out.weight).all()
     assert rel_err(out.losses, ref.losses) < 1e-10
+
+
+@pytest.mark.parametrize("backend", COMPILED_BACKENDS)
+def test_empty_readout(backend):
+    """m = 0 query rows: an empty readout and an empty queries gradient, nothing else changes."""
+    inputs = make_inputs(Case(loss="ce", bias="task", queries=1))
+    inputs["queries"] = torch.randn(3, 4, 0, 7, dtype=torch.float64, requires_grad=True)
+    expected = run_unroll(cast_inputs(inputs, torch.float64), "reference")
+    result = run_unroll(inputs, backend)
+    assert result["readout"].shape == (3, 4, 0, 6)
+    assert result["grad_queries"].shape == (3, 4, 0, 7)
+    assert_close({k: v for k, v in result.items() if k not in ("readout", "grad_queries")},
+                 {k: v for k, v in expected.items() if k not in ("readout", "grad_queries")},
+                 TOLERANCE[torch.float64])
