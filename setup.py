@@ -5,12 +5,15 @@
 Environment:
     METAKERNELS_BUILD_CUDA=0   never build CUDA sources (default: build them when csrc/cuda has
                                any, a CUDA toolkit is found and torch is a CUDA build).
-    METAKERNELS_CPU_ARCH=...   the -march for the CPU kernels (default: native, the machine that
-                               builds; use e.g. x86-64-v3 for a wheel that other machines run).
+    METAKERNELS_CPU_ARCH=...   the -march (-mcpu on Arm) of the CPU kernels (default: native, the
+                               machine that builds; e.g. x86-64-v3 for a binary that other
+                               machines run; empty for the compiler's default).
 """
 
 import glob
 import os
+import platform
+import sys
 
 from setuptools import setup
 
@@ -29,12 +32,26 @@ def _cuda_sources():
     return sources
 
 
-def _extension():
+def _cpu_flags():
+    """Compile and link flags of the CPU kernels and the binding."""
     cpu_arch = os.environ.get("METAKERNELS_CPU_ARCH", "native")
-    # -fopenmp: at::parallel_for is inline OpenMP code; without the flag it runs on one thread.
-    # It binds to the libgomp.so.1 that torch ships and has already loaded, so one runtime runs.
     # -Wno-psabi: see CMakeLists.txt.
-    cxx_flags = ["-O3", "-g0", f"-march={cpu_arch}", "-fopenmp", "-Wno-psabi"]
+    compile_flags, link_flags = ["-O3", "-g0", "-Wno-psabi"], []
+    if cpu_arch:
+        # GCC and Clang on Arm spell "this machine" -mcpu.
+        arm = platform.machine().lower() in ("arm64", "aarch64")
+        compile_flags.append(f"-mcpu={cpu_arch}" if arm else f"-march={cpu_arch}")
+    if sys.platform.startswith("linux"):
+        # at::parallel_for is inline OpenMP code: without -fopenmp it runs on one thread. The
+        # extension binds to the libgomp.so.1 that torch ships and has already loaded, so one
+        # OpenMP runtime runs. (Elsewhere the compiler may have no OpenMP: one thread, same answer.)
+        compile_flags.append("-fopenmp")
+        link_flags.append("-fopenmp")
+    return compile_flags, link_flags
+
+
+def _extension():
+    cxx_flags, link_flags = _cpu_flags()
     sources = ["csrc/torch/binding.cpp"] + sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     include_dirs = [os.path.join(ROOT, "csrc", "include"), os.path.join(ROOT, "csrc", "cpu")]
     cuda_sources = _cuda_sources()
@@ -44,10 +61,10 @@ def _extension():
         return cpp_extension.CUDAExtension(
             "metakernels._C", sources + cuda_sources, include_dirs=include_dirs,
             define_macros=[("METAKERNELS_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags}, extra_link_args=["-fopenmp"])
+            extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags}, extra_link_args=link_flags)
     return cpp_extension.CppExtension(
         "metakernels._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx_flags},
-        extra_link_args=["-fopenmp"])
+        extra_link_args=link_flags)
 
 
 setup(
