@@ -49,7 +49,9 @@ void fast_weight_unroll_forward(const UnrollDims& dims, const UnrollInputs<T>& i
   const bool x_per_step = unroll_x_per_step(in.x_step_stride);
   const T inv_n = T(1) / T(n);
 
-  std::vector<T> x_transposed(static_cast<size_t>(d_in * n));
+  // Xᵀ, kept for the inner-gradient products when they read it (gemm_tn ignores it otherwise).
+  const bool keep_x_transposed = cpu::gemm_tn_reads_transposed<T>(d_in, d_out);
+  std::vector<T> x_transposed(keep_x_transposed ? static_cast<size_t>(d_in * n) : 0);
   std::vector<T> inner_grad(in.lr_scale ? static_cast<size_t>(w_size) : 0);
   std::vector<T> bias_grad(has_bias ? static_cast<size_t>(d_out) : 0);
 
@@ -61,7 +63,8 @@ void fast_weight_unroll_forward(const UnrollDims& dims, const UnrollInputs<T>& i
 
     for (int64_t t = 0; t < T_; ++t) {
       const T* x = at_step(in.x, in.x_task_stride, in.x_step_stride, b, t);
-      if (t == 0 || x_per_step) cpu::transpose(n, d_in, x, d_in, x_transposed.data());
+      if (keep_x_transposed && (t == 0 || x_per_step))
+        cpu::transpose(n, d_in, x, d_in, x_transposed.data());
       if (out.states) std::memcpy(out.states + (b * T_ + t) * w_size, weight, sizeof(T) * w_size);
 
       // Z_t = X_t W_t + 1 b_tᵀ, turned in place into the residual E_t = ∂ℓ_t/∂Z_t.
@@ -131,7 +134,9 @@ void fast_weight_unroll_backward(const UnrollDims& dims, const UnrollInputs<T>& 
   const int64_t grad_y_task = (x_per_step ? T_ : 1) * n * d_out;
   const int64_t grad_y_step = x_per_step ? n * d_out : 0;
 
-  std::vector<T> w_adj(w_size), direction(in.lr_scale ? w_size : 0), x_transposed(d_in * n);
+  const bool keep_x_transposed = cpu::gemm_tn_reads_transposed<T>(d_in, d_out);
+  std::vector<T> w_adj(w_size), direction(in.lr_scale ? w_size : 0);
+  std::vector<T> x_transposed(keep_x_transposed ? d_in * n : 0);
   std::vector<T> b_adj(d_out), b_direction(d_out), pushed(n * d_out), z_adj(n * d_out);
   std::vector<T> probs(ce ? d_out : 0), inner_grad(args.grad_lr_scale ? w_size : 0);
   std::vector<T> transposed_w(args.grad_queries || (args.grad_x && second_order) ? w_size : 0);
@@ -152,7 +157,8 @@ void fast_weight_unroll_backward(const UnrollDims& dims, const UnrollInputs<T>& 
 
     for (int64_t t = T_ - 1; t >= 0; --t) {
       const T* x = at_step(in.x, in.x_task_stride, in.x_step_stride, b, t);
-      if (t == T_ - 1 || x_per_step) cpu::transpose(n, d_in, x, d_in, x_transposed.data());
+      if (keep_x_transposed && (t == T_ - 1 || x_per_step))
+        cpu::transpose(n, d_in, x, d_in, x_transposed.data());
       const T* residual = args.residual + (b * T_ + t) * n * d_out;
       const T lr = in.lr[b * T_ + t];
 

@@ -180,7 +180,8 @@ inline void transpose(int64_t rows, int64_t cols, const T* src, int64_t lds, T* 
 // C[M, N] = alpha * A[M, K] @ B[K, N]          (accumulate = false)
 // C[M, N] += alpha * A[M, K] @ B[K, N]         (accumulate = true)
 // Leading dimensions are row strides in elements; with K = 0 the product is zero. Narrow products
-// (N under one vector, K at least one) run as dot products along K on a transposed copy of B.
+// (N under one vector, K at least one vector) run as dot products along K on a transposed copy
+// of B.
 template <typename T>
 inline void gemm(int64_t rows, int64_t inner, int64_t cols, T alpha, const T* a, int64_t lda,
                  const T* b, int64_t ldb, bool accumulate, T* c, int64_t ldc) {
@@ -208,6 +209,13 @@ inline void gemm(int64_t rows, int64_t inner, int64_t cols, T alpha, const T* a,
                                     cols, alpha, accumulate);
 }
 
+// Whether gemm_tn below reads A's transpose for a C of this shape: not for a narrow C, which it
+// computes from A itself. Callers that keep Aᵀ for reuse skip making it when this is false.
+template <typename T>
+inline bool gemm_tn_reads_transposed(int64_t rows, int64_t cols) {
+  return !(cols < Vec<T>::lanes && rows >= Vec<T>::lanes);
+}
+
 // C[rows, cols] (+)= alpha * A[inner, rows]ᵀ @ B[inner, cols]: the products Xᵀ E of the inner
 // gradient. a_transposed is Aᵀ [rows, inner] dense when the caller already has it (3-D x reuses it
 // every step), else null. A narrow C (a classifier head with few columns) is computed as
@@ -216,9 +224,8 @@ template <typename T>
 inline void gemm_tn(int64_t rows, int64_t inner, int64_t cols, T alpha, const T* a, int64_t lda,
                     const T* a_transposed, const T* b, int64_t ldb, bool accumulate, T* c,
                     int64_t ldc) {
-  constexpr int64_t L = Vec<T>::lanes;
   thread_local std::vector<T> scratch, product;
-  if (cols < L && rows >= L) {
+  if (!gemm_tn_reads_transposed<T>(rows, cols)) {
     scratch.resize(static_cast<size_t>(cols * inner));
     product.resize(static_cast<size_t>(cols * rows));
     transpose(inner, cols, b, ldb, scratch.data());
