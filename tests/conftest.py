@@ -18,13 +18,24 @@ TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-4}
 @pytest.fixture(autouse=True)
 def poison_compiled_outputs():
     """Every output of the compiled kernels starts as NaN, so an unwritten element fails a test."""
-    from metakernels.ops import _backends
-    module = _backends._extension()[0]
-    if module is not None:
+    modules = _compiled_modules()
+    for module in modules:
         module.set_poison_outputs(True)
     yield
-    if module is not None:
+    for module in modules:
         module.set_poison_outputs(False)
+
+
+def _compiled_modules():
+    """The kernel modules of every compiled backend on this install (each has
+    ``set_poison_outputs``, like ``metakernels/_C.pyi``)."""
+    from metakernels.ops import _backends
+    modules = []
+    for name in ("cpu", "triton", "cuda"):
+        module = _backends._module(name)[0]
+        if module is not None and module not in modules:
+            modules.append(module)
+    return modules
 
 
 def rel_err(out, ref) -> float:

@@ -48,7 +48,7 @@ def opcheck_inputs():
     kwargs = make_inputs(case, seed=9)
     lr = kwargs["lr"].detach().requires_grad_()
     return (kwargs["weight"], kwargs["x"], kwargs["y"], lr, kwargs["bias"], kwargs["lr_scale"],
-            kwargs["bias_lr_scale"], kwargs["queries"], 1, False, True)
+            kwargs["bias_lr_scale"], kwargs["queries"], 1, False, True, "cpu")
 
 
 def test_opcheck_forward_op():
@@ -60,7 +60,7 @@ def test_opcheck_mse_3d_without_options():
     lr = torch.full((3, 3), 0.3, dtype=torch.float64, requires_grad=True)
     torch.library.opcheck(torch.ops.metakernels.fast_weight_unroll_fwd.default,
                           (kwargs["weight"], kwargs["x"], kwargs["y"], lr, None, None, None, None,
-                           0, False, False))
+                           0, False, False, "cpu"))
 
 
 def test_opcheck_backward_op():
@@ -73,7 +73,7 @@ def test_opcheck_backward_op():
         torch.ops.metakernels.fast_weight_unroll_bwd.default,
         (*detached, residual, states, weight_t, torch.randn_like(weight_t),
          torch.randn(2, 6, dtype=torch.float64), torch.randn_like(readout), 1, False,
-         [True, True, False, True, True, True, True, True]),
+         [True, True, False, True, True, True, True, True], "cpu"),
         test_utils=("test_schema", "test_faketensor"))
 
 
@@ -84,7 +84,7 @@ def test_opcheck_linear_hvp_op():
     v = torch.randn(3, 5, 4, generator=gen, dtype=torch.float64, requires_grad=True)
     bias = torch.randn(4, generator=gen, dtype=torch.float64, requires_grad=True)
     torch.library.opcheck(torch.ops.metakernels.linear_hvp.default,
-                          (weight, x, v, bias, None, 1, True))
+                          (weight, x, v, bias, None, 1, True, "cpu"))
 
 
 @pytest.mark.parametrize("backend", COMPILED_BACKENDS)
@@ -159,7 +159,7 @@ def test_backward_recomputes_states_it_was_told_it_would_not_need(backend):
     kwargs = make_inputs(Case(loss="ce", per_step=True, bias="shared", lr_form="full", queries=2))
     args = [kwargs[k] for k in ("weight", "x", "y", "lr", "bias")]
     weight_t, _, _, readout, _, states = torch.ops.metakernels.fast_weight_unroll_fwd(
-        *args, None, None, kwargs["queries"], 1, False, False)
+        *args, None, None, kwargs["queries"], 1, False, False, backend)
     assert states.numel() == 0
     objective = weight_t.pow(2).sum() + readout.sum()
     got = torch.autograd.grad(objective, [kwargs["x"], kwargs["queries"], kwargs["weight"]])

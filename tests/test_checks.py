@@ -177,4 +177,5 @@ def test_out_of_range_label_reaching_the_op_is_refused():
     lr = torch.full((B, T), 0.1, **f64)
     with pytest.raises(ValueError, match=r"y holds labels"):
         torch.ops.metakernels.fast_weight_unroll_fwd(kwargs["weight"], kwargs["x"], labels, lr,
-                                                     None, None, None, None, 1, False, False)
+                                                     None, None, None, None, 1, False, False,
+                                                     "cpu")

@@ -1,22 +1,54 @@
-"""Which backends exist on this install, and which one a call uses."""
+"""Which backends exist on this install, and which one a call uses.
+
+Every compiled backend is a module with the same three eager functions (the signatures of
+``metakernels/_C.pyi``): ``unroll_forward``, ``unroll_backward`` and ``linear_hvp``. The custom ops
+in ``ops/`` take the backend's name as an argument and call :func:`kernels` with it, so adding a
+backend means adding a module and a line to :data:`_LOADERS`, never touching an op.
+"""
 
 from __future__ import annotations
+
+import importlib
+import os
 
 import torch
 
 BACKENDS = ("auto", "reference", "cpu", "triton", "cuda")
+# Fastest first on each device type; ``auto`` takes the first that can run the call.
+PREFERENCE = {
+    "cpu": ("cpu", "triton", "reference"),
+    "cuda": ("cuda", "triton", "reference"),
+}
+# Dtypes each compiled backend runs (SPEC.md section 3). The reference runs every dtype that
+# _checks accepts. Triton runs on CPU tensors only in its interpreter, for tests.
+BACKEND_DTYPES = {
+    "cpu": {"cpu": (torch.float32, torch.float64)},
+    "triton": {"cuda": (torch.float32, torch.bfloat16, torch.float16),
+               "cpu": (torch.float32, torch.float16)},
+    "cuda": {"cuda": (torch.float32, torch.bfloat16, torch.float16)},
+}
 
 
-def _load_extension():
+def _import(name: str):
     try:
-        from metakernels import _C
+        return importlib.import_module(name), ""
     except ImportError as error:
         return None, str(error)
-    return _C, ""
+
+
+def _load_triton():
+    try:
+        import triton  # noqa: F401
+    except ImportError as error:
+        return None, f"triton is not installed ({error})"
+    return _import("metakernels.triton")
 
 
 # Loaded once at import, not behind a cache decorator, so torch.compile traces a plain read.
-_EXTENSION = _load_extension()
+# Each entry: (module or None, why it is missing).
+_EXTENSION = _import("metakernels._C")
+_LOADERS = {"triton": _load_triton, "cuda": lambda: _import("metakernels._C_cuda")}
+_LOADED: dict = {}
 
 
 def _extension():
@@ -35,6 +67,54 @@ def extension():
     return module
 
 
+def _module(name: str):
+    """(the module implementing backend ``name`` or None, why it is missing)."""
+    if name == "cpu":
+        return _extension()
+    if name not in _LOADED:
+        _LOADED[name] = _LOADERS[name]()
+    return _LOADED[name]
+
+
+def triton_interpreter() -> bool:
+    """True when Triton runs in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _unavailable(name: str, device: torch.device, dtype: torch.dtype | None) -> str | None:
+    """Why backend ``name`` cannot run on ``device`` with ``dtype``, or None when it can."""
+    if name == "reference":
+        return None
+    module, error = _module(name)
+    if module is None:
+        if name == "cpu":
+            return f"metakernels was built without its C++ extension ({error})"
+        if name == "cuda":
+            return f"metakernels was built without CUDA ({error})"
+        return error
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return "torch has no CUDA device"
+    if name == "triton" and device.type == "cpu" and not triton_interpreter():
+        return "Triton runs on CPU tensors only in its interpreter (set TRITON_INTERPRET=1)"
+    dtypes = BACKEND_DTYPES[name].get(device.type)
+    if dtypes is None:
+        return f"it does not run on {device.type} tensors"
+    if dtype is not None and dtype not in dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        return f"it runs {names} on {device.type}, not {str(dtype).replace('torch.', '')}"
+    return None
+
+
+def kernels(name: str):
+    """The module of eager kernels of compiled backend ``name`` (``cpu``, ``triton``, ``cuda``)."""
+    module, error = _module(name)
+    if module is None:
+        if name == "cpu":
+            extension()
+        raise RuntimeError(f"backend {name!r} is not available: {error}")
+    return module
+
+
 def _as_device(device) -> torch.device:
     if device is None:
         return torch.device("cpu")
@@ -43,14 +123,12 @@ def _as_device(device) -> torch.device:
     raise TypeError(f"device must be a str or torch.device, got {type(device).__name__}")
 
 
-def available_backends(device=None) -> list[str]:
-    """The backends that can run on ``device`` (default cpu), fastest first."""
+def available_backends(device=None, dtype: torch.dtype | None = None) -> list[str]:
+    """The backends that can run on ``device`` (default cpu), and on ``dtype`` if given, fastest
+    first; ``"reference"`` is always last."""
     device = _as_device(device)
-    names = []
-    if device.type == "cpu" and _extension()[0] is not None:
-        names.append("cpu")
-    names.append("reference")
-    return names
+    order = PREFERENCE.get(device.type, ("reference",))
+    return [name for name in order if _unavailable(name, device, dtype) is None]
 
 
 def resolve(backend, device: torch.device, dtype: torch.dtype) -> str:
@@ -60,14 +138,10 @@ def resolve(backend, device: torch.device, dtype: torch.dtype) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        return available_backends(device)[0]
-    if backend == "reference":
-        return backend
-    if backend == "cpu":
-        extension()
-        if device.type != "cpu":
-            raise RuntimeError(f"backend 'cpu' runs on CPU tensors, but the inputs are on {device}; "
-                               f"available there: {available_backends(device)}")
-        return backend
-    raise RuntimeError(f"backend {backend!r} is not available: metakernels was built without it "
-                       f"(available on {device}: {available_backends(device)})")
+        return available_backends(device, dtype)[0]
+    why = _unavailable(backend, device, dtype)
+    if why is not None:
+        raise RuntimeError(f"backend {backend!r} is not available for {device.type} "
+                           f"{str(dtype).replace('torch.', '')} inputs: {why} (available there: "
+                           f"{available_backends(device, dtype)})")
+    return backend

@@ -71,7 +71,8 @@ def fast_weight_unroll(weight: Tensor, x: Tensor, y: Tensor, lr, *, steps: int |
         bias_lr_scale: None or ``[d_out]``; needs ``bias``; differentiable.
         queries: None or ``[B, T, m, d_in]``; the readout after every step; differentiable.
         first_order: FOMAML: drop every gradient term that passes through the inner gradient.
-        backend: ``"auto"``, ``"reference"`` or ``"cpu"``; see :func:`available_backends`.
+        backend: ``"auto"``, ``"reference"``, ``"cpu"``, ``"triton"`` or ``"cuda"``; see
+            :func:`available_backends`.
 
     Returns:
         :class:`UnrollOutput` ``(weight, bias, losses, readout)``.
@@ -81,7 +82,7 @@ def fast_weight_unroll(weight: Tensor, x: Tensor, y: Tensor, lr, *, steps: int |
     the queries' gradient. The reference backend keeps the whole autograd graph.
     """
     args = _check(weight, x, y, lr, steps, loss, bias, lr_scale, bias_lr_scale, queries,
-                  first_order)
+                  first_order, backend)
     which = _backends.resolve(backend, weight.device, weight.dtype)
     weight, x, y, lr, steps, bias, lr_scale, bias_lr_scale, queries = args
     if which == "reference":
@@ -92,12 +93,13 @@ def fast_weight_unroll(weight: Tensor, x: Tensor, y: Tensor, lr, *, steps: int |
         (x.requires_grad and not first_order) or (queries is not None and queries.requires_grad))
     weight_t, bias_t, losses, readout, _, _ = torch.ops.metakernels.fast_weight_unroll_fwd(
         weight, x, y, lr, bias, lr_scale, bias_lr_scale, queries, LOSS_CODES[loss], first_order,
-        store_states)
+        store_states, which)
     return UnrollOutput(weight_t, bias_t if bias is not None else None, losses,
                         readout if queries is not None else None)
 
 
-def _check(weight, x, y, lr, steps, loss, bias, lr_scale, bias_lr_scale, queries, first_order):
+def _check(weight, x, y, lr, steps, loss, bias, lr_scale, bias_lr_scale, queries, first_order,
+           backend="auto"):
     """Checks the arguments against SPEC.md; returns them normalised: lr a ``[B, T]`` tensor, T,
     and ce labels as int64."""
     for name, value in (("weight", weight), ("x", x), ("y", y)):
@@ -107,7 +109,7 @@ def _check(weight, x, y, lr, steps, loss, bias, lr_scale, bias_lr_scale, queries
         _checks.require_tensor(name, value, optional=True)
     _checks.check_loss(loss)
     _checks.check_flag("first_order", first_order)
-    dtype = _checks.check_float_dtype(weight)
+    dtype = _checks.check_float_dtype(weight, backend)
     device = weight.device
 
     if weight.dim() not in (2, 3):
@@ -195,21 +197,23 @@ def _check(weight, x, y, lr, steps, loss, bias, lr_scale, bias_lr_scale, queries
 
 # --- the custom ops behind the compiled backends -------------------------------------------------
 
-@torch.library.custom_op("metakernels::fast_weight_unroll_fwd", mutates_args=(), device_types="cpu")
+@torch.library.custom_op("metakernels::fast_weight_unroll_fwd", mutates_args=())
 def _unroll_fwd(weight: Tensor, x: Tensor, y: Tensor, lr: Tensor, bias: Optional[Tensor],
                 lr_scale: Optional[Tensor], bias_lr_scale: Optional[Tensor],
                 queries: Optional[Tensor], loss: int, first_order: bool,
-                store_states: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Returns (W_T, b_T or [0], losses, readout or [0], residual E_t, states W_t or [0])."""
+                store_states: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor,
+                                                           Tensor]:
+    """Returns (W_T, b_T or [0], losses, readout or [0], residual E_t, states W_t or [0]), from
+    the kernels of compiled backend ``backend`` ("cpu", "triton" or "cuda")."""
     if loss == LOSS_CODES["ce"]:
         _checks.check_labels("y", y, weight.shape[-1])
-    return tuple(_backends.extension().unroll_forward(
+    return tuple(_backends.kernels(backend).unroll_forward(
         weight, x, y, lr, bias, lr_scale, bias_lr_scale, queries, loss, store_states))
 
 
 @_unroll_fwd.register_fake
 def _unroll_fwd_fake(weight, x, y, lr, bias, lr_scale, bias_lr_scale, queries, loss, first_order,
-                     store_states):
+                     store_states, backend):
     tasks, steps = lr.shape
     support, d_in, d_out = x.shape[-2], weight.shape[-2], weight.shape[-1]
     return (
@@ -224,11 +228,12 @@ def _unroll_fwd_fake(weight, x, y, lr, bias, lr_scale, bias_lr_scale, queries, l
 
 
 def _unroll_setup_context(ctx, inputs, output):
-    (weight, x, y, lr, bias, lr_scale, bias_lr_scale, queries, loss, first_order, _) = inputs
+    (weight, x, y, lr, bias, lr_scale, bias_lr_scale, queries, loss, first_order, _,
+     backend) = inputs
     weight_t, _, losses, _, residual, states = output
     ctx.save_for_backward(weight, x, y, lr, bias, lr_scale, bias_lr_scale, queries, residual,
                           states, weight_t)
-    ctx.loss, ctx.first_order = loss, first_order
+    ctx.loss, ctx.first_order, ctx.backend = loss, first_order, backend
     ctx.mark_non_differentiable(losses, residual, states)
     # Unused outputs (the saved residual and states above all) get None, not a zero-filled tensor.
     ctx.set_materialize_grads(False)
@@ -250,35 +255,36 @@ def _unroll_backward(ctx, grad_weight_t, grad_bias_t, _grad_losses, grad_readout
         # The forward was told no W_t would be needed (store_states is a memory hint); recompute.
         states = torch.ops.metakernels.fast_weight_unroll_fwd(
             weight, x, y, lr, bias, lr_scale, bias_lr_scale, queries, ctx.loss, first_order,
-            True)[5]
+            True, ctx.backend)[5]
     grads = torch.ops.metakernels.fast_weight_unroll_bwd(
         weight, x, y, lr, bias, lr_scale, bias_lr_scale, queries, residual, states, weight_t,
         grad_weight_t, grad_bias_t if bias is not None else None,
-        grad_readout if queries is not None else None, ctx.loss, first_order, wanted)
-    return tuple(g if want else None for g, want in zip(grads, wanted)) + (None, None, None)
+        grad_readout if queries is not None else None, ctx.loss, first_order, wanted, ctx.backend)
+    return tuple(g if want else None for g, want in zip(grads, wanted)) + (None,) * 4
 
 
 _unroll_fwd.register_autograd(_unroll_backward, setup_context=_unroll_setup_context)
 
 
-@torch.library.custom_op("metakernels::fast_weight_unroll_bwd", mutates_args=(), device_types="cpu")
+@torch.library.custom_op("metakernels::fast_weight_unroll_bwd", mutates_args=())
 def _unroll_bwd(weight: Tensor, x: Tensor, y: Tensor, lr: Tensor, bias: Optional[Tensor],
                 lr_scale: Optional[Tensor], bias_lr_scale: Optional[Tensor],
                 queries: Optional[Tensor], residual: Tensor, states: Tensor, weight_t: Tensor,
                 grad_weight_t: Tensor, grad_bias_t: Optional[Tensor],
                 grad_readout: Optional[Tensor], loss: int, first_order: bool,
-                wanted: list[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+                wanted: list[bool], backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
                                              Tensor, Tensor]:
     """The gradients of (weight, x, y, lr, bias, lr_scale, bias_lr_scale, queries), each an
     empty tensor where not wanted."""
-    return tuple(_backends.extension().unroll_backward(
+    return tuple(_backends.kernels(backend).unroll_backward(
         weight, x, y, lr, bias, lr_scale, bias_lr_scale, queries, residual, states, weight_t,
         grad_weight_t, grad_bias_t, grad_readout, loss, first_order, wanted))
 
 
 @_unroll_bwd.register_fake
 def _unroll_bwd_fake(weight, x, y, lr, bias, lr_scale, bias_lr_scale, queries, residual, states,
-                     weight_t, grad_weight_t, grad_bias_t, grad_readout, loss, first_order, wanted):
+                     weight_t, grad_weight_t, grad_bias_t, grad_readout, loss, first_order, wanted,
+                     backend):
     inputs = (weight, x, y, lr, bias, lr_scale, bias_lr_scale, queries)
     return tuple(t.new_empty(t.shape, dtype=weight.dtype) if want else weight.new_empty(0)
                  for t, want in zip(inputs, wanted))

@@ -27,7 +27,7 @@ def linear_hvp(weight: Tensor, x: Tensor, v: Tensor, *, loss: str = "mse",
         loss: ``"mse"`` or ``"ce"``.
         bias: None, ``[d_out]`` or ``[B, d_out]``; enters the ce Hessian.
         v_bias: None, ``[d_out]`` or ``[B, d_out]``, the direction for the bias (zero when None).
-        backend: ``"auto"``, ``"reference"`` or ``"cpu"``.
+        backend: ``"auto"``, ``"reference"``, ``"cpu"``, ``"triton"`` or ``"cuda"``.
 
     Returns:
         ``(Hv_weight [B, d_in, d_out], Hv_bias [B, d_out])``; ``Hv_bias`` is None when both
@@ -39,7 +39,7 @@ def linear_hvp(weight: Tensor, x: Tensor, v: Tensor, *, loss: str = "mse",
     _checks.require_tensor("bias", bias, optional=True)
     _checks.require_tensor("v_bias", v_bias, optional=True)
     _checks.check_loss(loss)
-    dtype = _checks.check_float_dtype(weight)
+    dtype = _checks.check_float_dtype(weight, backend)
     if weight.dim() not in (2, 3) or weight.shape[-1] < 1 or weight.shape[-2] < 1:
         raise ValueError(f"weight has shape {_checks.shape_str(weight.shape)}, expected "
                          "[d_in, d_out] (shared) or [B, d_in, d_out] with d_in, d_out >= 1")
@@ -65,26 +65,27 @@ def linear_hvp(weight: Tensor, x: Tensor, v: Tensor, *, loss: str = "mse",
         return reference.linear_hvp(weight, x, v, loss=loss, bias=bias, v_bias=v_bias,
                                     with_bias=with_bias)
     hv_weight, hv_bias = torch.ops.metakernels.linear_hvp(weight, x, v, bias, v_bias,
-                                                          LOSS_CODES[loss], with_bias)
+                                                          LOSS_CODES[loss], with_bias, which)
     return hv_weight, hv_bias if with_bias else None
 
 
-@torch.library.custom_op("metakernels::linear_hvp", mutates_args=(), device_types="cpu")
+@torch.library.custom_op("metakernels::linear_hvp", mutates_args=())
 def _hvp(weight: Tensor, x: Tensor, v: Tensor, bias: Optional[Tensor], v_bias: Optional[Tensor],
-         loss: int, with_bias: bool) -> tuple[Tensor, Tensor]:
-    """Returns (Hv_weight, Hv_bias or [0])."""
-    return tuple(_backends.extension().linear_hvp(weight, x, v, bias, v_bias, loss, with_bias))
+         loss: int, with_bias: bool, backend: str) -> tuple[Tensor, Tensor]:
+    """Returns (Hv_weight, Hv_bias or [0]) from the kernels of compiled backend ``backend``."""
+    return tuple(_backends.kernels(backend).linear_hvp(weight, x, v, bias, v_bias, loss,
+                                                       with_bias))
 
 
 @_hvp.register_fake
-def _hvp_fake(weight, x, v, bias, v_bias, loss, with_bias):
+def _hvp_fake(weight, x, v, bias, v_bias, loss, with_bias, backend):
     tasks, d_in, d_out = x.shape[0], weight.shape[-2], weight.shape[-1]
     return (weight.new_empty(tasks, d_in, d_out),
             weight.new_empty(tasks, d_out) if with_bias else weight.new_empty(0))
 
 
 def _hvp_setup_context(ctx, inputs, output):
-    weight, x, v, bias, v_bias, loss, with_bias = inputs
+    weight, x, v, bias, v_bias, loss, with_bias, _ = inputs
     ctx.save_for_backward(weight, x, v, bias, v_bias)
     ctx.loss, ctx.with_bias = loss, with_bias
 
@@ -110,7 +111,7 @@ def _hvp_backward(ctx, grad_hv_weight, grad_hv_bias):
     grads = [None] * 5
     for i, g in zip(present, vjp(cotangents)):
         grads[i] = g if ctx.needs_input_grad[i] else None
-    return tuple(grads) + (None, None)
+    return tuple(grads) + (None, None, None)
 
 
 _hvp.register_autograd(_hvp_backward, setup_context=_hvp_setup_context)
