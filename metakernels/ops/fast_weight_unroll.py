@@ -216,15 +216,23 @@ def _unroll_fwd_fake(weight, x, y, lr, bias, lr_scale, bias_lr_scale, queries, l
                      store_states, backend):
     tasks, steps = lr.shape
     support, d_in, d_out = x.shape[-2], weight.shape[-2], weight.shape[-1]
+    state = state_dtype(weight.dtype)
     return (
         weight.new_empty(tasks, d_in, d_out),
         weight.new_empty(tasks, d_out) if bias is not None else weight.new_empty(0),
         weight.new_empty(tasks, steps),
         weight.new_empty(tasks, steps, queries.shape[2], d_out) if queries is not None
         else weight.new_empty(0),
-        weight.new_empty(tasks, steps, support, d_out),
-        weight.new_empty(tasks, steps, d_in, d_out) if store_states else weight.new_empty(0),
+        weight.new_empty(tasks, steps, support, d_out, dtype=state),
+        weight.new_empty(tasks, steps, d_in, d_out, dtype=state) if store_states
+        else weight.new_empty(0, dtype=state),
     )
+
+
+def state_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the saved residual E_t and states W_t: float32 for bfloat16/float16 inputs
+    (SPEC.md section 3: the fast-weight state is float32), else the inputs' own."""
+    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
 
 
 def _unroll_setup_context(ctx, inputs, output):
