@@ -1,0 +1,30 @@
+"""Checkpoints written atomically: a temporary file in the same folder, flushed to disk, then
+renamed over the old one, so a crash or Ctrl-C during a save leaves the previous checkpoint."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+
+def save_atomic(state: dict, path: str | os.PathLike) -> None:
+    """``torch.save(state, path)``, all or nothing."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as file:
+            torch.save(state, file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load(path: str | os.PathLike) -> dict:
+    """A checkpoint written by :func:`save_atomic` (tensors and plain Python values only)."""
+    return torch.load(path, map_location="cpu", weights_only=True)

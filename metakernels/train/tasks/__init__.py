@@ -1,0 +1,24 @@
+"""The trainer's tasks: ``sinusoid``, ``fewshot`` and ``reasoning``."""
+
+from __future__ import annotations
+
+from metakernels.train.tasks.base import ALGORITHMS, Defaults, Task, TaskBatch
+
+TASKS = ("sinusoid", "fewshot", "reasoning")
+
+
+def make_task(name: str, config=None) -> Task:
+    """The task called ``name``; ``config`` (a TrainConfig) carries the reasoning options."""
+    if name == "sinusoid":
+        from metakernels.train.tasks.sinusoid import Sinusoid
+        return Sinusoid()
+    if name == "fewshot":
+        from metakernels.train.tasks.fewshot import FewShot
+        return FewShot()
+    if name == "reasoning":
+        from metakernels.train.tasks.reasoning import Reasoning
+        return Reasoning(config)
+    raise ValueError(f"task must be one of {', '.join(TASKS)}, got {name!r}")
+
+
+__all__ = ["ALGORITHMS", "Defaults", "TASKS", "Task", "TaskBatch", "make_task"]
