@@ -7,8 +7,8 @@ from metakernels.train.tasks.base import ALGORITHMS, Defaults, Task, TaskBatch
 TASKS = ("sinusoid", "fewshot", "reasoning")
 
 
-def make_task(name: str, config=None) -> Task:
-    """The task called ``name``; ``config`` (a TrainConfig) carries the reasoning options."""
+def make_task(name: str) -> Task:
+    """The task called ``name``."""
     if name == "sinusoid":
         from metakernels.train.tasks.sinusoid import Sinusoid
         return Sinusoid()
@@ -17,7 +17,7 @@ def make_task(name: str, config=None) -> Task:
         return FewShot()
     if name == "reasoning":
         from metakernels.train.tasks.reasoning import Reasoning
-        return Reasoning(config)
+        return Reasoning()
     raise ValueError(f"task must be one of {', '.join(TASKS)}, got {name!r}")
 
 
