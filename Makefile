@@ -1,5 +1,6 @@
 # Two commands do all set-up on a fresh machine (README, Quickstart):
-#   make run    virtual environment + CPU torch + build, then `metakernels demo`
+#   make run    virtual environment + CPU torch + build, then `metakernels demo` and a short
+#               meta-training run (`metakernels train`)
 #   make test   the same set-up, then every test: the C++ kernel tests (ctest) and pytest
 PYTHON ?= python3
 VENV ?= .venv
@@ -26,6 +27,8 @@ setup: $(STAMP)
 
 run: setup
 	$(VENV)/bin/metakernels demo
+	rm -rf build/train-demo
+	$(VENV)/bin/metakernels train --task sinusoid --algo maml --steps 300 --out build/train-demo
 
 test: test-cpp test-python
 

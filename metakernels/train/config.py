@@ -31,6 +31,8 @@ class TrainConfig:
     log_every:        a metrics.jsonl line every this many steps (and at the last step).
     checkpoint_every: a checkpoint every this many steps (and at the last step).
     progress:         show a progress bar.
+    threads:          ``torch.set_num_threads`` first (None: torch's choice). On a loaded
+                      machine, intra-op threads waiting for a busy core slow small models a lot.
     trajectories:     reasoning: trajectories per question (the support-set size).
     trajectory_length: reasoning: steps of the arithmetic chain (and of its trajectory).
     no_trajectory:    reasoning: answer from the question alone (no inner loop on a trajectory).
@@ -52,6 +54,7 @@ class TrainConfig:
     log_every: int = 10
     checkpoint_every: int = 100
     progress: bool = True
+    threads: int | None = None
     trajectories: int | None = None
     trajectory_length: int | None = None
     no_trajectory: bool | None = None

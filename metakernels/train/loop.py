@@ -61,7 +61,7 @@ def resolve(config: TrainConfig, task, saved: dict | None) -> TrainConfig:
 
 def _check_config(config: TrainConfig, world_size: int) -> None:
     for name in ("steps", "meta_batch", "inner_steps", "eval_tasks", "log_every",
-                 "checkpoint_every"):
+                 "checkpoint_every", "threads"):
         value = getattr(config, name)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
             raise TypeError(f"{name} must be an int, got {type(value).__name__}")
@@ -146,6 +146,8 @@ def train(config: TrainConfig) -> dict:
     task.check(config.algo, config.adapt)
     task.configure(config)
     device = _device(config, world_size)
+    if config.threads:
+        torch.set_num_threads(config.threads)
 
     torch.manual_seed(config.seed)
     model = task.build_model(config).to(device)
