@@ -12,8 +12,7 @@ import torch
 
 from metakernels.cli import main as metakernels_main
 from metakernels.train import NonFiniteLoss, TrainConfig, checkpoint, train
-from metakernels.train.tasks import ALGORITHMS, make_task
-TASKS = ("sinusoid", "fewshot")  # TEMP
+from metakernels.train.tasks import ALGORITHMS, TASKS, make_task
 
 SUMMARY_KEYS = {"task", "algo", "steps", "seconds_per_step", "eval"}
 METRIC_KEYS = {"step", "outer_loss", "inner_loss_first", "inner_loss_last"}
@@ -125,7 +124,8 @@ def _assert_bitwise(a, b, where="state"):
 
 @pytest.mark.parametrize("task, algo, adapt", [("sinusoid", "metasgd", "head"),
                                                ("sinusoid", "maml", "all"),
-                                               ("fewshot", "reptile", "head")])
+                                               ("fewshot", "reptile", "head"),
+                                               ("reasoning", "metasgd", "head")])
 def test_resumed_run_equals_uninterrupted_run_bitwise(tmp_path, task, algo, adapt):
     whole, part = tmp_path / "whole", tmp_path / "part"
     train(tiny(task, algo, whole, adapt=adapt, steps=5, checkpoint_every=5))
