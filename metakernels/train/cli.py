@@ -12,6 +12,11 @@ import sys
 from metakernels.train.tasks import ALGORITHMS, TASKS
 
 
+TRAIN_DESCRIPTION = ("Meta-trains on a task family and evaluates the meta-init on held-out tasks. "
+                     "Under torchrun (python -m metakernels.train) the task batch is split "
+                     "across ranks.")
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -154,9 +159,7 @@ def add_commands(commands) -> None:
     """Registers ``train`` and ``analyze`` on the ``metakernels`` command line's subparsers."""
     train = commands.add_parser(
         "train", help="meta-train a model whose inner loops run through the fused ops",
-        description="Meta-trains on a task family and evaluates on held-out tasks. Under "
-                    "torchrun (python -m metakernels.train) the task batch is split across "
-                    "ranks.")
+        description=TRAIN_DESCRIPTION)
     add_train_arguments(train)
     train.set_defaults(handler=run_train)
     analyze = commands.add_parser("analyze", help="measurements of trained runs")
@@ -167,6 +170,6 @@ def add_commands(commands) -> None:
 def main(argv: list[str] | None = None) -> int:
     """``python -m metakernels.train``: the arguments of ``metakernels train``."""
     parser = argparse.ArgumentParser(prog="python -m metakernels.train",
-                                     description="metakernels train (see its --help)")
+                                     description=TRAIN_DESCRIPTION)
     add_train_arguments(parser)
     return run_train(parser.parse_args(argv))
