@@ -88,12 +88,51 @@ def main() -> int:
         curves[name] = json.loads(png.with_suffix(".json").read_text())
 
     summaries = {n: json.loads((args.runs / n / "summary.json").read_text()) for n in configs}
-    results = {"commands": {n: shlex.join(c) for n, c in commands.items()},
-               "configs": configs, "summaries": summaries, "trajectory_loss": curves}
+    learned_at = {n: steps_to_accuracy(args.runs / n / "metrics.jsonl") for n in configs}
+    results = {"commands": {n: shlex.join(["python", *c[1:]]).replace(f"{ROOT}/", "")
+                            for n, c in commands.items()},
+               "configs": configs, "summaries": summaries, "steps_to_95": learned_at,
+               "trajectory_loss": curves}
     (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     plot(results, args.out)
+    (args.out / "tables.md").write_text(tables(results))
     print(json.dumps({n: s["eval"] for n, s in summaries.items()}, indent=1))
     return 0
+
+
+def steps_to_accuracy(metrics: Path, threshold: float = 0.95, window: int = 3) -> int | None:
+    """The first logged step from which the training accuracy averages at least ``threshold``
+    over ``window`` logged steps (a batch of 32 questions is noisy), or None."""
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    for i in range(len(records) - window + 1):
+        if sum(r["accuracy"] for r in records[i:i + window]) / window >= threshold:
+            return records[i]["step"]
+    return None
+
+
+def tables(results: dict) -> str:
+    """The sweeps as markdown tables."""
+    summaries, configs = results["summaries"], results["configs"]
+    lines = ["| run | K | S | trajectory | answer loss before | after | accuracy after | "
+             "steps to 95% train acc. | s/step |", "|---|---|---|---|---|---|---|---|---|"]
+    for name, config in configs.items():
+        e = summaries[name]["eval"]
+        lines.append(
+            f"| {name} | {config.get('trajectories', '-')} | {config['trajectory_length']} | "
+            f"{'no' if config.get('no_trajectory') else 'yes'} | "
+            f"{e['query_loss_before_adapt']:.3f} | {e['query_loss_after_adapt']:.4f} | "
+            f"{e['query_accuracy_after_adapt']:.3f} | {results['steps_to_95'][name] or '-'} | "
+            f"{summaries[name]['seconds_per_step']:.3f} |")
+    lines += ["", "Answer loss (nats) read out after k trajectory chunks, k = 0 ... S, mean over "
+              "held-out questions:", ""]
+    for name, curves in results["trajectory_loss"].items():
+        header = " | ".join(str(k) for k in range(len(curves["correct"])))
+        lines += [f"{name}:", "", f"| trajectory | {header} |",
+                  "|---|" + "---|" * len(curves["correct"])]
+        for kind, curve in curves.items():
+            lines.append(f"| {kind} | " + " | ".join(f"{v:.3g}" for v in curve) + " |")
+        lines.append("")
+    return "\n".join(lines) + "\n"
 
 
 def plot(results: dict, out: Path) -> None:
