@@ -59,6 +59,18 @@ def test_answer_loss_by_prefix_ends_at_the_adapted_answer():
     assert not torch.allclose(curve[:, 1], curve[:, 2])
 
 
+def test_answer_every_step_trains_on_every_prefix():
+    task, model = task_and_model(trajectory_length=3, answer_every_step=True)
+    batch = task.sample(4, torch.Generator().manual_seed(4), "train")
+    with torch.no_grad():
+        curve = model.answer_loss_by_prefix(batch)
+        training = model.query_losses(model.inner_loop(batch).pred, batch)[0]
+        model.eval()
+        final = model.query_losses(model.inner_loop(batch).pred, batch)[0]
+    assert torch.allclose(training, curve[:, 1:].mean(1), atol=1e-5)
+    assert torch.allclose(final, curve[:, -1], atol=1e-5)
+
+
 def test_the_answer_depends_on_the_trajectory_and_not_without_one():
     task, model = task_and_model(trajectory_length=2)
     correct, corrupted = task.sample_with_corruption(6, torch.Generator().manual_seed(3))
@@ -78,7 +90,8 @@ def test_the_answer_depends_on_the_trajectory_and_not_without_one():
     assert torch.equal(adapted.pred, model.unadapted(batch))
 
 
-@pytest.mark.parametrize("options", [{"trajectories": 3}, {"no_trajectory": True}])
+@pytest.mark.parametrize("options", [{"trajectories": 3}, {"no_trajectory": True},
+                                     {"answer_every_step": True}])
 def test_reasoning_options_train(tmp_path, options):
     config = tiny("reasoning", "maml", tmp_path, **options)
     train(config)

@@ -7,7 +7,8 @@ questions:
 - trajectory length: S = 1, 2, 4, 8 chain steps (K = 1);
 - trajectory versus none: ``--no-trajectory`` at every S of the length sweep;
 - the answer loss read out after each trajectory prefix, on correct and on corrupted trajectories
-  (``metakernels analyze trajectory-loss``), for the length-4 and length-8 runs.
+  (``metakernels analyze trajectory-loss``), for the length-4 and length-8 runs, and for runs
+  trained with ``--answer-every-step`` (the outer loss on the answer after every prefix).
 
 Writes ``OUT/results.json``, ``OUT/README.md`` (the tables, with the commands) and the plots.
 Run from the repository root::
@@ -56,6 +57,9 @@ def main() -> int:
     for s in (1, 2, 4, 8):
         configs[f"K1-S{s}"] = {"trajectories": 1, "trajectory_length": s}
         configs[f"none-S{s}"] = {"trajectory_length": s, "no_trajectory": True}
+    for s in (4, 8):
+        configs[f"every-S{s}"] = {"trajectories": 1, "trajectory_length": s,
+                                  "answer_every_step": True}
     python = [sys.executable, "-m", "metakernels"]
 
     def train_command(name: str, options: dict) -> list[str]:
@@ -80,7 +84,7 @@ def main() -> int:
             print(f"done {futures[future]} in {wall[futures[future]]:.0f} s", flush=True)
 
     curves = {}
-    for name in ("K1-S4", "K1-S8", "K4-S4"):
+    for name in ("K1-S4", "K1-S8", "K4-S4", "every-S4", "every-S8"):
         png = args.out / f"trajectory-loss-{name}.png"
         subprocess.run(python + ["analyze", "trajectory-loss", "--run", str(args.runs / name),
                                  "--questions", str(args.questions), "--output", str(png)],

@@ -80,6 +80,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                            help="steps of each arithmetic chain and its trajectory (default 4)")
     reasoning.add_argument("--no-trajectory", action="store_const", const=True,
                            help="answer from the question alone: no inner loop")
+    reasoning.add_argument("--answer-every-step", action="store_const", const=True,
+                           help="train the answer read out after every prefix of the trajectory "
+                                "(averaged), not only after the whole trajectory")
 
 
 def config_from_args(args: argparse.Namespace):
@@ -92,7 +95,7 @@ def config_from_args(args: argparse.Namespace):
         checkpoint_every=args.checkpoint_every, progress=not args.no_progress,
         threads=args.threads,
         trajectories=args.trajectories, trajectory_length=args.trajectory_length,
-        no_trajectory=args.no_trajectory)
+        no_trajectory=args.no_trajectory, answer_every_step=args.answer_every_step)
 
 
 @contextlib.contextmanager

@@ -7,9 +7,10 @@ from dataclasses import dataclass
 
 # The settings that define a run: a resumed run must agree with its checkpoint on each of them.
 RUN_FIELDS = ("task", "algo", "adapt", "seed", "meta_batch", "inner_steps", "inner_lr", "meta_lr",
-              "eval_tasks", "trajectories", "trajectory_length", "no_trajectory")
+              "eval_tasks", "trajectories", "trajectory_length", "no_trajectory",
+              "answer_every_step")
 # The settings that belong to one task (the reasoning task's).
-TASK_OPTIONS = ("trajectories", "trajectory_length", "no_trajectory")
+TASK_OPTIONS = ("trajectories", "trajectory_length", "no_trajectory", "answer_every_step")
 
 
 @dataclass
@@ -36,6 +37,8 @@ class TrainConfig:
     trajectories:     reasoning: trajectories per question (the support-set size).
     trajectory_length: reasoning: steps of the arithmetic chain (and of its trajectory).
     no_trajectory:    reasoning: answer from the question alone (no inner loop on a trajectory).
+    answer_every_step: reasoning: the outer loss is the answer's loss read out after every
+                      prefix of the trajectory (1 ... S chunks), averaged, not only after all S.
     """
 
     task: str = "sinusoid"
@@ -58,6 +61,7 @@ class TrainConfig:
     trajectories: int | None = None
     trajectory_length: int | None = None
     no_trajectory: bool | None = None
+    answer_every_step: bool | None = None
 
     def run_settings(self) -> dict:
         return {name: getattr(self, name) for name in RUN_FIELDS}

@@ -40,7 +40,8 @@ class Reasoning(Task):
     # initial inner learning rate.
     defaults = Defaults(meta_batch=32, inner_steps=None, inner_lr=1.0, meta_lr=3e-3,
                         eval_tasks=1000)
-    option_defaults = {"trajectories": 1, "trajectory_length": 4, "no_trajectory": False}
+    option_defaults = {"trajectories": 1, "trajectory_length": 4, "no_trajectory": False,
+                       "answer_every_step": False}
     rejected_algorithms = {
         "reptile": "Reptile moves the init towards the weights adapted on the trajectory and "
                    "never looks at the answer, so nothing would learn to read the answer out",
@@ -77,7 +78,8 @@ class Reasoning(Task):
         return ReasoningModel(config.trajectories, config.trajectory_length, config.inner_lr,
                               per_step_lr=config.algo == "metasgd",
                               learn_lr=config.algo == "metasgd",
-                              first_order=config.algo == "fomaml")
+                              first_order=config.algo == "fomaml",
+                              answer_every_step=config.answer_every_step)
 
 
 class ReasoningModel(nn.Module):
@@ -85,7 +87,7 @@ class ReasoningModel(nn.Module):
 
     def __init__(self, trajectories: int, length: int, inner_lr: float, *,
                  per_step_lr: bool = False, learn_lr: bool = False,
-                 first_order: bool = False) -> None:
+                 first_order: bool = False, answer_every_step: bool = False) -> None:
         super().__init__()
         from transformers import GPT2Config, GPT2Model
         prompt = 2 * length + 4
@@ -103,6 +105,7 @@ class ReasoningModel(nn.Module):
         self.memory.inner_lr_raw.requires_grad_(learn_lr)
         self.head = nn.Linear(WIDTH, 10)
         self.trajectories, self.length = trajectories, length
+        self.answer_every_step = answer_every_step
 
     def encode(self, batch: TaskBatch) -> tuple[Tensor, Tensor | None]:
         """The question's last hidden state ``[B, d]`` and the trajectory's hidden states
@@ -144,16 +147,33 @@ class ReasoningModel(nn.Module):
         return self.head(question + self.memory.to_out(read))
 
     def inner_loop(self, batch: TaskBatch, steps=None, first_order=None) -> Adapted:
-        """Reads every trajectory chunk by chunk (the memory's own ``first_order`` applies)."""
+        """Reads every trajectory chunk by chunk (the memory's own ``first_order`` applies).
+        ``pred`` is ``[B, 1, 10]``, the answer after the whole trajectory; while training with
+        ``answer_every_step``, ``[B, S, 10]``, the answer after each prefix of 1 ... S chunks."""
         question, hidden = self.encode(batch)
         if hidden is None:
             logits = self.answer_logits(question, self.memory.init_weight, self.memory.init_bias)
             zeros = question.new_zeros(question.shape[0], 1)
             return Adapted(logits[:, None], zeros, {})
         _, state = self.memory(hidden, return_state=True)
-        logits = self.answer_logits(question, state.weight, state.bias)
-        return Adapted(logits[:, None], state.losses,
+        logits = self.answer_logits(question, state.weight, state.bias)[:, None]
+        if self.answer_every_step and self.training:
+            logits = torch.cat([self._prefix_logits(question, hidden, 1, self.length), logits], 1)
+        return Adapted(logits, state.losses,
                        {"memory.init_weight": state.weight, "memory.init_bias": state.bias})
+
+    def _prefix_logits(self, question: Tensor, hidden: Tensor, first: int, last: int) -> Tensor:
+        """``[B, last − first, 10]``: the answer read out after ``first ... last − 1`` chunks
+        (0: the meta-init)."""
+        logits = []
+        for read in range(first, last):
+            if read == 0:
+                logits.append(self.answer_logits(question, self.memory.init_weight,
+                                                 self.memory.init_bias))
+                continue
+            _, state = self.memory(hidden[:, :read * self.memory.chunk_size], return_state=True)
+            logits.append(self.answer_logits(question, state.weight, state.bias))
+        return torch.stack(logits, 1)
 
     def unadapted(self, batch: TaskBatch) -> Tensor:
         question, _ = self.encode(dict(batch, trajectory_ids=batch["trajectory_ids"][:, :, :0]))
@@ -161,16 +181,12 @@ class ReasoningModel(nn.Module):
                                   self.memory.init_bias)[:, None]
 
     def query_losses(self, pred: Tensor, batch: TaskBatch) -> tuple[Tensor, Tensor | None]:
-        return query_losses(pred, batch["answer"][:, None], "ce")
+        """The answer's cross-entropy and accuracy ``[B]``, averaged over pred's readouts."""
+        return query_losses(pred, batch["answer"][:, None].expand(-1, pred.shape[1]), "ce")
 
     def answer_loss_by_prefix(self, batch: TaskBatch) -> Tensor:
         """``[B, S + 1]``: the answer's cross-entropy read out after 0, 1, ..., S chunks."""
         question, hidden = self.encode(batch)
-        chunk = self.memory.chunk_size
-        losses = [self.answer_logits(question, self.memory.init_weight, self.memory.init_bias)]
-        for read in range(1, self.length + 1):
-            _, state = self.memory(hidden[:, :read * chunk], return_state=True)
-            losses.append(self.answer_logits(question, state.weight, state.bias))
-        logits = torch.stack(losses, 1)                                  # [B, S + 1, 10]
+        logits = self._prefix_logits(question, hidden, 0, self.length + 1)   # [B, S + 1, 10]
         answer = batch["answer"][:, None].expand(-1, logits.shape[1])
         return F.cross_entropy(logits.transpose(1, 2), answer, reduction="none")
