@@ -86,6 +86,7 @@ def _device(config: TrainConfig, world_size: int) -> torch.device:
             raise ValueError(f"device {config.device!r}: this torch sees no CUDA device")
         if world_size > 1:
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(device)   # nccl's collectives run on the current device
     return device
 
 
