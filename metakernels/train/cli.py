@@ -70,9 +70,11 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint-every", type=_positive_int, default=100, metavar="N",
                         help="a checkpoint every N steps (default 100)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--threads", type=_positive_int, metavar="N",
-                        help="torch.set_num_threads(N) first (default: torch's choice); on a "
-                             "loaded machine 1 is often much faster for these small models")
+    parser.add_argument("--threads", type=_positive_int, default=1, metavar="N",
+                        help="torch.set_num_threads(N) first (default 1: these models are too "
+                             "small for intra-op threads to pay, and on a shared machine threads "
+                             "that wait for a busy core slow them many times over; measured in "
+                             "bench/results/train-sinusoid-2026-11-27)")
     reasoning = parser.add_argument_group("reasoning task")
     reasoning.add_argument("--trajectories", type=_positive_int, metavar="K",
                            help="trajectories per question: the support-set size (default 1)")

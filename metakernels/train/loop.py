@@ -147,9 +147,19 @@ def train(config: TrainConfig) -> dict:
     task.check(config.algo, config.adapt)
     task.configure(config)
     device = _device(config, world_size)
+    threads = torch.get_num_threads()
     if config.threads:
         torch.set_num_threads(config.threads)
+    try:
+        return _train(config, task, saved, device, rank, world_size)
+    finally:
+        torch.set_num_threads(threads)
 
+
+def _train(config: TrainConfig, task, saved: dict | None, device: torch.device, rank: int,
+           world_size: int) -> dict:
+    out = Path(config.out)
+    checkpoint_path = out / CHECKPOINT
     torch.manual_seed(config.seed)
     model = task.build_model(config).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.meta_lr)
