@@ -1,0 +1,3 @@
+"""Modules built on the ops."""
+
+from metakernels.nn.fast_weight_memory import FastWeightMemory, MemoryState  # noqa: F401
