@@ -32,7 +32,8 @@ def test_against_enumeration(n, c, k):
     for i in range(1, k + 1):
         share = subsets_with_at_least(n, c, k, i)
         assert g_pass_at_k(n, c, k, Fraction(i, k), exact=True) == share
-        assert g_pass_at_k(n, c, k, i / k) == float(share)  # τ = i/k in floating point: ⌈τk⌉ = i
+        # τ = i/k in floating point still selects ⌈τk⌉ = i
+        assert g_pass_at_k(n, c, k, i / k) == float(share)
     for tau in (Fraction(1, 3), Fraction(1, 2), Fraction(2, 3), Fraction(9, 10)):
         threshold = -(-tau.numerator * k // tau.denominator)   # ⌈τk⌉ in integers
         assert g_pass_at_k(n, c, k, tau, exact=True) == subsets_with_at_least(n, c, k, threshold)
