@@ -1,3 +1,4 @@
 """Modules built on the ops."""
 
-from metakernels.nn.fast_weight_linear import FastWeightLinear
+from metakernels.nn.fast_weight_linear import FastWeightLinear  # noqa: F401
+from metakernels.nn.fast_weight_memory import FastWeightMemory, MemoryState  # noqa: F401
