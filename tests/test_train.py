@@ -237,3 +237,33 @@ def test_cli_rejects_bad_arguments(tmp_path, capsys, args):
         cli("--out", str(tmp_path), *args)
     assert exit_info.value.code == 2
     assert "error" in capsys.readouterr().err
+
+
+def test_ctrl_c_keeps_a_loadable_checkpoint(tmp_path):
+    """A real SIGINT to `metakernels train` that saves every step: exit 130, a checkpoint that
+    loads, no temporary file, and --resume goes on from it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    root = pathlib.Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    command = [sys.executable, "-m", "metakernels", "train", "--task", "sinusoid", "--steps",
+               "1000000", "--out", str(tmp_path), "--checkpoint-every", "1", "--no-progress",
+               "--meta-batch", "2", "--eval-tasks", "2"]
+    process = subprocess.Popen(command, cwd=root, env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "checkpoint.pt").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(1.0)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130, err
+    assert "is intact" in err
+    step = _state(tmp_path)["step"]
+    assert step >= 1 and not list(tmp_path.glob(".*.tmp"))
+    train(TrainConfig(task="sinusoid", steps=step + 1, out=str(tmp_path), resume=True,
+                      progress=False))
+    assert _state(tmp_path)["step"] == step + 1

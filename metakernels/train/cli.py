@@ -128,8 +128,12 @@ def run_train(args: argparse.Namespace) -> int:
         print(f"metakernels train: stopped: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"\nmetakernels train: interrupted; the last checkpoint in {config.out} is intact "
-              "(--resume continues from it)", file=sys.stderr)
+        from metakernels.train import checkpoint
+        from metakernels.train.loop import CHECKPOINT
+        path = os.path.join(config.out, CHECKPOINT)
+        kept = (f"the checkpoint {path} (step {checkpoint.load(path)['step']}) is intact; "
+                "--resume continues from it" if os.path.exists(path) else "no checkpoint yet")
+        print(f"\nmetakernels train: interrupted; {kept}", file=sys.stderr)
         return 130
     if summary:
         print(json.dumps(summary, indent=2))
