@@ -267,3 +267,17 @@ def test_ctrl_c_keeps_a_loadable_checkpoint(tmp_path):
     train(TrainConfig(task="sinusoid", steps=step + 1, out=str(tmp_path), resume=True,
                       progress=False))
     assert _state(tmp_path)["step"] == step + 1
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("task, algo, adapt", [("sinusoid", "maml", "head"),
+                                               ("fewshot", "metasgd", "all"),
+                                               ("reasoning", "fomaml", "head")])
+def test_trains_on_cuda(tmp_path, task, algo, adapt):
+    config = tiny(task, algo, tmp_path, adapt=adapt, device="cuda")
+    train(config)
+    summary = check_outputs(tmp_path, config, classification=task != "sinusoid")
+    # The same run on the CPU lands close by (same tasks, same init; other kernels).
+    cpu = train(tiny(task, algo, tmp_path / "cpu", adapt=adapt))
+    assert summary["eval"]["query_loss_after_adapt"] == pytest.approx(
+        cpu["eval"]["query_loss_after_adapt"], rel=1e-2)

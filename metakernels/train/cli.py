@@ -9,22 +9,13 @@ import json
 import os
 import sys
 
+from metakernels.cli import _positive_int
 from metakernels.train.tasks import ALGORITHMS, TASKS
 
 
 TRAIN_DESCRIPTION = ("Meta-trains on a task family and evaluates the meta-init on held-out tasks. "
                      "Under torchrun (python -m metakernels.train) the task batch is split "
                      "across ranks.")
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
-    return value
 
 
 def _positive_float(text: str) -> float:
