@@ -8,6 +8,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 
 
 def plot_curves(records: list[dict], evaluation, path: Path, title: str) -> None:
@@ -33,6 +34,7 @@ def plot_curves(records: list[dict], evaluation, path: Path, title: str) -> None
                        label="query loss after adaptation")
     inner_axes.set(xlabel="inner step", ylabel="loss",
                    title="held-out tasks: along the inner loop")
+    inner_axes.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     inner_axes.legend()
     figure.suptitle(title)
     figure.tight_layout()
