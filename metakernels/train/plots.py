@@ -4,18 +4,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import matplotlib.ticker  # noqa: E402
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 
 def plot_curves(records: list[dict], evaluation, path: Path, title: str) -> None:
     """Left: the outer (query) loss and the inner loss before the first and the last inner step,
     per logged meta-step. Right: on held-out tasks, the mean inner loss before each inner step,
     with the query loss before and after adaptation."""
-    figure, (train_axes, inner_axes) = plt.subplots(1, 2, figsize=(11, 4))
+    # A bare Figure draws with Agg and leaves pyplot's backend (the user's) alone.
+    figure = Figure(figsize=(11, 4))
+    train_axes, inner_axes = figure.subplots(1, 2)
     steps = [r["step"] for r in records]
     for key, label in (("outer_loss", "outer (query, after adaptation)"),
                        ("inner_loss_first", "inner, before step 1"),
@@ -34,9 +33,8 @@ def plot_curves(records: list[dict], evaluation, path: Path, title: str) -> None
                        label="query loss after adaptation")
     inner_axes.set(xlabel="inner step", ylabel="loss",
                    title="held-out tasks: along the inner loop")
-    inner_axes.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    inner_axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     inner_axes.legend()
     figure.suptitle(title)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
-    plt.close(figure)

@@ -58,18 +58,18 @@ def trajectory_loss_curves(task, model, questions: int, seed: int = EVAL_SEED,
 
 
 def plot_trajectory_loss(curves: dict[str, list[float]], path: Path, title: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    figure, axes = plt.subplots(figsize=(6, 4))
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+    figure = Figure(figsize=(6, 4))
+    axes = figure.subplots()
     for name, curve in curves.items():
         axes.plot(range(len(curve)), curve, marker="o", label=f"{name} trajectories")
     axes.set(xlabel="trajectory chunks read (inner steps)",
              ylabel="answer loss (cross-entropy, nats)", title=title)
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=100)
-    plt.close(figure)
 
 
 def trajectory_loss_command(run: str, questions: int = 500, output: str | None = None) -> int:
