@@ -86,31 +86,69 @@ __device__ float block_sum(float v, float* scratch) {
   return total;
 }
 
-// out[i, j] = Σ_k a[i, k] · load_b(k, j) + init(j), for the [rows, cols] output, one element per
-// thread in a block-stride loop (consecutive threads: consecutive j, so b's row is read
-// contiguously and a[i, k] is a broadcast).
+// Rows of the output that one thread computes in gemm_nn and gemm_tn: each operand element read
+// from shared memory (or global memory) serves kRowTile multiply-adds.
+constexpr int kRowTile = 4;
+
+// out[i, j] = Σ_k a[i, k] · load_b(k, j) + init(j), for the [rows, cols] output, passed to
+// store(i * cols + j, value). Each thread takes kRowTile rows of one column j in a block-stride
+// loop (consecutive threads: consecutive j, so b's row is read contiguously and a[i, k] is a
+// broadcast). Rows past the end are clamped to the last row for loading and never stored.
 template <typename TA, typename LoadB, typename Init, typename Store>
 __device__ __forceinline__ void gemm_nn(int rows, int inner, int cols, const TA* a, int64_t lda,
                                         LoadB load_b, Init init, Store store) {
-  for (int idx = threadIdx.x; idx < rows * cols; idx += blockDim.x) {
-    const int i = idx / cols, j = idx - i * cols;
-    const TA* a_row = a + i * lda;
-    float acc = init(j);
-    for (int k = 0; k < inner; ++k) acc = fmaf(ld(a_row, k), load_b(k, j), acc);
-    store(idx, acc);
+  const int row_blocks = (rows + kRowTile - 1) / kRowTile;
+  for (int idx = threadIdx.x; idx < row_blocks * cols; idx += blockDim.x) {
+    const int block = idx / cols, j = idx - block * cols;
+    const TA* a_rows[kRowTile];
+    float acc[kRowTile];
+    const float start = init(j);
+#pragma unroll
+    for (int r = 0; r < kRowTile; ++r) {
+      a_rows[r] = a + min(block * kRowTile + r, rows - 1) * lda;
+      acc[r] = start;
+    }
+    for (int k = 0; k < inner; ++k) {
+      const float b = load_b(k, j);
+#pragma unroll
+      for (int r = 0; r < kRowTile; ++r) acc[r] = fmaf(ld(a_rows[r], k), b, acc[r]);
+    }
+#pragma unroll
+    for (int r = 0; r < kRowTile; ++r) {
+      const int i = block * kRowTile + r;
+      if (i < rows) store(i * cols + j, acc[r]);
+    }
   }
 }
 
-// out[k, j] = Σ_i a[i, k] · b[i, j] (a: [rows, inner_a] with leading dim lda; b: [rows, cols]
-// row-major in float), the [inner_a, cols] result passed to `update(idx, value)`.
+// out[k, j] = Σ_i a[i, k] · b[i, j] (a: [rows, ≥ out_rows] with leading dim lda; b: [rows, cols]
+// row-major), the [out_rows, cols] result passed to update(k * cols + j, value). Each thread takes
+// kRowTile rows k of one column j; every output element goes to the same thread in every call, so
+// update may accumulate in place.
 template <typename TA, typename TB, typename Update>
 __device__ __forceinline__ void gemm_tn(int rows, int out_rows, int cols, const TA* a,
                                         int64_t lda, const TB* b, Update update) {
-  for (int idx = threadIdx.x; idx < out_rows * cols; idx += blockDim.x) {
-    const int k = idx / cols, j = idx - k * cols;
-    float acc = 0.f;
-    for (int i = 0; i < rows; ++i) acc = fmaf(ld(a + i * lda, k), ld(b, int64_t(i) * cols + j), acc);
-    update(idx, acc);
+  const int row_blocks = (out_rows + kRowTile - 1) / kRowTile;
+  for (int idx = threadIdx.x; idx < row_blocks * cols; idx += blockDim.x) {
+    const int block = idx / cols, j = idx - block * cols;
+    int ks[kRowTile];
+    float acc[kRowTile];
+#pragma unroll
+    for (int r = 0; r < kRowTile; ++r) {
+      ks[r] = min(block * kRowTile + r, out_rows - 1);
+      acc[r] = 0.f;
+    }
+    for (int i = 0; i < rows; ++i) {
+      const float b_ij = ld(b, int64_t(i) * cols + j);
+      const TA* a_row = a + i * lda;
+#pragma unroll
+      for (int r = 0; r < kRowTile; ++r) acc[r] = fmaf(ld(a_row, ks[r]), b_ij, acc[r]);
+    }
+#pragma unroll
+    for (int r = 0; r < kRowTile; ++r) {
+      const int k = block * kRowTile + r;
+      if (k < out_rows) update(k * cols + j, acc[r]);
+    }
   }
 }
 

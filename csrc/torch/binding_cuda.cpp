@@ -9,8 +9,10 @@
 // Every kernel runs on the current CUDA stream of the inputs' device.
 #include <torch/extension.h>
 
-#include <ATen/cuda/CUDAContext.h>
+// c10's stream and guard only: ATen/cuda/CUDAContext.h pulls in cuSPARSE/cuBLAS headers, which a
+// minimal CUDA toolkit lacks.
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 
 #include <limits>
 #include <stdexcept>
@@ -66,6 +68,7 @@ DType dtype_of(const Tensor& t) {
       TORCH_CHECK(false, "metakernels CUDA backend: unsupported dtype ", t.scalar_type(),
                   " (float32, bfloat16 and float16 run on CUDA)");
   }
+  return DType::kFloat32;  // not reached
 }
 
 void check_cuda(const Tensor& t, const char* name) {
@@ -180,7 +183,7 @@ std::vector<Tensor> unroll_forward(const Tensor& weight, const Tensor& x, const 
   out.residual = out_ptr_or_null(residual);
   out.states = out_ptr_or_null(states);
   const auto in = u.inputs();
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream(weight.device().index()).stream();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(weight.device().index()).stream();
   run_kernel([&] { metakernels::cuda::unroll_forward(dtype_of(u.weight), d, in, out, stream); });
   return {weight_out, bias_out, losses, readout, residual, states};
 }
@@ -246,7 +249,7 @@ std::vector<Tensor> unroll_backward(const Tensor& weight, const Tensor& x, const
   args.grad_bias_lr_scale = out_ptr_or_null(grad_bias_lr_scale);
   args.grad_queries = out_ptr_or_null(grad_queries);
   const auto in = u.inputs();
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream(weight.device().index()).stream();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(weight.device().index()).stream();
   run_kernel([&] { metakernels::cuda::unroll_backward(dtype_of(u.weight), d, in, args, stream); });
 
   // Shared inputs get the sum over tasks of their per-task gradients (in float32), then every
@@ -257,7 +260,7 @@ std::vector<Tensor> unroll_backward(const Tensor& weight, const Tensor& x, const
   if (wanted[6]) grad_bias_lr_scale = grad_bias_lr_scale.sum(0);
   std::vector<Tensor> grads = {grad_weight, grad_x, grad_y, grad_lr, grad_bias, grad_lr_scale,
                                grad_bias_lr_scale, grad_queries};
-  for (Tensor& g : grads) g = g.to(opts.dtype());
+  for (Tensor& g : grads) g = g.to(u.weight.scalar_type());
   return grads;
 }
 
@@ -290,7 +293,7 @@ std::vector<Tensor> linear_hvp(const Tensor& weight_, const Tensor& x_, const Te
   args.v_bias_task_stride = v_bias.has_value() ? task_stride(*v_bias, 2) : 0;
   args.hv_weight = out_ptr_or_null(hv_weight);
   args.hv_bias = out_ptr_or_null(hv_bias);
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream(weight.device().index()).stream();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(weight.device().index()).stream();
   run_kernel([&] { metakernels::cuda::linear_hvp(dtype_of(weight), args, stream); });
   return {hv_weight, hv_bias};
 }
