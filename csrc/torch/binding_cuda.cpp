@@ -115,11 +115,13 @@ struct Unroll {
     dims.d_out = weight.size(-1);
     dims.queries = queries.has_value() ? queries->size(2) : 0;
     dims.loss = loss == 1 ? Loss::kCrossEntropy : Loss::kMse;
-    if (dims.loss == Loss::kCrossEntropy)
-      TORCH_CHECK(targets.scalar_type() == at::kLong, "metakernels CUDA backend: ce labels must be int64");
-    else
+    if (dims.loss == Loss::kCrossEntropy) {
+      TORCH_CHECK(targets.scalar_type() == at::kLong,
+                  "metakernels CUDA backend: ce labels must be int64");
+    } else {
       TORCH_CHECK(targets.scalar_type() == weight.scalar_type(),
                   "metakernels CUDA backend: y must have weight's dtype");
+    }
     TORCH_CHECK(lr.scalar_type() == weight.scalar_type(),
                 "metakernels CUDA backend: lr must have weight's dtype");
   }
@@ -162,6 +164,7 @@ std::vector<Tensor> unroll_forward(const Tensor& weight, const Tensor& x, const 
                                    const optional<Tensor>& bias_lr_scale,
                                    const optional<Tensor>& queries, int64_t loss,
                                    bool store_states) {
+  check_cuda(weight, "weight");
   const c10::cuda::CUDAGuard guard(weight.device());
   const Unroll u(weight, x, targets, lr, bias, lr_scale, bias_lr_scale, queries, loss);
   const auto& d = u.dims;
@@ -202,10 +205,10 @@ std::vector<Tensor> unroll_backward(const Tensor& weight, const Tensor& x, const
                                     const optional<Tensor>& grad_readout, int64_t loss,
                                     bool first_order, std::vector<bool> wanted) {
   TORCH_CHECK(wanted.size() == 8, "metakernels internal error: unroll_backward takes 8 flags");
+  check_cuda(weight, "weight");
   const c10::cuda::CUDAGuard guard(weight.device());
   const Unroll u(weight, x, targets, lr, bias, lr_scale, bias_lr_scale, queries, loss);
   const auto& d = u.dims;
-  const auto opts = u.weight.options();
   const auto acc = state_options(u.weight);  // float32 accumulators, cast at the end
   TORCH_CHECK(!((wanted[1] && !first_order) || wanted[7]) || states.dim() == 4,
               "metakernels internal error: the backward needs the stored fast weights");
@@ -267,6 +270,7 @@ std::vector<Tensor> unroll_backward(const Tensor& weight, const Tensor& x, const
 std::vector<Tensor> linear_hvp(const Tensor& weight_, const Tensor& x_, const Tensor& v_,
                                const optional<Tensor>& bias_, const optional<Tensor>& v_bias_,
                                int64_t loss, bool with_bias) {
+  check_cuda(weight_, "weight");
   const c10::cuda::CUDAGuard guard(weight_.device());
   const Tensor weight = weight_.contiguous(), x = x_.contiguous(), v = v_.contiguous();
   check_cuda(weight, "weight");
