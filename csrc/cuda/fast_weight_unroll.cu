@@ -7,7 +7,8 @@
 //   forward   W_t [d_in·d_out], b_t [d_out], Z_t → E_t [n·d_out]
 //   backward  Ŵ [d_in·d_out], b̂ [d_out], U → Ẑ [n·d_out], softmax probs [n·d_out] (ce only)
 //   hvp       U → Ẑ [n·d_out], logits → probs [n·d_out] (ce only)
-// (see *_smem_bytes below; 128×128 with n = 64 takes 98 KB forward, 99 KB backward mse). Inputs
+// (see *_smem_bytes below: 128×128 with n = 64 takes 98,816 B forward and backward (mse), 2 CTAs
+// per SM; ce's backward adds n·d_out floats). Inputs
 // are read from global memory (L1/L2-resident: a task's X_t is at most a few tens of KB), widened
 // to float32 on load; every product accumulates in float32. The per-row arithmetic (the loss
 // gradient, the softmax Jacobian product, the update) is the __host__ __device__ code of
