@@ -12,7 +12,8 @@
 // are read from global memory (L1/L2-resident: a task's X_t is at most a few tens of KB), widened
 // to float32 on load; every product accumulates in float32. The per-row arithmetic (the loss
 // gradient, the softmax Jacobian product, the update) is the __host__ __device__ code of
-// metakernels/tile_math.h, which csrc/tests/test_tile_math.cpp checks on the host.
+// metakernels/tile_math.h, which csrc/tests/test_tile_math.cpp and test_tile_math_cuda.cpp check
+// on the host.
 //
 // Memory: like the CPU backend, the forward saves E_t for every step and W_t only when asked
 // (states), both float32; the backward recomputes everything else from them.
