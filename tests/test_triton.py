@@ -22,12 +22,13 @@ import torch
 pytest.importorskip("triton")
 
 import metakernels as mk  # noqa: E402
-from conftest import Case, TOLERANCE, assert_close, cast_inputs, make_inputs, rel_err, run_unroll  # noqa: E402
+from conftest import (Case, TOLERANCE, assert_close, cast_inputs, make_inputs,  # noqa: E402
+                      rel_err, run_unroll)
 from metakernels.ops import _backends  # noqa: E402
 
 INTERPRETER = _backends.triton_interpreter()
 interpreter = pytest.mark.skipif(
-    not INTERPRETER, reason="Triton interpreter tests: run with TRITON_INTERPRET=1 (make test-triton)")
+    not INTERPRETER, reason="interpreter tests: run with TRITON_INTERPRET=1 (make test-triton)")
 HALF_TOLERANCE = 2e-2  # SPEC.md section 5, bfloat16 / float16
 
 
@@ -249,14 +250,12 @@ def test_gpu_linear_hvp(loss, dtype):
 
 @on_gpu
 def test_gpu_large_offsets_use_int64():
-    """B·T·d_in·d_out past 2^31 elements in the stored W_t: offsets must not wrap. Checks the last
-    task's outputs against a run of that task alone."""
+    """B·T·d_in·d_out past 2^31 elements in the stored W_t (8.6 GB): offsets must not wrap.
+    Checks the last task's outputs and x gradient against a run of that task alone."""
     if torch.cuda.get_device_properties(0).total_memory < 40 * 2**30:
         pytest.skip("needs 40 GiB of GPU memory")
-    case = Case(tasks=2**31 // (128 * 128 * 64) + 2, steps=64, support=1, d_in=128,
-                d_out=128, per_step=True, lr_form="full")
     torch.manual_seed(0)
-    B, T = case.tasks, case.steps
+    B, T = 2**31 // (128 * 128 * 64) + 2, 64
     x = torch.randn(B, T, 1, 128, device="cuda", dtype=torch.bfloat16) * 128 ** -0.5
     y = torch.randn(B, T, 1, 128, device="cuda", dtype=torch.bfloat16)
     weight = (torch.randn(128, 128, device="cuda") * 128 ** -0.5).to(torch.bfloat16)
@@ -268,6 +267,9 @@ def test_gpu_large_offsets_use_int64():
     last[0].requires_grad_(True)
     alone = mk.fast_weight_unroll(weight, last[0], last[1], last[2], backend="triton")
     (grad_alone,) = torch.autograd.grad(alone.weight[0].float().sum(), [last[0]])
-    assert torch.equal(out.weight[-1], alone.weight[0])
-    assert torch.equal(out.losses[-1], alone.losses[0])
-    assert torch.equal(grad_x[-1], grad_alone[0])
+    # Same kernel code per task, but the sums over column tiles may associate differently at
+    # another size: compare within bf16 rounding; a wrapped offset reads another task entirely.
+    assert rel_err(out.weight[-1], alone.weight[0]) <= 1e-2
+    assert rel_err(out.losses[-1], alone.losses[0]) <= 1e-2
+    assert rel_err(grad_x[-1], grad_alone[0]) <= 1e-2
+    assert torch.isfinite(grad_x).all()
