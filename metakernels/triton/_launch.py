@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import torch
 import triton
+from triton.runtime.errors import OutOfResources
 
 # Tests set this so every output starts as NaN: an element a kernel forgets to write shows up.
 _POISON = False
 
 # The most float32 elements of one register tile ([d_in, d_out] weight tile, [n, d_in] support
 # tile, [m, d_in] query tile). Beyond it a task does not fit on-chip in this backend, and the
-# launchers raise rather than tile over n or d_in (see the package docstring).
+# launchers raise rather than tile over n or d_in (see the package docstring). Below it, a kernel
+# can still need more shared memory than the card has (float32 tl.dot stages its operands there);
+# launch() turns Triton's OutOfResources into the same RuntimeError.
 MAX_TILE = 128 * 128
 # The column tile of mse kernels aims at this many elements of [d_in, BV]; 4096 float32 are 16
 # registers per thread of 8 warps, which leaves room for the other tiles of the backward.
@@ -58,6 +61,18 @@ def check_fits(**tiles) -> None:
                 f"the triton backend keeps a task on-chip and its {name} tile "
                 f"[{rows}, {cols}] (padded) exceeds {MAX_TILE} elements; use backend='cuda', "
                 "'cpu' or 'reference' for this shape")
+
+
+def launch(kernel, grid, *args, **kwargs) -> None:
+    """``kernel[grid](*args, **kwargs)``; a kernel too large for the card raises RuntimeError."""
+    try:
+        kernel[grid](*args, **kwargs)
+    except OutOfResources as error:
+        raise RuntimeError(
+            f"the triton backend keeps a task on-chip and {getattr(kernel, '__name__', 'a kernel')} "
+            "at these sizes needs "
+            f"more than the card has ({error}); use backend='cuda', 'cpu' or 'reference' for this "
+            "shape") from error
 
 
 def num_warps(*tile_sizes: int) -> int:

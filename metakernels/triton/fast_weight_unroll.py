@@ -1,5 +1,5 @@
 """Triton kernels of ``fast_weight_unroll`` (SPEC.md section 1): forward and exact second-order
-backward, every task's fast weights on-chip across all T steps.
+backward, every task's fast weights in registers across all T steps.
 
 Grid ``(B, NV)``: program ``(b, v)`` owns task b and the d_out columns ``[v·BV, (v+1)·BV)``, all of
 d_in and all n support rows. For mse the columns are independent (each column's W, b, E and the
@@ -14,7 +14,9 @@ and ``W_{t+1} = W_t − η_t P∘G_t`` from them; ce's softmax comes back as ``n
 
 Limits: a task's [d_in, BV], [n, d_in] and [m, d_in] tiles (padded to powers of two, at least
 16) must each fit in MAX_TILE = 16384 float32 (e.g. d_in = n = 128); ce needs [d_in, d_out] within
-it too. Larger shapes raise RuntimeError naming the tile (no tiling over n or d_in here).
+it too. Larger shapes raise RuntimeError naming the tile (no tiling over n or d_in here), and so
+does a launch that needs more shared memory than the card has (float32 inputs stage tl.dot
+operands there: on sm_90, d_in = d_out = 128 ce, or n = 128 with m = 128, is past it).
 """
 
 from __future__ import annotations
@@ -185,7 +187,7 @@ def fast_weight_unroll_bwd_kernel(
         o_part = (i_v * B + i_b) * T + i_t
         b_x = tl.load(p_x + i_b * s_x_b + i_t * s_x_t + o_nk, mask=m_nk, other=0.0
                       ).to(tl.float32)
-        b_e = tl.load(p_residual + o_bt * n * d_out + o_nv, mask=m_nv, other=0.0)
+        b_e = tl.load(p_residual + o_bt * n * d_out + o_nv, mask=m_nv, other=0.0)    # E_t
         b_lr = tl.load(p_lr + o_bt).to(tl.float32)
         b_g = tl.dot(tl.trans(b_x), b_e, input_precision=PRECISION)    # G_t
         b_pg = b_g
@@ -338,7 +340,8 @@ def unroll_forward(weight, x, targets, lr, bias, lr_scale, bias_lr_scale, querie
     losses_part = out(u.NV, B, T, dt=torch.float32)
     if B > 0:
         s_x_b, s_x_t, s_y_b, s_y_t = u.strides()
-        fast_weight_unroll_fwd_kernel[(B, u.NV)](
+        _launch.launch(
+            fast_weight_unroll_fwd_kernel, (B, u.NV),
             u.weight, u.or_dummy(u.bias), u.x, u.targets, u.lr, u.or_dummy(u.lr_scale),
             u.or_dummy(u.bias_lr_scale), u.or_dummy(u.queries),
             weight_out, u.or_dummy(bias_out if bias is not None else None), losses_part,
@@ -393,7 +396,8 @@ def unroll_backward(weight, x, targets, lr, bias, lr_scale, bias_lr_scale, queri
                             if grad_readout is None else grad_readout.contiguous())
         s_x_b, s_x_t, s_y_b, s_y_t = u.strides()
         d = u.or_dummy
-        fast_weight_unroll_bwd_kernel[(B, NV)](
+        _launch.launch(
+            fast_weight_unroll_bwd_kernel, (B, NV),
             u.x, u.targets, u.lr, d(u.lr_scale), d(u.bias_lr_scale), d(u.queries),
             residual.contiguous(), states.contiguous() if has_states else residual,
             grad_weight_final, d(grad_bias_final if u.bias is not None else None),

@@ -73,7 +73,8 @@ def linear_hvp(weight, x, v, bias, v_bias, loss, with_bias):
     BV = _launch.column_block(d_in, d_out, whole_rows=ce)
     _launch.check_fits(weight=(BK, BV), x=(BN, BK), residual=(BN, BV))
     if tasks > 0:
-        linear_hvp_fwd_kernel[(tasks, triton.cdiv(d_out, BV))](
+        _launch.launch(
+            linear_hvp_fwd_kernel, (tasks, triton.cdiv(d_out, BV)),
             weight, weight if bias is None else bias, x, v, weight if v_bias is None else v_bias,
             hv_weight, hv_bias if with_bias else hv_weight,
             _launch.task_stride(weight, 3), 0 if bias is None else _launch.task_stride(bias, 2),
