@@ -64,9 +64,15 @@ def check_fits(**tiles) -> None:
 
 
 def launch(kernel, grid, *args, **kwargs) -> None:
-    """``kernel[grid](*args, **kwargs)``; a kernel too large for the card raises RuntimeError."""
+    """``kernel[grid](*args, **kwargs)`` on the device of the first tensor argument (Triton
+    launches on the current device); a kernel too large for the card raises RuntimeError."""
+    device = next(a.device for a in args if isinstance(a, torch.Tensor))
     try:
-        kernel[grid](*args, **kwargs)
+        if device.type == "cuda":
+            with torch.cuda.device(device):
+                kernel[grid](*args, **kwargs)
+        else:
+            kernel[grid](*args, **kwargs)
     except OutOfResources as error:
         raise RuntimeError(
             f"the triton backend keeps a task on-chip and {getattr(kernel, '__name__', 'a kernel')} "
