@@ -359,7 +359,9 @@ def unroll_backward(weight, x, targets, lr, bias, lr_scale, bias_lr_scale, queri
                     states, weight_final, grad_weight_final, grad_bias_final, grad_readout, loss,
                     first_order, wanted):
     """The 8 gradients (weight, x, y, lr, bias, lr_scale, bias_lr_scale, queries), each an empty
-    tensor where not ``wanted``; shared inputs summed over tasks (metakernels/_C.pyi)."""
+    tensor where not ``wanted``; shared inputs summed over tasks (metakernels/_C.pyi).
+    ``weight_final`` is not read: the kernel rebuilds W_{t+1} from the float32 W_t, where the
+    half-precision W_T output would lose digits."""
     if len(wanted) != 8:
         raise RuntimeError("metakernels internal error: unroll_backward takes 8 flags")
     u = _Unroll(weight, x, targets, lr, bias, lr_scale, bias_lr_scale, queries, loss)
