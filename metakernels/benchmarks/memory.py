@@ -114,16 +114,22 @@ def measure_in_process_cpu(problem: MetaProblem, contestant: str, runs: int = 3)
     return PeakMemory(int(statistics.median(increases)), RESET_METHOD)
 
 
-def measure_cuda(problem: MetaProblem, contestant: str, runs: int = 2) -> PeakMemory:
+def measure_cuda(problem: MetaProblem, contestant: str, runs: int = 1) -> PeakMemory:
+    """In process, after the timed runs warmed the contestant up; an error (out of memory) is
+    reported, not raised."""
     device = problem.params["weight"].device
     meta_step = get_contestant(contestant)
-    meta_step(problem)
     torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
     before = torch.cuda.memory_allocated(device)
-    for _ in range(runs):
-        meta_step(problem)
-    torch.cuda.synchronize(device)
+    try:
+        for _ in range(runs):
+            meta_step(problem)
+        torch.cuda.synchronize(device)
+    except Exception as error:
+        torch.cuda.empty_cache()
+        return PeakMemory(None, CUDA_METHOD, f"raised {type(error).__name__}")
     return PeakMemory(torch.cuda.max_memory_allocated(device) - before, CUDA_METHOD)
 
 

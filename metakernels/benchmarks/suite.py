@@ -7,6 +7,7 @@ import math
 import os
 import platform
 import statistics
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -45,12 +46,18 @@ class Record:
 def run_config(config: BenchConfig, *, repeats: int, warmup: int = 3,
                dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                measure_memory: bool = True, seed: int = 0,
-               log: Callable[[str], None] = print) -> list[Record]:
-    """Records for every contestant on ``config``; the baseline is the fastest metakernels
-    backend of the device. A contestant whose meta-gradient disagrees with the reference (or that
-    raises) is recorded with ``agrees=False`` and its reason, and neither timed nor measured."""
+               log: Callable[[str], None] = print, contestants: list[str] | None = None,
+               time_budget_s: float | None = None, min_repeats: int = 3) -> list[Record]:
+    """Records for every contestant on ``config`` (default: :func:`contestant_names`); the
+    baseline is the first of them, the fastest metakernels backend of the device. A contestant
+    whose meta-gradient disagrees with the reference (or that raises, e.g. runs out of memory) is
+    recorded with ``agrees=False`` and its reason, and neither timed nor measured.
+
+    ``time_budget_s``: cut the repeats (to no fewer than ``min_repeats``) so the timed rounds
+    take about this long, judged by each contestant's checked call; for slow baselines at full
+    size."""
     device = torch.device(device)
-    names = contestant_names(device)
+    names = contestants if contestants is not None else contestant_names(device)
     baseline = names[0]
     dtype_name = str(dtype).replace("torch.", "")
     problem = make_problem(config, dtype, device, seed)
@@ -58,12 +65,19 @@ def run_config(config: BenchConfig, *, repeats: int, warmup: int = 3,
         f"(float64, same inputs; tolerance {TOLERANCE[dtype]:g})")
     reference = reference_meta_grad(problem)
     records: dict[str, Record] = {}
+    call_seconds: dict[str, float] = {}
     for name in names:
         record = Record(config.name, name, baseline, dtype_name, str(device), math.nan, False)
         try:
-            record.rel_error = max_relative_error(get_contestant(name)(problem), reference)
+            started = time.perf_counter()
+            meta_grad = get_contestant(name)(problem)
+            _synchronize(device)
+            call_seconds[name] = time.perf_counter() - started
+            record.rel_error = max_relative_error(meta_grad, reference)
+            del meta_grad
         except Exception as error:  # a baseline that cannot run here is left out, not fatal
-            record.reason = f"raised {type(error).__name__}: {error}"
+            record.reason = f"raised {type(error).__name__}: {_first_line(error)}"
+            _release(device)
         else:
             record.agrees = record.rel_error <= TOLERANCE[dtype]
             if not record.agrees:
@@ -73,6 +87,10 @@ def run_config(config: BenchConfig, *, repeats: int, warmup: int = 3,
             log(f"  left out {name}: {record.reason}")
         records[name] = record
     timed = [name for name in names if records[name].agrees]
+    if time_budget_s is not None and timed:
+        round_seconds = sum(call_seconds[name] for name in timed)
+        repeats = max(min_repeats, min(repeats, int(time_budget_s / round_seconds)))
+        warmup = min(warmup, max(1, int(time_budget_s / 4 / round_seconds)))
 
     log(f"  timing {len(timed)} contestants: {repeats} interleaved repeats after "
         f"{warmup} warm-up rounds")
@@ -88,6 +106,8 @@ def run_config(config: BenchConfig, *, repeats: int, warmup: int = 3,
     if baseline in samples:
         for name in samples:
             records[name].ratio = records[name].median_ms / records[baseline].median_ms
+    del problem, reference
+    _release(device)
 
     if measure_memory and timed:
         where = "in process" if device.type == "cuda" else "one child process each"
@@ -98,6 +118,22 @@ def run_config(config: BenchConfig, *, repeats: int, warmup: int = 3,
             if peak.peak_bytes is not None:
                 record.peak_mib = peak.peak_bytes / 2**20
     return list(records.values())
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _release(device: torch.device) -> None:
+    """Frees what a failed or finished contestant left cached on the GPU."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else ""
 
 
 def format_table(records: list[Record]) -> str:
