@@ -97,8 +97,8 @@ SANITIZE_RESERVE=0
 [[ -f bench/gpu/sanitize_case.py ]] && SANITIZE_RESERVE=70
 stage bench 220 "$SANITIZE_RESERVE" "$OUT/bench.log" \
     "$PY" -m metakernels bench --device cuda \
-        --config large --config trajectory --config delta-rule:bfloat16 --config delta-rule \
-        --config maml-small --config maml-ce \
+        --config large --config trajectory --config delta-rule:bfloat16 \
+        --config maml-small --config maml-ce --config delta-rule \
         --time-budget 6 --repeats 20 \
         --json "$OUT/gpu-results.json" --markdown "$OUT/gpu-results.md"
 grep -E "^(PASS|FAIL)" "$OUT/bench.log" | tail -n 1 | sed 's/^/  bench: /' | tee -a "$SUMMARY"
