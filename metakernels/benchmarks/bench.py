@@ -100,16 +100,17 @@ def spec_case(name: str, dtype: torch.dtype, device: torch.device, quick: bool) 
     return Case(config, dtype, note)
 
 
-def sweep_cases(base: str, axes: tuple[str, ...], dtype: torch.dtype,
-                quick: bool) -> list[Case]:
-    """The configuration ``base`` with one size varied at a time over :data:`SWEEP_VALUES`."""
+def sweep_cases(base: Case, axes: tuple[str, ...], quick: bool) -> list[Case]:
+    """``base`` with one size varied at a time over :data:`SWEEP_VALUES` (the other sizes those
+    of ``base``, e.g. its --quick cut)."""
     values = QUICK_SWEEP_VALUES if quick else SWEEP_VALUES
     cases = []
     for axis in axes:
         for value in values[axis]:
-            config = dataclasses.replace(CONFIGS[base],
+            config = dataclasses.replace(base.config,
                                          **{name: value for name in AXIS_FIELDS[axis]})
-            cases.append(Case(config, dtype, f"sweep {axis}={value}", sweep=(axis, value)))
+            note = f"sweep {axis}={value}" + (f"; {base.note}" if base.note else "")
+            cases.append(Case(config, base.dtype, note, sweep=(axis, value)))
     return cases
 
 

@@ -148,7 +148,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     cases = [bench.spec_case(name, DTYPES[dtype or args.dtype], device, quick)
              for name, dtype in (args.config or [(name, None) for name in DEFAULT_CONFIGS])]
     axes = tuple(args.sweep or (bench.SWEEP_AXES if args.plot else ()))
-    sweep_cases = bench.sweep_cases(args.sweep_config, axes, DTYPES[args.dtype], quick)
+    sweep_base = bench.spec_case(args.sweep_config, DTYPES[args.dtype], device, quick)
+    sweep_cases = bench.sweep_cases(sweep_base, axes, quick)
 
     results, failed = [], []
     for case in cases + sweep_cases:

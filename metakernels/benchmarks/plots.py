@@ -71,7 +71,10 @@ def plot_sweeps(results: list[CaseResult], axes: tuple[str, ...], directory: Pat
             panel.set_xlabel(axis)
             panel.set_ylabel(METRICS[metric][1])
             panel.grid(True, which="both", alpha=0.3)
-            panel.legend(fontsize=8)
+            if panel.lines:
+                panel.legend(fontsize=8)
+            else:
+                panel.set_title(f"{metric} not measured", fontsize=9)
         figure.suptitle(f"{title}: cost against {axis}")
         figure.tight_layout()
         path = directory / f"sweep-{axis}.png"
