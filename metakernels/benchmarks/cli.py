@@ -93,6 +93,8 @@ def add_parser(commands) -> argparse.ArgumentParser:
                         help="a sweep axis, repeatable (default with --plot: all)")
     parser.add_argument("--sweep-config", default="maml-small", choices=CONFIGS,
                         help="the configuration the sweeps vary (default maml-small)")
+    parser.add_argument("--sweeps-only", action="store_true",
+                        help="run the sweeps and not the SPEC.md configurations")
     parser.add_argument("--roofline", action="store_true",
                         help="measure the matmul rate and copy bandwidth first and report each "
                              "time's fraction of the roofline floor (default on CUDA)")
@@ -147,7 +149,9 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
 
     cases = [bench.spec_case(name, DTYPES[dtype or args.dtype], device, quick)
              for name, dtype in (args.config or [(name, None) for name in DEFAULT_CONFIGS])]
-    axes = tuple(args.sweep or (bench.SWEEP_AXES if args.plot else ()))
+    axes = tuple(args.sweep or (bench.SWEEP_AXES if args.plot or args.sweeps_only else ()))
+    if args.sweeps_only:
+        cases = []
     sweep_base = bench.spec_case(args.sweep_config, DTYPES[args.dtype], device, quick)
     sweep_cases = bench.sweep_cases(sweep_base, axes, quick)
 

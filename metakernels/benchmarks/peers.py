@@ -177,9 +177,9 @@ def _fla(problem: MetaProblem) -> MetaGrad:
                                                         tuple(problem.params.values()))))
 
 
-def _missing(module: str) -> str | None:
+def _missing(module: str, note: str = "") -> str | None:
     if importlib.util.find_spec(module) is None:
-        return f"{module} is not installed (pip install .[bench])"
+        return f"{module} is not installed (pip install .[bench]{note})"
     try:
         importlib.import_module(module)
     except Exception as error:  # a broken install is reported, not fatal
@@ -197,6 +197,7 @@ class Peer:
     devices: tuple[str, ...] = ("cpu", "cuda")
     dtypes: tuple[torch.dtype, ...] | None = None    # None: every dtype
     form: Callable[[BenchConfig], str | None] = lambda config: None
+    install_note: str = ""
 
     def unavailable(self, config: BenchConfig, device: str | torch.device,
                     dtype: torch.dtype) -> str | None:
@@ -210,12 +211,14 @@ class Peer:
         why = self.form(config)
         if why:
             return why
-        return _missing(self.package)
+        return _missing(self.package, self.install_note)
 
 
 PEERS: dict[str, Peer] = {peer.name: peer for peer in (
     Peer("higher", "higher", _higher),
-    Peer("learn2learn", "learn2learn", _learn2learn),
+    Peer("learn2learn", "learn2learn", _learn2learn,
+         install_note="; its 0.2.0 source release does not build on Python 3.11+: its "
+                      "Cython-generated C includes longintrepr.h"),
     Peer("torchopt", "torchopt", _torchopt),
     Peer("fla:chunk_delta_rule", "fla", _fla, devices=("cuda",), dtypes=HALF,
          form=delta_rule_form),
