@@ -232,3 +232,22 @@ def test_gpu_check_script_parses():
     done = subprocess.run(["bash", "-n", str(ROOT / "bench" / "gpu" / "check.sh")],
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+def test_a_case_that_fails_does_not_stop_the_run(monkeypatch, capsys):
+    real = bench.run_case
+
+    def run_case(case, *args, **kwargs):
+        if case.config.name == "maml-small":
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(case, *args, **kwargs)
+
+    monkeypatch.setattr(bench, "run_case", run_case)
+    monkeypatch.setitem(bench.QUICK_SIZES, "maml-small", TINY)
+    monkeypatch.setitem(bench.QUICK_SIZES, "maml-ce", TINY)
+    code = cli.main(["bench", "--quick", "--config", "maml-small", "--config", "maml-ce",
+                     "--backend", "reference", "--repeats", "2"])
+    printed = capsys.readouterr().out
+    assert code == 1
+    assert "case failed: OutOfMemoryError: CUDA out of memory (simulated)" in printed
+    assert "== maml-ce" in printed and "1 case(s) failed to run (maml-small (scaled:" in printed

@@ -155,7 +155,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     sweep_base = bench.spec_case(args.sweep_config, DTYPES[args.dtype], device, quick)
     sweep_cases = bench.sweep_cases(sweep_base, axes, quick)
 
-    results, failed = [], []
+    results, failed, errors = [], [], []
     for case in cases + sweep_cases:
         if device.type == "cpu" and case.dtype in (torch.bfloat16, torch.float16):
             print(f"\n== {case.label} ({case.dtype_name}): skipped: metakernels runs float32 "
@@ -163,9 +163,17 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
             continue
         print(f"\n== {case.label}: {case.config.describe()} ({case.dtype_name}, {device})",
               flush=True)
-        result = bench.run_case(case, device, backends=args.backend, repeats=repeats,
-                                warmup=warmup, measure_memory=measure_memory, seed=args.seed,
-                                time_budget_s=budget, log=lambda line: print(line, flush=True))
+        try:
+            result = bench.run_case(case, device, backends=args.backend, repeats=repeats,
+                                    warmup=warmup, measure_memory=measure_memory,
+                                    seed=args.seed, time_budget_s=budget,
+                                    log=lambda line: print(line, flush=True))
+        except Exception as error:  # one case that cannot run (e.g. out of memory) is reported
+            print(f"  case failed: {type(error).__name__}: {error}", flush=True)
+            errors.append(case.label)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            continue
         print(format_table(result.records), flush=True)
         results.append(result)
         failed += [r for r in result.records
@@ -176,10 +184,12 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
 
     records, report = _outputs(args, results, axes, ceilings, machine, command, final=True)
     elapsed = time.perf_counter() - started
-    print(f"\n{'FAIL' if failed else 'PASS'}: {len(failed)} metakernels backend(s) disagreed "
-          f"with the reference; {len(records)} records; finished in {elapsed:.1f} s")
+    print(f"\n{'FAIL' if failed or errors else 'PASS'}: {len(failed)} metakernels backend(s) "
+          f"disagreed with the reference; {len(errors)} case(s) failed to run"
+          f"{' (' + ', '.join(errors) + ')' if errors else ''}; {len(records)} records; "
+          f"finished in {elapsed:.1f} s")
     _write(args, records, report, quiet=False)
-    return 1 if failed else 0
+    return 1 if failed or errors else 0
 
 
 def _outputs(args, results, axes, ceilings, machine, command, final: bool) -> tuple[list, str]:

@@ -98,8 +98,15 @@ def run_config(config: BenchConfig, *, repeats: int, warmup: int = 3,
         # One warm call each, timed on its own: it sets the contestant's share of the budget and
         # is its first sample. A contestant slower than its share is timed fewer times.
         share = time_budget_s / len(timed)
-        for name in timed:
-            probes[name] = _timed_call(runs[name], device, cuda_peaks, name)
+        for name in list(timed):
+            try:
+                probes[name] = _timed_call(runs[name], device, cuda_peaks, name)
+            except Exception as error:  # e.g. out of memory beside the others' leftovers
+                records[name].agrees = False
+                records[name].reason = f"raised {type(error).__name__}: {_first_line(error)}"
+                log(f"  left out {name}: {records[name].reason}")
+                timed.remove(name)
+                _release(device)
         counts = {name: max(0 if probes[name] > share else min_repeats - 1,
                             min(repeats - 1, int(share / probes[name]) - 1))
                   for name in timed}
