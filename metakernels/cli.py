@@ -20,6 +20,7 @@ import torch
 
 import metakernels
 from metakernels.benchmarks import CONFIGS
+from metakernels.benchmarks import cli as bench_cli
 from metakernels.benchmarks.correctness import CHECK_SIZES, TOLERANCE, check_backends
 from metakernels.benchmarks.suite import format_table, machine_description, run_config
 
@@ -68,6 +69,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-memory", action="store_true", help="skip the peak-memory column")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--json", type=Path, metavar="PATH", help="also write the records here")
+    bench_cli.add_parser(commands)  # sets args.handler(args, argv)
     return parser
 
 
@@ -76,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "demo":
         return demo(args, argv)
+    if getattr(args, "handler", None) is not None:
+        return args.handler(args, argv)
     raise AssertionError(f"unhandled command {args.command!r}")
 
 
