@@ -81,24 +81,25 @@ fi
 say "fla: $($PY -c 'import fla; print(fla.__version__)' 2>&1 | tail -n 1)"
 
 # 2. Build in place: setup.py compiles csrc/cuda/*.cu when there are any and CUDA_HOME is set.
-stage build 210 190 "$OUT/build.log" \
+stage build "${MK_BUILD_CAP:-210}" "${MK_BUILD_RESERVE:-190}" "$OUT/build.log" \
     env TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 METAKERNELS_CPU_ARCH=native \
     "$PY" setup.py build_ext --inplace
 say "backends: $($PY -c 'import metakernels as mk; print("cuda:", mk.available_backends("cuda"), "cpu:", mk.available_backends("cpu"))' 2>&1 | tail -n 1)"
 
 # 3. The GPU tests. Modules that need packages this machine lacks fail to collect; the rest run.
-stage pytest 75 180 "$OUT/pytest.log" \
-    "$PY" -m pytest -m gpu -q -p no:cacheprovider --continue-on-collection-errors -rs tests/
+stage pytest "${MK_PYTEST_CAP:-75}" "${MK_PYTEST_RESERVE:-180}" "$OUT/pytest.log" \
+    "$PY" -m pytest -m gpu -q -p no:cacheprovider --continue-on-collection-errors -rs \
+        ${MK_PYTEST_ARGS:-tests/}
 grep -E "passed|failed|error|skipped|deselected" "$OUT/pytest.log" | tail -n 1 | sed 's/^/  pytest: /' | tee -a "$SUMMARY"
 
 # 4. The benchmark, the most telling configurations first; the results are rewritten after each
 #    configuration, so a run cut short keeps what it measured.
 SANITIZE_RESERVE=0
 [[ -f bench/gpu/sanitize_case.py ]] && SANITIZE_RESERVE=85
-stage bench 210 "$SANITIZE_RESERVE" "$OUT/bench.log" \
+stage bench "${MK_BENCH_CAP:-210}" "$SANITIZE_RESERVE" "$OUT/bench.log" \
     "$PY" -m metakernels bench --device cuda \
-        --config large --config trajectory --config delta-rule:bfloat16 \
-        --config maml-small --config maml-ce --config delta-rule \
+        ${MK_BENCH_CONFIGS:---config large --config trajectory --config delta-rule:bfloat16 \
+        --config maml-small --config maml-ce --config delta-rule} \
         --time-budget 6 --repeats 20 \
         --json "$OUT/gpu-results.json" --markdown "$OUT/gpu-results.md"
 grep -E "^(PASS|FAIL)" "$OUT/bench.log" | tail -n 1 | sed 's/^/  bench: /' | tee -a "$SUMMARY"
