@@ -166,7 +166,7 @@ def test_runs_on_the_current_stream():
     assert_close(result, expected, 0.0)
 
 
-def test_auto_prefers_cuda():
+def test_cuda_is_listed_first():
     assert mk.available_backends("cuda")[0] == "cuda"
 
 
