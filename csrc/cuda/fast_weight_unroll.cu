@@ -563,61 +563,142 @@ struct MmaLayout {
   int total = 0;                   // floats
 };
 
+#ifdef MK_TF32_MMA
+namespace wmma = nvcuda::wmma;
+template <bool kATransposed>
+using MmaFragA = wmma::fragment<
+    wmma::matrix_a, kMmaTile, kMmaTile, kMmaK, wmma::precision::tf32,
+    typename std::conditional<kATransposed, wmma::col_major, wmma::row_major>::type>;
+using MmaFragB = wmma::fragment<wmma::matrix_b, kMmaTile, kMmaTile, kMmaK, wmma::precision::tf32,
+                                wmma::row_major>;
+using MmaAcc = wmma::fragment<wmma::accumulator, kMmaTile, kMmaTile, kMmaK, float>;
+
+// The 3xTF32 split of a loaded fragment: hi = tf32(v) in place, lo = tf32(v − hi). Both
+// fragments have the same type, so element e of each is the same matrix element.
+template <typename Frag>
+__device__ __forceinline__ void split_tf32(Frag& hi, Frag& lo) {
+#pragma unroll
+  for (int e = 0; e < hi.num_elements; ++e) {
+    const float v = hi.x[e], rounded = wmma::__float_to_tf32(v);
+    hi.x[e] = rounded;
+    lo.x[e] = wmma::__float_to_tf32(v - rounded);
+  }
+}
+
+// acc[j] += A[row0 : row0+16, k_begin : k_end] · B[k_begin : k_end, col0+16j : col0+16j+16] for
+// j < kNB (one A fragment serves kNB B fragments).
+template <bool kATransposed, int kNB>
+__device__ __forceinline__ void mma_accumulate(MmaAcc (&acc)[kNB], int row0, int col0,
+                                               int k_begin, int k_end, const float* a, int lda,
+                                               const float* b, int ldb) {
+  for (int k0 = k_begin; k0 < k_end; k0 += kMmaK) {
+    MmaFragA<kATransposed> a_hi, a_lo;
+    wmma::load_matrix_sync(a_hi, kATransposed ? a + k0 * lda + row0 : a + row0 * lda + k0, lda);
+    split_tf32(a_hi, a_lo);
+#pragma unroll
+    for (int j = 0; j < kNB; ++j) {
+      MmaFragB b_hi, b_lo;
+      wmma::load_matrix_sync(b_hi, b + k0 * ldb + col0 + j * kMmaTile, ldb);
+      split_tf32(b_hi, b_lo);
+      wmma::mma_sync(acc[j], a_lo, b_hi, acc[j]);
+      wmma::mma_sync(acc[j], a_hi, b_lo, acc[j]);
+      wmma::mma_sync(acc[j], a_hi, b_hi, acc[j]);
+    }
+  }
+}
+
+// Many tiles: each warp takes strips of kNB adjacent 16×16 tiles in turn.
+template <bool kATransposed, int kNB, typename Epilogue>
+__device__ __forceinline__ void mma_gemm_strips(int M, int N, int K, const float* a, int lda,
+                                                const float* b, int ldb, float* tile,
+                                                Epilogue& epilogue) {
+  const int warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  const int strips_n = N / (kMmaTile * kNB), items = (M / kMmaTile) * strips_n;
+  for (int item = warp; item < items; item += warps) {
+    const int row0 = (item / strips_n) * kMmaTile, col0 = (item % strips_n) * (kMmaTile * kNB);
+    MmaAcc acc[kNB];
+#pragma unroll
+    for (int j = 0; j < kNB; ++j) wmma::fill_fragment(acc[j], 0.f);
+    mma_accumulate<kATransposed, kNB>(acc, row0, col0, 0, K, a, lda, b, ldb);
+#pragma unroll
+    for (int j = 0; j < kNB; ++j) {
+      wmma::store_matrix_sync(tile, acc[j], kMmaTile, wmma::mem_row_major);
+      __syncwarp();
+      epilogue(row0, col0 + j * kMmaTile, static_cast<const float*>(tile));
+      __syncwarp();  // the next store overwrites `tile`
+    }
+  }
+}
+
+// Fewer tiles than warps and a long K: `slices` warps per tile each take a slice of K; the tile's
+// first warp sums the partial tiles (each warp's scratch) in a fixed order and runs the epilogue.
+// Holds two __syncthreads: every thread of the block calls it.
+template <bool kATransposed, typename Epilogue>
+__device__ __forceinline__ void mma_gemm_ksplit(int M, int N, int K, int slices, const float* a,
+                                                int lda, const float* b, int ldb, float* tiles,
+                                                Epilogue& epilogue) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int tiles_n = N / kMmaTile, items = (M / kMmaTile) * tiles_n, k_slice = K / slices;
+  float* const own = tiles + warp * kMmaTileFloats;
+  if (warp < items * slices) {
+    const int item = warp % items, slice = warp / items;
+    MmaAcc acc[1];
+    wmma::fill_fragment(acc[0], 0.f);
+    mma_accumulate<kATransposed, 1>(acc, (item / tiles_n) * kMmaTile, (item % tiles_n) * kMmaTile,
+                                    slice * k_slice, (slice + 1) * k_slice, a, lda, b, ldb);
+    wmma::store_matrix_sync(own, acc[0], kMmaTile, wmma::mem_row_major);
+  }
+  __syncthreads();
+  if (warp < items) {
+    for (int e = lane; e < kMmaTileFloats; e += 32) {
+      float sum = own[e];
+      for (int s = 1; s < slices; ++s) sum += tiles[(warp + s * items) * kMmaTileFloats + e];
+      own[e] = sum;
+    }
+    __syncwarp();
+    epilogue((warp / tiles_n) * kMmaTile, (warp % tiles_n) * kMmaTile,
+             static_cast<const float*>(own));
+  }
+  __syncthreads();  // the partial tiles are read above and overwritten by the next call
+}
+#endif  // MK_TF32_MMA
+
 // C = A·B for a [M×N] C, with M and N multiples of 16 and K a multiple of 8, every operand float
 // in shared memory: A row-major (a[i·lda + k]) or, with kATransposed, stored as its transpose
 // (a[k·lda + i]); B row-major (b[k·ldb + j]). lda and ldb are multiples of 4 and the operands
-// start on 32-byte boundaries. Each warp takes 16×16 output tiles in turn and, for each, calls
-// epilogue(row0, col0, tile) from all 32 lanes with the tile row-major in its own 256-float
-// scratch `tile`; the epilogue visits the elements lane-strided. Every output element goes to one
-// warp, so the epilogue may update it in place (when no other warp reads it during the call).
+// start on 32-byte boundaries. `tiles` is the block's scratch, one 256-float (32-byte aligned)
+// tile per warp. For every 16×16 output tile, exactly one warp calls epilogue(row0, col0, tile)
+// from all 32 lanes with the tile row-major in its scratch; the epilogue visits the elements
+// lane-strided (for_tile). Every output element goes to one warp, so the epilogue may update it in
+// place (when no other warp reads it during the call). Every thread of the block calls mma_gemm
+// with the same sizes (it may hold __syncthreads).
 template <bool kATransposed, typename Epilogue>
 __device__ __forceinline__ void mma_gemm(int M, int N, int K, const float* a, int lda,
-                                         const float* b, int ldb, float* tile,
+                                         const float* b, int ldb, float* tiles,
                                          Epilogue epilogue) {
 #ifdef MK_TF32_MMA
-  namespace wmma = nvcuda::wmma;
-  using Layout = typename std::conditional<kATransposed, wmma::col_major, wmma::row_major>::type;
-  using FragA = wmma::fragment<wmma::matrix_a, kMmaTile, kMmaTile, kMmaK, wmma::precision::tf32,
-                               Layout>;
-  using FragB = wmma::fragment<wmma::matrix_b, kMmaTile, kMmaTile, kMmaK, wmma::precision::tf32,
-                               wmma::row_major>;
-  using FragC = wmma::fragment<wmma::accumulator, kMmaTile, kMmaTile, kMmaK, float>;
-  const int warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
-  const int tiles_n = N / kMmaTile, tiles = (M / kMmaTile) * tiles_n;
-  for (int t = warp; t < tiles; t += warps) {
-    const int row0 = (t / tiles_n) * kMmaTile, col0 = (t % tiles_n) * kMmaTile;
-    FragC acc;
-    wmma::fill_fragment(acc, 0.f);
-    for (int k0 = 0; k0 < K; k0 += kMmaK) {
-      FragA a_hi, a_lo;
-      FragB b_hi, b_lo;
-      wmma::load_matrix_sync(a_hi, kATransposed ? a + k0 * lda + row0 : a + row0 * lda + k0, lda);
-      wmma::load_matrix_sync(b_hi, b + k0 * ldb + col0, ldb);
-#pragma unroll
-      for (int e = 0; e < a_hi.num_elements; ++e) {
-        const float v = a_hi.x[e], hi = wmma::__float_to_tf32(v);
-        a_hi.x[e] = hi;
-        a_lo.x[e] = wmma::__float_to_tf32(v - hi);
-      }
-#pragma unroll
-      for (int e = 0; e < b_hi.num_elements; ++e) {
-        const float v = b_hi.x[e], hi = wmma::__float_to_tf32(v);
-        b_hi.x[e] = hi;
-        b_lo.x[e] = wmma::__float_to_tf32(v - hi);
-      }
-      wmma::mma_sync(acc, a_lo, b_hi, acc);
-      wmma::mma_sync(acc, a_hi, b_lo, acc);
-      wmma::mma_sync(acc, a_hi, b_hi, acc);
-    }
-    wmma::store_matrix_sync(tile, acc, kMmaTile, wmma::mem_row_major);
-    __syncwarp();
-    epilogue(row0, col0, tile);
-    __syncwarp();  // the next tile's store overwrites `tile`
+  const int warps = blockDim.x >> 5;
+  const int tiles_count = (M / kMmaTile) * (N / kMmaTile);
+  if (tiles_count == 0) return;
+  int slices = 1;  // split K over warps while tiles are fewer than warps
+  while (tiles_count * slices * 2 <= warps && (K / kMmaK) % (slices * 2) == 0 && K > 0)
+    slices *= 2;
+  if (slices > 1) {
+    mma_gemm_ksplit<kATransposed>(M, N, K, slices, a, lda, b, ldb, tiles, epilogue);
+    return;
   }
+  float* const tile = tiles + (threadIdx.x >> 5) * kMmaTileFloats;
+  // Strips of 4 or 2 tiles where that still leaves every warp at least one strip.
+  if (N % (4 * kMmaTile) == 0 && tiles_count / 4 >= warps)
+    mma_gemm_strips<kATransposed, 4>(M, N, K, a, lda, b, ldb, tile, epilogue);
+  else if (N % (2 * kMmaTile) == 0 && tiles_count / 2 >= warps)
+    mma_gemm_strips<kATransposed, 2>(M, N, K, a, lda, b, ldb, tile, epilogue);
+  else
+    mma_gemm_strips<kATransposed, 1>(M, N, K, a, lda, b, ldb, tile, epilogue);
 #else
   // Compiled for an architecture without TF32 tensor cores: the host never selects this path
-  // there (see mma_eligible), so this is unreachable.
-  (void)M, (void)N, (void)K, (void)a, (void)lda, (void)b, (void)ldb, (void)tile, (void)epilogue;
+  // there (see mma_shape), so this is unreachable.
+  (void)M, (void)N, (void)K, (void)a, (void)lda, (void)b, (void)ldb, (void)tiles, (void)epilogue;
   __trap();
 #endif
 }
@@ -661,7 +742,7 @@ __device__ __forceinline__ void strided_column_sums(int rows, int cols, const fl
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 1)
     unroll_forward_mma_kernel(const UnrollDims dims, const UnrollInputs<void> in,
                               const UnrollForwardOutputs<void> out, const MmaLayout L,
                               float* loss_partials) {
@@ -676,7 +757,7 @@ __global__ void __launch_bounds__(kThreads)
   float* const X = mma_smem + L.x;
   float* const Z = mma_smem + L.z;
   float* const Q = mma_smem + L.q;
-  float* const tile = mma_smem + L.tiles + (threadIdx.x >> 5) * kMmaTileFloats;
+  float* const tiles = mma_smem + L.tiles;  // one 16×16 scratch tile per warp
   float* const red = mma_smem + L.red;
 
   const T* weight = typed<T>(in.weight);
@@ -713,7 +794,7 @@ __global__ void __launch_bounds__(kThreads)
       if (states) unstage_rows(states + bt * w_size + c0, d_out, W, L.ldw, d_in, dc);
 
       // Z_t = X_t W_t + 1 b_tᵀ.
-      mma_gemm<false>(n, dc, d_in, X, L.ldx, W, L.ldw, tile,
+      mma_gemm<false>(n, dc, d_in, X, L.ldx, W, L.ldw, tiles,
                       [&](int row0, int col0, const float* acc) {
                         for_tile(acc, [&](int r, int c, float v) {
                           Z[(row0 + r) * L.ldz + col0 + c] = v + bvec[col0 + c];
@@ -745,7 +826,7 @@ __global__ void __launch_bounds__(kThreads)
 
       // W_{t+1} = W_t − η_t (P ∘ X_tᵀ E_t),  b_{t+1} = b_t − η_t (p ∘ 1ᵀ E_t).
       const float lr = ld(lr_all, bt);
-      mma_gemm<true>(d_in, dc, n, X, L.ldx, Z, L.ldz, tile,
+      mma_gemm<true>(d_in, dc, n, X, L.ldx, Z, L.ldz, tiles,
                      [&](int row0, int col0, const float* acc) {
                        for_tile(acc, [&](int r, int c, float g) {
                          const int k = row0 + r, j = col0 + c;
@@ -763,7 +844,7 @@ __global__ void __launch_bounds__(kThreads)
       // O_t = Q_t W_{t+1} + 1 b_{t+1}ᵀ.
       if (with_readout) {
         T* o = readout + bt * m * d_out + c0;
-        mma_gemm<false>(m, dc, d_in, Q, L.ldx, W, L.ldw, tile,
+        mma_gemm<false>(m, dc, d_in, Q, L.ldx, W, L.ldw, tiles,
                         [&](int row0, int col0, const float* acc) {
                           for_tile(acc, [&](int r, int c, float v) {
                             st(o, int64_t(row0 + r) * d_out + col0 + c, v + bvec[col0 + c]);
@@ -812,7 +893,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   float* const Q = mma_smem + L.q;
   float* const O = mma_smem + L.o;      // Ô_t
   float* const probs = mma_smem + L.probs;  // ce only
-  float* const tile = mma_smem + L.tiles + (threadIdx.x >> 5) * kMmaTileFloats;
+  float* const tiles = mma_smem + L.tiles;  // one 16×16 scratch tile per warp
   float* const red = mma_smem + L.red;
 
   const T* x_all = typed<T>(in.x);
@@ -888,7 +969,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           }
         }
         __syncthreads();  // Q_t and Ô_t are in place
-        mma_gemm<true>(d_in, dc, m, Q, L.ldx, O, L.ldz, tile,
+        mma_gemm<true>(d_in, dc, m, Q, L.ldx, O, L.ldz, tiles,
                        [&](int row0, int col0, const float* acc) {
                          for_tile(acc, [&](int r, int c, float v) {
                            Wa[(row0 + r) * L.ldw + col0 + c] += v;
@@ -902,7 +983,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       __syncthreads();  // Ŵ_{t+1}, b̂_{t+1} and X_t are in place
 
       // D = Ŵ_{t+1} (no lr_scale on this path), d = p ∘ b̂_{t+1}, and U = X_t D + 1 dᵀ.
-      mma_gemm<false>(n, dc, d_in, X, L.ldx, Wa, L.ldw, tile,
+      mma_gemm<false>(n, dc, d_in, X, L.ldx, Wa, L.ldw, tiles,
                       [&](int row0, int col0, const float* acc) {
                         for_tile(acc, [&](int r, int c, float v) {
                           const int j = col0 + c;
@@ -969,7 +1050,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
 
       // Ŵ_t = Ŵ_{t+1} + X_tᵀ Ẑ,  b̂_t = b̂_{t+1} + 1ᵀ Ẑ.
-      mma_gemm<true>(d_in, dc, n, X, L.ldx, U, L.ldz, tile,
+      mma_gemm<true>(d_in, dc, n, X, L.ldx, U, L.ldz, tiles,
                      [&](int row0, int col0, const float* acc) {
                        for_tile(acc, [&](int r, int c, float v) {
                          Wa[(row0 + r) * L.ldw + col0 + c] += v;
