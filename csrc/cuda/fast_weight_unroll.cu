@@ -707,7 +707,8 @@ __device__ __forceinline__ void mma_gemm(int M, int N, int K, const float* a, in
 // element's row and column inside the tile.
 template <typename F>
 __device__ __forceinline__ void for_tile(const float* tile, F f) {
-  for (int e = threadIdx.x & 31; e < kMmaTileFloats; e += 32) f(e / kMmaTile, e % kMmaTile, tile[e]);
+  for (int e = threadIdx.x & 31; e < kMmaTileFloats; e += 32)
+    f(e / kMmaTile, e % kMmaTile, tile[e]);
 }
 
 // dst[i·ld_dst + k] = src[i·ld_src + k] widened to float32, for a [rows, cols] block.
@@ -830,9 +831,10 @@ __global__ void __launch_bounds__(kThreads, 1)
                      [&](int row0, int col0, const float* acc) {
                        for_tile(acc, [&](int r, int c, float g) {
                          const int k = row0 + r, j = col0 + c;
+                         const float p = lr_scale ? ld(lr_scale, int64_t(k) * d_out + c0 + j)
+                                                  : 1.f;
                          float& w = W[k * L.ldw + j];
-                         w = sgd_step(w, lr,
-                                      lr_scale ? ld(lr_scale, int64_t(k) * d_out + c0 + j) : 1.f, g);
+                         w = sgd_step(w, lr, p, g);
                        });
                      });
       if (has_bias)
@@ -932,7 +934,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (grad_bias_lr_scale)
       for (int c = threadIdx.x; c < dc; c += blockDim.x) grad_bias_lr_scale[c] = 0.f;
     if (grad_x)  // one split
-      for (int64_t k = threadIdx.x; k < grad_x_task; k += blockDim.x) grad_x[b * grad_x_task + k] = 0.f;
+      for (int64_t k = threadIdx.x; k < grad_x_task; k += blockDim.x)
+        grad_x[b * grad_x_task + k] = 0.f;
     if (grad_y)  // this CTA's columns of every row
       for (int64_t k = threadIdx.x; k < grad_y_rows * dc; k += blockDim.x)
         grad_y[(b * grad_y_rows + k / dc) * d_out + c0 + k % dc] = 0.f;
