@@ -274,6 +274,19 @@ def test_mma_split_columns(dtype, first_order, only, size):
             assert torch.equal(fast[key], again[key]), key
 
 
+@pytest.mark.parametrize("splits", [1, 2, 4])
+def test_mma_forced_splits(splits):
+    """set_mma_splits (a tuning knob) changes how d_out is split over CTAs, not the answer."""
+    case = Case(loss="mse", per_step=False, tasks=40, steps=4, support=32, d_in=64, d_out=64,
+                weight="shared", bias="shared", lr_form="scalar")
+    module = _backends._module("cuda")[0]
+    module.set_mma_splits(splits)
+    try:
+        check_both_paths(case, torch.float32, seed=splits, launches=2, only=("weight", "bias"))
+    finally:
+        module.set_mma_splits(0)
+
+
 def test_mma_lr_scale_backward_takes_fma():
     """lr_scale: the forward on tensor cores, the backward on the FMA kernel, same answer."""
     case = Case(loss="mse", per_step=True, tasks=4, steps=5, support=16, d_in=32, d_out=32,

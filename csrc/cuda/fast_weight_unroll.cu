@@ -688,10 +688,9 @@ __device__ __forceinline__ void mma_gemm(int M, int N, int K, const float* a, in
     return;
   }
   float* const tile = tiles + (threadIdx.x >> 5) * kMmaTileFloats;
-  // Strips of 4 or 2 tiles where that still leaves every warp at least one strip.
-  if (N % (4 * kMmaTile) == 0 && tiles_count / 4 >= warps)
-    mma_gemm_strips<kATransposed, 4>(M, N, K, a, lda, b, ldb, tile, epilogue);
-  else if (N % (2 * kMmaTile) == 0 && tiles_count / 2 >= warps)
+  // Strips of 2 tiles where that still leaves every warp at least one strip (4 would spill at
+  // the 128 registers that let two CTAs share an SM).
+  if (N % (2 * kMmaTile) == 0 && tiles_count / 2 >= warps)
     mma_gemm_strips<kATransposed, 2>(M, N, K, a, lda, b, ldb, tile, epilogue);
   else
     mma_gemm_strips<kATransposed, 1>(M, N, K, a, lda, b, ldb, tile, epilogue);
@@ -743,7 +742,7 @@ __device__ __forceinline__ void strided_column_sums(int rows, int cols, const fl
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads, 1)
+__global__ void __launch_bounds__(kThreads, 2)
     unroll_forward_mma_kernel(const UnrollDims dims, const UnrollInputs<void> in,
                               const UnrollForwardOutputs<void> out, const MmaLayout L,
                               float* loss_partials) {
@@ -878,7 +877,7 @@ __global__ void sum_loss_partials_kernel(const float* partials, int64_t count, i
 // splits the columns only when grad_x, grad_lr and grad_queries are not wanted and the loss is
 // mse.
 template <typename T>
-__global__ void __launch_bounds__(kThreads, 1)
+__global__ void __launch_bounds__(kThreads, 2)
     unroll_backward_mma_kernel(const UnrollDims dims, const UnrollInputs<void> in,
                                const UnrollBackwardArgs<void> args, const MmaLayout L) {
   extern __shared__ __align__(128) float mma_smem[];
@@ -1148,6 +1147,7 @@ std::atomic<bool>& mma_flag() {
 }
 
 std::atomic<int64_t> g_mma_launches{0};
+std::atomic<int> g_mma_splits{0};  // 0: choose_splits decides
 
 // Shapes the fragments tile exactly, on a GPU with TF32 tensor cores (sm_80 and later).
 bool mma_shape(const UnrollDims& d, const Device& device) {
@@ -1157,11 +1157,17 @@ bool mma_shape(const UnrollDims& d, const Device& device) {
 }
 
 // CTAs per task over d_out: 1 when the columns are coupled, else the smallest power of two that
-// gives about one CTA per SM (each CTA keeping at least 16 columns).
+// gives at least one CTA per SM and at most 64 columns per CTA (a 128 × 64 state: two CTAs share
+// an SM), each CTA keeping a multiple of 16 columns. set_mma_splits overrides it where the
+// override divides d_out into multiples of 16 and the columns are not coupled.
 int choose_splits(int64_t tasks, int64_t d_out, int sms, bool coupled) {
+  if (coupled) return 1;
+  const int64_t col_tiles = d_out / kMmaTile;
+  const int forced = g_mma_splits.load();
+  if (forced > 0 && col_tiles % forced == 0) return forced;
   int splits = 1;
-  if (coupled) return splits;
-  while (tasks * splits < sms && (d_out / kMmaTile) % (2 * splits) == 0) splits *= 2;
+  while ((tasks * splits < sms || d_out / splits > 64) && col_tiles % (2 * splits) == 0)
+    splits *= 2;
   return splits;
 }
 
@@ -1332,6 +1338,8 @@ void set_mma_enabled(bool enabled) { mma_flag().store(enabled); }
 bool mma_enabled() { return mma_flag().load(); }
 
 int64_t mma_launches() { return g_mma_launches.load(); }
+
+void set_mma_splits(int splits) { g_mma_splits.store(splits > 0 ? splits : 0); }
 
 }  // namespace cuda
 }  // namespace metakernels

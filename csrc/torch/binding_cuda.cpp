@@ -313,6 +313,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Use the tensor-core kernels where the shape allows (True, the default unless "
         "METAKERNELS_CUDA_MMA=0) or always the FMA kernels (False).");
   m.def("mma_enabled", &metakernels::cuda::mma_enabled);
+  m.def("set_mma_splits", &metakernels::cuda::set_mma_splits,
+        "CTAs per task over d_out on the tensor-core path (0: automatic); for tuning.");
   m.def("mma_launches", &metakernels::cuda::mma_launches,
         "How many tensor-core kernels this process has launched (tests check the path taken).");
   m.def("set_poison_outputs", [](bool poison) { g_poison_outputs = poison; },

@@ -42,6 +42,10 @@ void linear_hvp(DType dtype, const HvpArgs<void>& args, cudaStream_t stream);
 void set_mma_enabled(bool enabled);
 bool mma_enabled();
 int64_t mma_launches();
+// CTAs per task over d_out on the tensor-core path, for tuning: 0 (the default) lets the kernels
+// choose; n > 0 is used wherever the columns are independent (mse without grad_x, grad_lr or
+// grad_queries) and n divides d_out / 16, else ignored. Same answer either way.
+void set_mma_splits(int splits);
 
 // Bytes of dynamic shared memory one CTA of each kernel asks for (the working set of one task);
 // exposed for tests and the documentation of limits.
