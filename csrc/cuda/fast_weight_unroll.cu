@@ -15,6 +15,9 @@
 // metakernels/tile_math.h, which csrc/tests/test_tile_math.cpp and test_tile_math_cuda.cpp check
 // on the host.
 //
+// Shapes whose n, d_in, d_out (and m) are multiples of 16 run the tensor-core kernels of the
+// "tensor-core path" section instead (3xTF32 WMMA, same recurrences, same float32 state), see there.
+//
 // Memory: like the CPU backend, the forward saves E_t for every step and W_t only when asked
 // (states), both float32; the backward recomputes everything else from them.
 //
@@ -543,7 +546,14 @@ __global__ void __launch_bounds__(kThreads)
 // mse's columns are independent except through the loss (forward), η̂_t, X̂_t and Q̂_t (backward):
 // when none of those couples them (the loss is summed from per-split partials by a second
 // kernel), a task's d_out columns are split over gridDim.y CTAs, which fills the GPU when B is
-// small (trajectory: B = 16).
+// small (trajectory: B = 16) and keeps a CTA's state at most 128 × 64 (large: two CTAs of 95 KB
+// per SM; the kernels are held to 128 registers for that). A product with fewer 16×16 tiles than
+// warps splits K over the warps instead (trajectory's 16 × 16 × 128 per-CTA products), one with
+// many tiles gives each warp strips of two (one A fragment for two B fragments).
+//
+// Selection (unroll_forward / unroll_backward below): this path wherever the shape allows, the
+// GPU is sm_80+, the working set fits and (backward) there is no lr_scale; otherwise the FMA
+// kernels above, which METAKERNELS_CUDA_MMA=0 (or set_mma_enabled(false)) forces everywhere.
 
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
 #define MK_TF32_MMA 1
