@@ -536,10 +536,11 @@ __global__ void __launch_bounds__(kThreads)
 // ---- tensor-core path ------------------------------------------------------------------------
 // The same recurrences as the kernels above, for shapes whose every dimension (n, d_in, d_out and
 // the readout's m) is a multiple of 16 and whose working set fits in shared memory. The products
-// run on tensor cores through WMMA m16n16k8 TF32 fragments with the 3xTF32 split (a = a_hi + a_lo,
-// a·b ≈ a_hi·b_hi + a_hi·b_lo + a_lo·b_hi, float32 accumulation), accurate to about float32's
-// rounding for every input dtype (bfloat16 and float16 values are exact in TF32; the float32
-// state is split like any float32 operand). Operands are staged in shared memory as float32 with
+// run on tensor cores through WMMA m16n16k8 TF32 fragments, float32 accumulation: for float32
+// inputs with the 3xTF32 split (a = a_hi + a_lo, a·b ≈ a_hi·b_hi + a_hi·b_lo + a_lo·b_hi),
+// accurate to about float32's rounding (tolerance 1e-4); for bfloat16/float16 inputs one TF32
+// product (about 5e-4 relative error against a 2e-2 tolerance; the state stays float32 and is
+// rounded to TF32 per fragment). Operands are staged in shared memory as float32 with
 // rows padded by 4 floats (bank conflicts); the per-element epilogues (bias, loss gradient,
 // update) go through a per-warp 16×16 tile, so each output element's index is known.
 //
@@ -560,7 +561,7 @@ __global__ void __launch_bounds__(kThreads)
 #endif
 
 constexpr int kMmaTile = 16;                    // output tiles are 16×16
-constexpr int kMmaK = 8;                        // k-step of the TF32 fragments
+[[maybe_unused]] constexpr int kMmaK = 8;       // k-step of the TF32 fragments
 constexpr int kMmaTileFloats = kMmaTile * kMmaTile;
 constexpr int kMmaPad = 4;                      // floats of padding per staged row
 
@@ -595,30 +596,45 @@ __device__ __forceinline__ void split_tf32(Frag& hi, Frag& lo) {
   }
 }
 
+// The TF32 rounding of a loaded fragment in place.
+template <typename Frag>
+__device__ __forceinline__ void round_tf32(Frag& frag) {
+#pragma unroll
+  for (int e = 0; e < frag.num_elements; ++e) frag.x[e] = wmma::__float_to_tf32(frag.x[e]);
+}
+
 // acc[j] += A[row0 : row0+16, k_begin : k_end] · B[k_begin : k_end, col0+16j : col0+16j+16] for
-// j < kNB (one A fragment serves kNB B fragments).
-template <bool kATransposed, int kNB>
+// j < kNB (one A fragment serves kNB B fragments). kSplit: 3xTF32 (float32 inputs); otherwise one
+// TF32 product (bfloat16/float16 inputs, whose tolerance is 2e-2: about 5e-4 relative error).
+template <bool kATransposed, bool kSplit, int kNB>
 __device__ __forceinline__ void mma_accumulate(MmaAcc (&acc)[kNB], int row0, int col0,
                                                int k_begin, int k_end, const float* a, int lda,
                                                const float* b, int ldb) {
   for (int k0 = k_begin; k0 < k_end; k0 += kMmaK) {
     MmaFragA<kATransposed> a_hi, a_lo;
     wmma::load_matrix_sync(a_hi, kATransposed ? a + k0 * lda + row0 : a + row0 * lda + k0, lda);
-    split_tf32(a_hi, a_lo);
+    if (kSplit)
+      split_tf32(a_hi, a_lo);
+    else
+      round_tf32(a_hi);
 #pragma unroll
     for (int j = 0; j < kNB; ++j) {
       MmaFragB b_hi, b_lo;
       wmma::load_matrix_sync(b_hi, b + k0 * ldb + col0 + j * kMmaTile, ldb);
-      split_tf32(b_hi, b_lo);
-      wmma::mma_sync(acc[j], a_lo, b_hi, acc[j]);
-      wmma::mma_sync(acc[j], a_hi, b_lo, acc[j]);
+      if (kSplit) {
+        split_tf32(b_hi, b_lo);
+        wmma::mma_sync(acc[j], a_lo, b_hi, acc[j]);
+        wmma::mma_sync(acc[j], a_hi, b_lo, acc[j]);
+      } else {
+        round_tf32(b_hi);
+      }
       wmma::mma_sync(acc[j], a_hi, b_hi, acc[j]);
     }
   }
 }
 
 // Many tiles: each warp takes strips of kNB adjacent 16×16 tiles in turn.
-template <bool kATransposed, int kNB, typename Epilogue>
+template <bool kATransposed, bool kSplit, int kNB, typename Epilogue>
 __device__ __forceinline__ void mma_gemm_strips(int M, int N, int K, const float* a, int lda,
                                                 const float* b, int ldb, float* tile,
                                                 Epilogue& epilogue) {
@@ -629,7 +645,7 @@ __device__ __forceinline__ void mma_gemm_strips(int M, int N, int K, const float
     MmaAcc acc[kNB];
 #pragma unroll
     for (int j = 0; j < kNB; ++j) wmma::fill_fragment(acc[j], 0.f);
-    mma_accumulate<kATransposed, kNB>(acc, row0, col0, 0, K, a, lda, b, ldb);
+    mma_accumulate<kATransposed, kSplit, kNB>(acc, row0, col0, 0, K, a, lda, b, ldb);
 #pragma unroll
     for (int j = 0; j < kNB; ++j) {
       wmma::store_matrix_sync(tile, acc[j], kMmaTile, wmma::mem_row_major);
@@ -643,7 +659,7 @@ __device__ __forceinline__ void mma_gemm_strips(int M, int N, int K, const float
 // Fewer tiles than warps and a long K: `slices` warps per tile each take a slice of K; the tile's
 // first warp sums the partial tiles (each warp's scratch) in a fixed order and runs the epilogue.
 // Holds two __syncthreads: every thread of the block calls it.
-template <bool kATransposed, typename Epilogue>
+template <bool kATransposed, bool kSplit, typename Epilogue>
 __device__ __forceinline__ void mma_gemm_ksplit(int M, int N, int K, int slices, const float* a,
                                                 int lda, const float* b, int ldb, float* tiles,
                                                 Epilogue& epilogue) {
@@ -654,8 +670,9 @@ __device__ __forceinline__ void mma_gemm_ksplit(int M, int N, int K, int slices,
     const int item = warp % items, slice = warp / items;
     MmaAcc acc[1];
     wmma::fill_fragment(acc[0], 0.f);
-    mma_accumulate<kATransposed, 1>(acc, (item / tiles_n) * kMmaTile, (item % tiles_n) * kMmaTile,
-                                    slice * k_slice, (slice + 1) * k_slice, a, lda, b, ldb);
+    mma_accumulate<kATransposed, kSplit, 1>(acc, (item / tiles_n) * kMmaTile,
+                                            (item % tiles_n) * kMmaTile, slice * k_slice,
+                                            (slice + 1) * k_slice, a, lda, b, ldb);
     wmma::store_matrix_sync(own, acc[0], kMmaTile, wmma::mem_row_major);
   }
   __syncthreads();
@@ -675,14 +692,15 @@ __device__ __forceinline__ void mma_gemm_ksplit(int M, int N, int K, int slices,
 
 // C = A·B for a [M×N] C, with M and N multiples of 16 and K a multiple of 8, every operand float
 // in shared memory: A row-major (a[i·lda + k]) or, with kATransposed, stored as its transpose
-// (a[k·lda + i]); B row-major (b[k·ldb + j]). lda and ldb are multiples of 4 and the operands
+// (a[k·lda + i]); B row-major (b[k·ldb + j]); 3xTF32 products with kSplit, else 1xTF32.
+// lda and ldb are multiples of 4 and the operands
 // start on 32-byte boundaries. `tiles` is the block's scratch, one 256-float (32-byte aligned)
 // tile per warp. For every 16×16 output tile, exactly one warp calls epilogue(row0, col0, tile)
 // from all 32 lanes with the tile row-major in its scratch; the epilogue visits the elements
 // lane-strided (for_tile). Every output element goes to one warp, so the epilogue may update it in
 // place (when no other warp reads it during the call). Every thread of the block calls mma_gemm
 // with the same sizes (it may hold __syncthreads).
-template <bool kATransposed, typename Epilogue>
+template <bool kATransposed, bool kSplit, typename Epilogue>
 __device__ __forceinline__ void mma_gemm(int M, int N, int K, const float* a, int lda,
                                          const float* b, int ldb, float* tiles,
                                          Epilogue epilogue) {
@@ -694,16 +712,16 @@ __device__ __forceinline__ void mma_gemm(int M, int N, int K, const float* a, in
   while (tiles_count * slices * 2 <= warps && (K / kMmaK) % (slices * 2) == 0 && K > 0)
     slices *= 2;
   if (slices > 1) {
-    mma_gemm_ksplit<kATransposed>(M, N, K, slices, a, lda, b, ldb, tiles, epilogue);
+    mma_gemm_ksplit<kATransposed, kSplit>(M, N, K, slices, a, lda, b, ldb, tiles, epilogue);
     return;
   }
   float* const tile = tiles + (threadIdx.x >> 5) * kMmaTileFloats;
   // Strips of 2 tiles where that still leaves every warp at least one strip (4 would spill at
   // the 128 registers that let two CTAs share an SM).
   if (N % (2 * kMmaTile) == 0 && tiles_count / 2 >= warps)
-    mma_gemm_strips<kATransposed, 2>(M, N, K, a, lda, b, ldb, tile, epilogue);
+    mma_gemm_strips<kATransposed, kSplit, 2>(M, N, K, a, lda, b, ldb, tile, epilogue);
   else
-    mma_gemm_strips<kATransposed, 1>(M, N, K, a, lda, b, ldb, tile, epilogue);
+    mma_gemm_strips<kATransposed, kSplit, 1>(M, N, K, a, lda, b, ldb, tile, epilogue);
 #else
   // Compiled for an architecture without TF32 tensor cores: the host never selects this path
   // there (see mma_shape), so this is unreachable.
@@ -757,6 +775,7 @@ __global__ void __launch_bounds__(kThreads, 2)
                               const UnrollForwardOutputs<void> out, const MmaLayout L,
                               float* loss_partials) {
   extern __shared__ __align__(128) float mma_smem[];
+  constexpr bool kSplit = std::is_same<T, float>::value;  // 3xTF32 for float32 inputs
   const int n = int(dims.support), d_in = int(dims.d_in), d_out = int(dims.d_out);
   const int m = int(dims.queries);
   const int64_t steps = dims.steps;
@@ -804,7 +823,7 @@ __global__ void __launch_bounds__(kThreads, 2)
       if (states) unstage_rows(states + bt * w_size + c0, d_out, W, L.ldw, d_in, dc);
 
       // Z_t = X_t W_t + 1 b_tᵀ.
-      mma_gemm<false>(n, dc, d_in, X, L.ldx, W, L.ldw, tiles,
+      mma_gemm<false, kSplit>(n, dc, d_in, X, L.ldx, W, L.ldw, tiles,
                       [&](int row0, int col0, const float* acc) {
                         for_tile(acc, [&](int r, int c, float v) {
                           Z[(row0 + r) * L.ldz + col0 + c] = v + bvec[col0 + c];
@@ -836,7 +855,7 @@ __global__ void __launch_bounds__(kThreads, 2)
 
       // W_{t+1} = W_t − η_t (P ∘ X_tᵀ E_t),  b_{t+1} = b_t − η_t (p ∘ 1ᵀ E_t).
       const float lr = ld(lr_all, bt);
-      mma_gemm<true>(d_in, dc, n, X, L.ldx, Z, L.ldz, tiles,
+      mma_gemm<true, kSplit>(d_in, dc, n, X, L.ldx, Z, L.ldz, tiles,
                      [&](int row0, int col0, const float* acc) {
                        for_tile(acc, [&](int r, int c, float g) {
                          const int k = row0 + r, j = col0 + c;
@@ -855,7 +874,7 @@ __global__ void __launch_bounds__(kThreads, 2)
       // O_t = Q_t W_{t+1} + 1 b_{t+1}ᵀ.
       if (with_readout) {
         T* o = readout + bt * m * d_out + c0;
-        mma_gemm<false>(m, dc, d_in, Q, L.ldx, W, L.ldw, tiles,
+        mma_gemm<false, kSplit>(m, dc, d_in, Q, L.ldx, W, L.ldw, tiles,
                         [&](int row0, int col0, const float* acc) {
                           for_tile(acc, [&](int r, int c, float v) {
                             st(o, int64_t(row0 + r) * d_out + col0 + c, v + bvec[col0 + c]);
@@ -891,6 +910,7 @@ __global__ void __launch_bounds__(kThreads, 2)
     unroll_backward_mma_kernel(const UnrollDims dims, const UnrollInputs<void> in,
                                const UnrollBackwardArgs<void> args, const MmaLayout L) {
   extern __shared__ __align__(128) float mma_smem[];
+  constexpr bool kSplit = std::is_same<T, float>::value;  // 3xTF32 for float32 inputs
   const int n = int(dims.support), d_in = int(dims.d_in), d_out = int(dims.d_out);
   const int m = int(dims.queries);
   const int64_t steps = dims.steps;
@@ -981,7 +1001,7 @@ __global__ void __launch_bounds__(kThreads, 2)
           }
         }
         __syncthreads();  // Q_t and Ô_t are in place
-        mma_gemm<true>(d_in, dc, m, Q, L.ldx, O, L.ldz, tiles,
+        mma_gemm<true, kSplit>(d_in, dc, m, Q, L.ldx, O, L.ldz, tiles,
                        [&](int row0, int col0, const float* acc) {
                          for_tile(acc, [&](int r, int c, float v) {
                            Wa[(row0 + r) * L.ldw + col0 + c] += v;
@@ -995,7 +1015,7 @@ __global__ void __launch_bounds__(kThreads, 2)
       __syncthreads();  // Ŵ_{t+1}, b̂_{t+1} and X_t are in place
 
       // D = Ŵ_{t+1} (no lr_scale on this path), d = p ∘ b̂_{t+1}, and U = X_t D + 1 dᵀ.
-      mma_gemm<false>(n, dc, d_in, X, L.ldx, Wa, L.ldw, tiles,
+      mma_gemm<false, kSplit>(n, dc, d_in, X, L.ldx, Wa, L.ldw, tiles,
                       [&](int row0, int col0, const float* acc) {
                         for_tile(acc, [&](int r, int c, float v) {
                           const int j = col0 + c;
@@ -1062,7 +1082,7 @@ __global__ void __launch_bounds__(kThreads, 2)
       }
 
       // Ŵ_t = Ŵ_{t+1} + X_tᵀ Ẑ,  b̂_t = b̂_{t+1} + 1ᵀ Ẑ.
-      mma_gemm<true>(d_in, dc, n, X, L.ldx, U, L.ldz, tiles,
+      mma_gemm<true, kSplit>(d_in, dc, n, X, L.ldx, U, L.ldz, tiles,
                      [&](int row0, int col0, const float* acc) {
                        for_tile(acc, [&](int r, int c, float v) {
                          Wa[(row0 + r) * L.ldw + col0 + c] += v;
