@@ -227,24 +227,28 @@ def check_both_paths(case: Case, dtype, seed: int, launches: int, only=None) -> 
     return fast
 
 
-MMA_SIZES = [  # (B, T, n, d_in, d_out, m), fragment-aligned unless noted
-    (5, 4, 16, 32, 48, 16),
-    (3, 3, 32, 64, 16, 0),
-    (40, 10, 64, 128, 128, 0),  # large-like: up to 177 KB of shared memory (ce backward)
-    (4, 12, 16, 128, 128, 16),  # trajectory-like
-    (3, 4, 32, 64, 64, 16),     # strips of 2 tiles per warp
-    (3, 3, 17, 32, 48, 16),     # n = 17: the FMA kernels under either setting
-    (3, 3, 16, 40, 48, 16),     # d_in = 40: likewise
+MMA_SIZES = [  # (B, T, n, d_in, d_out, m, x per step), fragment-aligned unless noted
+    (5, 4, 16, 32, 48, 16, True),
+    (3, 3, 32, 64, 16, 0, False),
+    (40, 10, 64, 128, 128, 0, False),  # large-like: up to 177 KB of shared memory (ce backward)
+    (4, 12, 16, 128, 128, 16, True),   # trajectory-like
+    (3, 4, 32, 64, 64, 16, False),     # strips of 2 tiles per warp
+    (3, 3, 17, 32, 48, 16, True),      # n = 17: the FMA kernels under either setting
+    (3, 3, 16, 40, 48, 16, False),     # d_in = 40: likewise
 ]
+# float32 (3xTF32) on every size; bfloat16 and float16 (one TF32 product) on three.
+MMA_CASES = ([(torch.float32, size) for size in MMA_SIZES]
+             + [(dtype, MMA_SIZES[i]) for dtype in (torch.bfloat16, torch.float16)
+                for i in (0, 2, 3)])
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("loss", ["mse", "ce"])
-@pytest.mark.parametrize("per_step", [False, True], ids=["x3d", "x4d"])
-@pytest.mark.parametrize("size", MMA_SIZES, ids=lambda s: "x".join(map(str, s)))
-def test_mma_matches_fma_and_reference(dtype, loss, per_step, size):
-    """Every gradient wanted (x, y, lr, queries: one CTA per task), bias with bias_lr_scale."""
-    B, T, n, d_in, d_out, m = size
+@pytest.mark.parametrize("dtype,size", MMA_CASES,
+                         ids=[f"{str(d)[6:]}-" + "x".join(map(str, s[:6])) for d, s in MMA_CASES])
+def test_mma_matches_fma_and_reference(dtype, size, loss):
+    """Every gradient wanted (x, y, lr, queries: one CTA per task in the backward, d_out split
+    in mse's forward), bias with bias_lr_scale."""
+    B, T, n, d_in, d_out, m, per_step = size
     case = Case(loss=loss, per_step=per_step, tasks=B, steps=T, support=n, d_in=d_in,
                 d_out=d_out, queries=m, weight="task", bias="shared", lr_form="full",
                 bias_lr_scale=True)
@@ -252,14 +256,22 @@ def test_mma_matches_fma_and_reference(dtype, loss, per_step, size):
     check_both_paths(case, dtype, seed=sum(size), launches=2 if aligned else 0)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("first_order", [False, True], ids=["second", "first"])
-@pytest.mark.parametrize("only", [("weight",), ("weight", "bias", "y")], ids=["w", "w-b-y"])
-@pytest.mark.parametrize("size", [(2, 6, 16, 32, 64, 16), (3, 5, 32, 128, 128, 0)],
-                         ids=lambda s: "x".join(map(str, s)))
+SPLIT_CASES = [  # (dtype, first_order, differentiable inputs, (B, T, n, d_in, d_out, m))
+    (torch.float32, False, ("weight",), (2, 6, 16, 32, 64, 16)),
+    (torch.float32, True, ("weight", "bias", "y"), (2, 6, 16, 32, 64, 16)),
+    (torch.float32, False, ("weight", "bias", "y"), (3, 5, 32, 128, 128, 0)),
+    (torch.bfloat16, False, ("weight",), (3, 5, 32, 128, 128, 0)),
+    (torch.bfloat16, False, ("weight", "bias", "y"), (2, 6, 16, 32, 64, 16)),
+    (torch.float16, True, ("weight", "bias", "y"), (3, 5, 32, 128, 128, 0)),
+]
+
+
+@pytest.mark.parametrize("dtype,first_order,only,size", SPLIT_CASES,
+                         ids=[f"{str(d)[6:]}-{'first' if f else 'second'}-{'-'.join(o)}-"
+                              + "x".join(map(str, s)) for d, f, o, s in SPLIT_CASES])
 def test_mma_split_columns(dtype, first_order, only, size):
     """mse without x, lr or queries gradients: d_out split over several CTAs per task (B is far
-    below the SM count), the loss summed from per-CTA parts; deterministic."""
+    below the SM count) in the backward too, the loss summed from per-CTA parts; deterministic."""
     B, T, n, d_in, d_out, m = size
     case = Case(loss="mse", per_step=True, tasks=B, steps=T, support=n, d_in=d_in, d_out=d_out,
                 queries=m, weight="task", bias="task" if "bias" in only else None,
