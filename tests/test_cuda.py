@@ -7,6 +7,8 @@ NaN-poisoned (conftest). Skipped without a CUDA device."""
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -178,6 +180,131 @@ def test_matches_triton(dtype, loss):
                 queries=4, weight="task", bias="shared", lr_form="full", lr_scale=True,
                 bias_lr_scale=True)
     check_unroll(case, dtype, seed=3, other="triton")
+
+
+# --- the tensor-core path (csrc/cuda: unroll_*_mma_kernel) ------------------------------------
+
+@contextlib.contextmanager
+def mma_path(enabled: bool):
+    """Run the block with the tensor-core kernels allowed (True) or off (False); yields the
+    module, whose mma_launches() counts the tensor-core launches."""
+    module = _backends._module("cuda")[0]
+    before = module.mma_enabled()
+    module.set_mma_enabled(enabled)
+    try:
+        yield module
+    finally:
+        module.set_mma_enabled(before)
+
+
+def run_both_paths(inputs: dict) -> tuple[dict, dict, int]:
+    """(tensor-core result, FMA result, tensor-core launches of the first) on the same inputs."""
+    with mma_path(True) as module:
+        start = module.mma_launches()
+        fast = run_unroll(inputs, "cuda")
+        torch.cuda.synchronize()
+        launches = module.mma_launches() - start
+    with mma_path(False) as module:
+        start = module.mma_launches()
+        plain = run_unroll(inputs, "cuda")
+        assert module.mma_launches() == start, "METAKERNELS_CUDA_MMA off still launched mma"
+    return fast, plain, launches
+
+
+def check_both_paths(case: Case, dtype, seed: int, launches: int, only=None) -> dict:
+    """Both paths against the float64 reference and each other; `launches` tensor-core kernels
+    expected. `only` names the inputs that require grad (default: every floating one)."""
+    inputs = to_cuda(cast_inputs(make_inputs(case, torch.float64, seed), dtype))
+    if only is not None:
+        inputs = {k: v.detach().requires_grad_(k in only) if isinstance(v, torch.Tensor)
+                  and v.is_floating_point() else v for k, v in inputs.items()}
+    expected = run_unroll(cast_inputs(inputs, torch.float64), "reference")
+    fast, plain, got_launches = run_both_paths(inputs)
+    assert got_launches == launches, f"{got_launches} tensor-core launches, expected {launches}"
+    assert_close(fast, expected, TOL[dtype], label=f"mma vs reference {case} {dtype}")
+    assert_close(plain, expected, TOL[dtype], label=f"fma vs reference {case} {dtype}")
+    assert_close(fast, plain, TOL[dtype], label=f"mma vs fma {case} {dtype}")
+    return fast
+
+
+MMA_SIZES = [  # (B, T, n, d_in, d_out, m, x per step), fragment-aligned unless noted
+    (5, 4, 16, 32, 48, 16, True),
+    (3, 3, 32, 64, 16, 0, False),
+    (40, 10, 64, 128, 128, 0, False),  # large-like: up to 177 KB of shared memory (ce backward)
+    (4, 12, 16, 128, 128, 16, True),   # trajectory-like
+    (3, 4, 32, 64, 64, 16, False),     # strips of 2 tiles per warp
+    (3, 3, 17, 32, 48, 16, True),      # n = 17: the FMA kernels under either setting
+    (3, 3, 16, 40, 48, 16, False),     # d_in = 40: likewise
+]
+# float32 (3xTF32) on every size; bfloat16 and float16 (one TF32 product) on three.
+MMA_CASES = ([(torch.float32, size) for size in MMA_SIZES]
+             + [(dtype, MMA_SIZES[i]) for dtype in (torch.bfloat16, torch.float16)
+                for i in (0, 2, 3)])
+
+
+@pytest.mark.parametrize("loss", ["mse", "ce"])
+@pytest.mark.parametrize("dtype,size", MMA_CASES,
+                         ids=[f"{str(d)[6:]}-" + "x".join(map(str, s[:6])) for d, s in MMA_CASES])
+def test_mma_matches_fma_and_reference(dtype, size, loss):
+    """Every gradient wanted (x, y, lr, queries: one CTA per task in the backward, d_out split
+    in mse's forward), bias with bias_lr_scale."""
+    B, T, n, d_in, d_out, m, per_step = size
+    case = Case(loss=loss, per_step=per_step, tasks=B, steps=T, support=n, d_in=d_in,
+                d_out=d_out, queries=m, weight="task", bias="shared", lr_form="full",
+                bias_lr_scale=True)
+    aligned = all(v % 16 == 0 for v in (n, d_in, d_out, m))
+    check_both_paths(case, dtype, seed=sum(size), launches=2 if aligned else 0)
+
+
+SPLIT_CASES = [  # (dtype, first_order, differentiable inputs, (B, T, n, d_in, d_out, m))
+    (torch.float32, False, ("weight",), (2, 6, 16, 32, 64, 16)),
+    (torch.float32, True, ("weight", "bias", "y"), (2, 6, 16, 32, 64, 16)),
+    (torch.float32, False, ("weight", "bias", "y"), (3, 5, 32, 128, 128, 0)),
+    (torch.bfloat16, False, ("weight",), (3, 5, 32, 128, 128, 0)),
+    (torch.bfloat16, False, ("weight", "bias", "y"), (2, 6, 16, 32, 64, 16)),
+    (torch.float16, True, ("weight", "bias", "y"), (3, 5, 32, 128, 128, 0)),
+]
+
+
+@pytest.mark.parametrize("dtype,first_order,only,size", SPLIT_CASES,
+                         ids=[f"{str(d)[6:]}-{'first' if f else 'second'}-{'-'.join(o)}-"
+                              + "x".join(map(str, s)) for d, f, o, s in SPLIT_CASES])
+def test_mma_split_columns(dtype, first_order, only, size):
+    """mse without x, lr or queries gradients: d_out split over several CTAs per task (B is far
+    below the SM count) in the backward too, the loss summed from per-CTA parts; deterministic."""
+    B, T, n, d_in, d_out, m = size
+    case = Case(loss="mse", per_step=True, tasks=B, steps=T, support=n, d_in=d_in, d_out=d_out,
+                queries=m, weight="task", bias="task" if "bias" in only else None,
+                lr_form="steps", bias_lr_scale="bias" in only, first_order=first_order)
+    fast = check_both_paths(case, dtype, seed=sum(size), launches=2, only=only)
+    inputs = to_cuda(cast_inputs(make_inputs(case, torch.float64, sum(size)), dtype))
+    inputs = {k: v.detach().requires_grad_(k in only) if isinstance(v, torch.Tensor)
+              and v.is_floating_point() else v for k, v in inputs.items()}
+    again = run_unroll(inputs, "cuda")
+    for key in fast:
+        if fast[key] is not None:
+            assert torch.equal(fast[key], again[key]), key
+
+
+@pytest.mark.parametrize("splits", [1, 2, 4])
+def test_mma_forced_splits(splits):
+    """set_mma_splits (a tuning knob) changes how d_out is split over CTAs, not the answer."""
+    case = Case(loss="mse", per_step=False, tasks=40, steps=4, support=32, d_in=64, d_out=64,
+                weight="shared", bias="shared", lr_form="scalar")
+    module = _backends._module("cuda")[0]
+    module.set_mma_splits(splits)
+    try:
+        check_both_paths(case, torch.float32, seed=splits, launches=2, only=("weight", "bias"))
+    finally:
+        module.set_mma_splits(0)
+
+
+def test_mma_lr_scale_backward_takes_fma():
+    """lr_scale: the forward on tensor cores, the backward on the FMA kernel, same answer."""
+    case = Case(loss="mse", per_step=True, tasks=4, steps=5, support=16, d_in=32, d_out=32,
+                queries=16, weight="task", bias="task", lr_form="full", lr_scale=True,
+                bias_lr_scale=True)
+    check_both_paths(case, torch.float32, seed=5, launches=1)
 
 
 # --- linear_hvp ---------------------------------------------------------------------------------

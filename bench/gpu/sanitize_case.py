@@ -4,7 +4,8 @@
     compute-sanitizer --tool racecheck python bench/gpu/sanitize_case.py
 
 Small odd shapes (both losses, 3-D and 4-D x, readout, bias, lr_scale, per-task and shared init,
-and one shape too big for shared memory, which takes the global-memory workspace path), each
+one shape too big for shared memory, which takes the global-memory workspace path, and
+fragment-aligned shapes for the tensor-core kernels, with d_out split over CTAs too), each
 checked against the float64 reference; exits non-zero on a mismatch. Outputs are NaN-poisoned
 first, so an unwritten element is a mismatch too. Runs in seconds without the sanitizer.
 """
@@ -18,7 +19,7 @@ import torch
 import metakernels as mk
 from metakernels.ops import _backends
 
-TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
+TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-2}
 
 
 def rel_err(got, want) -> float:
@@ -30,7 +31,8 @@ def rel_err(got, want) -> float:
     return diff / scale if scale > 0 else diff
 
 
-def unroll_case(loss, per_step, dtype, B=3, T=3, n=5, d_in=7, d_out=6, m=2, seed=0):
+def unroll_case(loss, per_step, dtype, B=3, T=3, n=5, d_in=7, d_out=6, m=2, seed=0,
+                lr_scale=True):
     gen = torch.Generator().manual_seed(seed)
 
     def randn(*shape, scale=1.0):
@@ -50,13 +52,18 @@ def unroll_case(loss, per_step, dtype, B=3, T=3, n=5, d_in=7, d_out=6, m=2, seed
         kwargs["y"] = torch.randint(0, d_out, lead, generator=gen).cuda()
     if not per_step:
         kwargs["steps"] = T
+    if not lr_scale:
+        del kwargs["lr_scale"]
     return kwargs
 
 
-def run(kwargs, backend, dtype):
-    leaves = {k: v.detach().to(dtype).requires_grad_() for k, v in kwargs.items()
-              if isinstance(v, torch.Tensor) and v.is_floating_point()}
-    call = dict(kwargs, **leaves)
+def run(kwargs, backend, dtype, only=None):
+    """Outputs and gradients; `only` names the differentiable inputs (default: every floating
+    one), the others are passed in `dtype` without gradients."""
+    floating = {k: v.detach().to(dtype) for k, v in kwargs.items()
+                if isinstance(v, torch.Tensor) and v.is_floating_point()}
+    leaves = {k: v.requires_grad_() for k, v in floating.items() if only is None or k in only}
+    call = dict(kwargs, **floating)
     out = mk.fast_weight_unroll(**call, backend=backend)
     gen = torch.Generator().manual_seed(1)
     outputs = [out.weight, out.bias, out.readout]
@@ -74,13 +81,19 @@ def main() -> int:
         return 1
     cuda.set_poison_outputs(True)
     failures = 0
-    cases = [(loss, per_step, dtype, {}) for loss in ("mse", "ce") for per_step in (False, True)
-             for dtype in (torch.float32, torch.bfloat16)]
-    cases.append(("mse", True, torch.float32, dict(B=2, T=2, n=3, d_in=240, d_out=241, m=1)))
-    for loss, per_step, dtype, size in cases:
+    cases = [(loss, per_step, dtype, {}, None) for loss in ("mse", "ce")
+             for per_step in (False, True) for dtype in (torch.float32, torch.bfloat16)]
+    cases.append(("mse", True, torch.float32, dict(B=2, T=2, n=3, d_in=240, d_out=241, m=1), None))
+    # The tensor-core kernels (every size a multiple of 16, no lr_scale): one CTA per task, and
+    # (mse with only weight, bias and y differentiable) d_out split over several CTAs per task.
+    mma = dict(B=2, T=2, n=16, d_in=32, d_out=64, m=16, lr_scale=False)
+    cases += [("mse", True, torch.float32, mma, None), ("ce", False, torch.bfloat16, mma, None),
+              ("mse", True, torch.float32, mma, ("weight", "bias", "y")),
+              ("mse", False, torch.float16, mma, ("weight", "bias"))]
+    for loss, per_step, dtype, size, only in cases:
         kwargs = unroll_case(loss, per_step, dtype, **size)
-        got = run(kwargs, "cuda", dtype)
-        want = run(kwargs, "reference", torch.float64)
+        got = run(kwargs, "cuda", dtype, only)
+        want = run(kwargs, "reference", torch.float64, only)
         for key, w in want.items():
             if w is None:
                 continue
@@ -88,8 +101,8 @@ def main() -> int:
             ok = err <= TOL[dtype]
             failures += not ok
             if not ok:
-                print(f"FAIL unroll {loss} x{'4' if per_step else '3'}d {dtype} {size} {key}: "
-                      f"relative error {err:.3e}")
+                print(f"FAIL unroll {loss} x{'4' if per_step else '3'}d {dtype} {size} {only} "
+                      f"{key}: relative error {err:.3e}")
     for loss in ("mse", "ce"):
         gen = torch.Generator().manual_seed(2)
         w = torch.randn(4, 7, 6, generator=gen, dtype=torch.float64).cuda()

@@ -309,6 +309,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("unroll_forward", &unroll_forward);
   m.def("unroll_backward", &unroll_backward);
   m.def("linear_hvp", &linear_hvp);
+  m.def("set_mma_enabled", &metakernels::cuda::set_mma_enabled,
+        "Use the tensor-core kernels where the shape allows (True, the default unless "
+        "METAKERNELS_CUDA_MMA=0) or always the FMA kernels (False).");
+  m.def("mma_enabled", &metakernels::cuda::mma_enabled);
+  m.def("set_mma_splits", &metakernels::cuda::set_mma_splits,
+        "CTAs per task over d_out on the tensor-core path (0: automatic); for tuning.");
+  m.def("mma_launches", &metakernels::cuda::mma_launches,
+        "How many tensor-core kernels this process has launched (tests check the path taken).");
   m.def("set_poison_outputs", [](bool poison) { g_poison_outputs = poison; },
         "Fill every output with NaN before the kernels write it (for tests).");
 }

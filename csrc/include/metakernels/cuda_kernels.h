@@ -32,6 +32,21 @@ void unroll_backward(DType dtype, const UnrollDims& dims, const UnrollInputs<voi
 // HvpArgs<void>: hv_weight and hv_bias are dtype (no accumulation over steps).
 void linear_hvp(DType dtype, const HvpArgs<void>& args, cudaStream_t stream);
 
+// The tensor-core path of unroll_forward/unroll_backward (TF32 WMMA, float32 accumulation: the
+// 3xTF32 split for float32 inputs, one TF32 product for bfloat16/float16), taken where n, d_in,
+// d_out and m are multiples of 16, the working set fits in shared memory, the GPU is sm_80 or
+// later and (backward) there is no lr_scale; every other call runs the FMA kernels. On by default;
+// METAKERNELS_CUDA_MMA=0 in the environment (read once) turns it off, and set_mma_enabled changes
+// it for later calls (each call reads the setting once). mma_launches counts the tensor-core
+// kernel launches so far (tests check which path was taken).
+void set_mma_enabled(bool enabled);
+bool mma_enabled();
+int64_t mma_launches();
+// CTAs per task over d_out on the tensor-core path, for tuning: 0 (the default) lets the kernels
+// choose; n > 0 is used wherever the columns are independent (mse without grad_x, grad_lr or
+// grad_queries) and n divides d_out / 16, else ignored. Same answer either way.
+void set_mma_splits(int splits);
+
 // Bytes of dynamic shared memory one CTA of each kernel asks for (the working set of one task);
 // exposed for tests and the documentation of limits.
 size_t unroll_forward_smem_bytes(const UnrollDims& dims, bool has_bias);
