@@ -3,6 +3,8 @@ the on-chip limits. Nothing here knows the maths; see the kernels' modules."""
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 from triton.runtime.errors import OutOfResources
@@ -65,8 +67,12 @@ def check_fits(**tiles) -> None:
 
 def launch(kernel, grid, *args, **kwargs) -> None:
     """``kernel[grid](*args, **kwargs)`` on the device of the first tensor argument (Triton
-    launches on the current device); a kernel too large for the card raises RuntimeError."""
+    launches on the current device); a kernel too large for the card raises RuntimeError.
+    Inside :func:`compile_only`, compiles the kernel for that GPU instead and runs nothing."""
     device = next(a.device for a in args if isinstance(a, torch.Tensor))
+    if _COMPILE_ONLY is not None:
+        _compile_for_target(kernel, grid, args, kwargs)
+        return
     try:
         if device.type == "cuda":
             with torch.cuda.device(device):
@@ -79,6 +85,67 @@ def launch(kernel, grid, *args, **kwargs) -> None:
             "at these sizes needs "
             f"more than the card has ({error}); use backend='cuda', 'cpu' or 'reference' for this "
             "shape") from error
+
+
+# --- compile-only mode: the kernels' GPU compile checked without a GPU --------------------------
+
+# (GPUTarget, the opt-in shared memory of that GPU in bytes, records) inside compile_only().
+_COMPILE_ONLY = None
+_TRITON_TYPES = {torch.float32: "fp32", torch.float64: "fp64", torch.bfloat16: "bf16",
+                 torch.float16: "fp16", torch.int64: "i64", torch.int32: "i32"}
+# Opt-in shared memory per block, by compute capability (CUDA C programming guide).
+SHARED_MEMORY_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
+
+
+@contextlib.contextmanager
+def compile_only(capability: int = 90):
+    """Within the block, every launch compiles its kernel for a CUDA GPU of this compute
+    capability (Triton's compiler and ptxas, no GPU needed) and runs nothing; call the launchers
+    with tensors on the ``meta`` device. Yields the list of records, one per launch:
+    ``{"kernel", "grid", "shared_bytes"}``. A kernel needing more shared memory than that GPU
+    offers raises the RuntimeError a real launch would."""
+    global _COMPILE_ONLY
+    from triton.backends.compiler import GPUTarget
+    records: list = []
+    _COMPILE_ONLY = (GPUTarget("cuda", capability, 32), SHARED_MEMORY_LIMIT.get(capability),
+                     records)
+    try:
+        yield records
+    finally:
+        _COMPILE_ONLY = None
+
+
+def _compile_for_target(kernel, grid, args, kwargs) -> None:
+    from triton.compiler import ASTSource
+    target, shared_limit, records = _COMPILE_ONLY
+    kwargs = dict(kwargs)
+    options = {key: kwargs.pop(key) for key in ("num_warps", "num_stages") if key in kwargs}
+    signature, constants = {}, {}
+    for name, value in zip(kernel.arg_names, args):
+        if isinstance(value, torch.Tensor):
+            signature[name] = "*" + _TRITON_TYPES[value.dtype]
+        elif isinstance(value, bool):
+            signature[name] = "i1"
+        elif isinstance(value, int):
+            signature[name] = "i32" if -2**31 <= value < 2**31 else "i64"
+        elif isinstance(value, float):
+            signature[name] = "fp32"
+        elif value is None:
+            signature[name], constants[name] = "constexpr", None
+        else:
+            raise TypeError(f"compile_only: argument {name} of type {type(value).__name__}")
+    for name, value in kwargs.items():
+        signature[name], constants[name] = "constexpr", value
+    signature = {name: signature[name] for name in kernel.arg_names}
+    compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constants),
+                              target=target, options=options)
+    shared = compiled.metadata.shared
+    records.append({"kernel": kernel.__name__, "grid": tuple(grid), "shared_bytes": shared})
+    if shared_limit is not None and shared > shared_limit:
+        raise RuntimeError(
+            f"the triton backend keeps a task on-chip and {kernel.__name__} at these sizes needs "
+            f"more than the card has ({shared} bytes of shared memory, the limit is "
+            f"{shared_limit}); use backend='cuda', 'cpu' or 'reference' for this shape")
 
 
 def num_warps(*tile_sizes: int) -> int:
