@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
+import shlex
 import subprocess
 from pathlib import Path
 
@@ -229,9 +231,17 @@ def test_timing_per_name_repeats():
 
 
 def test_gpu_check_script_parses():
-    done = subprocess.run(["bash", "-n", str(ROOT / "bench" / "gpu" / "check.sh")],
-                          capture_output=True, text=True)
+    script = ROOT / "bench" / "gpu" / "check.sh"
+    done = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+    # Its benchmark command is one the command line accepts, at full size on the GPU.
+    text = script.read_text().replace("\\\n", " ")
+    command = re.search(r'-m metakernels (bench [^\n]*)', text).group(1)
+    argv = shlex.split(command.replace('"$OUT', '"/tmp'))
+    args = cli._parser().parse_args(argv)
+    assert args.device == "cuda"
+    assert {name for name, _ in args.config} == set(CONFIGS)
+    assert ("delta-rule", "bfloat16") in args.config
 
 
 def test_a_case_that_fails_does_not_stop_the_run(monkeypatch, capsys):
