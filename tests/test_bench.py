@@ -54,7 +54,7 @@ def test_bench_end_to_end_json_fields(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(suite, "max_relative_error", spying_compare)
     monkeypatch.setitem(bench.QUICK_SIZES, "maml-ce", TINY)
     out_json, out_md = tmp_path / "out.json", tmp_path / "out.md"
-    code = cli.main(["bench", "--quick", "--config", "maml-ce", "--repeats", "3", "--memory",
+    code = cli.main(["bench", "--quick", "--config", "maml-ce", "--repeats", "3",
                      "--json", str(out_json), "--markdown", str(out_md)])
     printed = capsys.readouterr().out
     assert code == 0, printed
@@ -69,8 +69,9 @@ def test_bench_end_to_end_json_fields(monkeypatch, tmp_path, capsys):
         assert math.isclose(record["ratio"],
                             record["baseline_seconds_median"] / record["seconds_median"])
         assert 0 <= record["max_rel_error"] <= TOLERANCE[torch.float32]
-        assert isinstance(record["peak_memory_bytes"], int)
-        assert isinstance(record["baseline_peak_memory_bytes"], int)
+        # --quick measures no memory: the fields are there, and null.
+        assert record["peak_memory_bytes"] is None
+        assert record["baseline_peak_memory_bytes"] is None
 
     ran = [f"metakernels:{b}" for b in metakernels.available_backends("cpu")]
     ran += ["torch.func", "autograd-loop"]
@@ -88,6 +89,25 @@ def test_bench_end_to_end_json_fields(monkeypatch, tmp_path, capsys):
     report = out_md.read_text()
     assert "| maml-ce (scaled:" in report and "torch.func" in report
     assert "python -m metakernels bench --quick --config maml-ce" in report
+
+
+def test_bench_peak_memory_fields(monkeypatch, tmp_path, capsys):
+    # One child process per contestant; the peers are left out to keep this short.
+    monkeypatch.setattr(peers, "PEERS", {})
+    monkeypatch.setattr(bench, "PEERS", {})
+    # Big enough that torch.func's stored steps (4 × 8 tasks × 64 × 128 float32, 1 MiB) show.
+    monkeypatch.setitem(bench.QUICK_SIZES, "trajectory", dict(tasks=8, steps=4, d_in=64))
+    out_json = tmp_path / "out.json"
+    code = cli.main(["bench", "--quick", "--config", "trajectory", "--backend", "reference",
+                     "--repeats", "2", "--memory", "--json", str(out_json)])
+    assert code == 0, capsys.readouterr().out
+    records = json.loads(out_json.read_text())
+    assert {r["baseline"] for r in records} == {"torch.func", "autograd-loop"}
+    for record in records:
+        assert isinstance(record["peak_memory_bytes"], int)
+        assert isinstance(record["baseline_peak_memory_bytes"], int)
+    by_baseline = {r["baseline"]: r["baseline_peak_memory_bytes"] for r in records}
+    assert by_baseline["torch.func"] >= 2**19
 
 
 def test_bench_leaves_out_a_disagreeing_peer(monkeypatch, tmp_path, capsys):
