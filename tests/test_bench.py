@@ -142,9 +142,11 @@ def test_bench_sweep_plots_and_slopes(monkeypatch, tmp_path, capsys):
     report = (tmp_path / "report.md").read_text()
     assert "![sweep-T](sweep-T.png)" in report
     assert "maml-small (sweep T=8; scaled:" in report
-    # The reference's time grows with T: a positive fitted slope.
-    row = next(line for line in report.splitlines() if line.startswith("| reference |"))
-    assert float(row.split("|")[2]) > 0
+    # A fitted time slope for every contestant that ran (a number: timings are noisy, so no
+    # claim about its size here; test_slope_of_a_power_law checks the fit).
+    for name in ("reference", "torch.func", "autograd-loop"):
+        row = next(line for line in report.splitlines() if line.startswith(f"| {name} |"))
+        assert math.isfinite(float(row.split("|")[2])), row
 
 
 def test_slope_of_a_power_law():
