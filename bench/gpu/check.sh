@@ -92,14 +92,14 @@ stage pytest "${MK_PYTEST_CAP:-75}" "${MK_PYTEST_RESERVE:-180}" "$OUT/pytest.log
         ${MK_PYTEST_ARGS:-tests/}
 grep -E "passed|failed|error|skipped|deselected" "$OUT/pytest.log" | tail -n 1 | sed 's/^/  pytest: /' | tee -a "$SUMMARY"
 
-# 4. The benchmark, the most telling configurations first; the results are rewritten after each
-#    configuration, so a run cut short keeps what it measured.
+# 4. The benchmark; the delta rule (T = 1024 steps of Python-driven baselines) last. The results
+#    are rewritten after each configuration, so a run cut short keeps what it measured.
 SANITIZE_RESERVE=0
 [[ -f bench/gpu/sanitize_case.py ]] && SANITIZE_RESERVE=85
 stage bench "${MK_BENCH_CAP:-210}" "$SANITIZE_RESERVE" "$OUT/bench.log" \
     "$PY" -m metakernels bench --device cuda \
-        ${MK_BENCH_CONFIGS:---config large --config trajectory --config delta-rule:bfloat16 \
-        --config maml-small --config maml-ce --config delta-rule} \
+        --config large --config trajectory --config maml-small --config maml-ce \
+        --config delta-rule:bfloat16 --config delta-rule \
         --time-budget 6 --repeats 20 \
         --json "$OUT/gpu-results.json" --markdown "$OUT/gpu-results.md"
 grep -E "^(PASS|FAIL)" "$OUT/bench.log" | tail -n 1 | sed 's/^/  bench: /' | tee -a "$SUMMARY"

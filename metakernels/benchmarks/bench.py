@@ -37,9 +37,9 @@ CPU_SIZES: dict[str, dict[str, int]] = {
 QUICK_SIZES: dict[str, dict[str, int]] = {
     "maml-small": dict(tasks=16),
     "maml-ce": dict(tasks=16),
-    "trajectory": dict(tasks=4, steps=16),
-    "delta-rule": dict(tasks=4, steps=32),
-    "large": dict(tasks=8, steps=5, support=32),
+    "trajectory": dict(tasks=4, steps=12),
+    "delta-rule": dict(tasks=4, steps=24),
+    "large": dict(tasks=8, steps=4, support=32),
 }
 # The sweeps: one size varied at a time around a base configuration; d sets d_in = d_out.
 SWEEP_AXES = ("B", "T", "n", "d")

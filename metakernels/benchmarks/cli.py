@@ -32,7 +32,7 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.
           "float16": torch.float16}
 DEFAULT_REPEATS, QUICK_REPEATS = 30, 5
 # Seconds of timed rounds per case, at most: the slow baselines at full size get fewer repeats.
-DEFAULT_BUDGET_S, QUICK_BUDGET_S = 20.0, 3.0
+DEFAULT_BUDGET_S, QUICK_BUDGET_S = 20.0, 1.5
 
 
 def _config_spec(text: str) -> tuple[str, str | None]:

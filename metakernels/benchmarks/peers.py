@@ -23,6 +23,7 @@ A per-step inner lr ``η_t`` is applied by stepping an lr-1 optimiser on ``η_t 
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 from dataclasses import dataclass
@@ -76,34 +77,36 @@ def _inner_loss(module: Callable[[Tensor], Tensor], batch: dict[str, Tensor],
 def _unrolled(problem: MetaProblem, adapt: Callable, fast_params: Callable) -> MetaGrad:
     """The meta-gradient of a module-based peer.
 
-    ``adapt(module, task_batch)`` starts an inner loop on ``module`` and returns ``(step,
-    learner)``: ``step(loss)`` takes one differentiable step, ``learner(x)`` runs the adapted
-    model, and ``fast_params(learner)`` gives its current ``{"weight", "bias"}``.
+    ``adapt(module, task_batch)`` starts an inner loop on ``module``: a context manager that
+    gives ``(step, learner)``: ``step(loss)`` takes one differentiable step, ``learner(x)`` runs
+    the adapted model, and ``fast_params(learner)`` gives its current ``{"weight", "bias"}``.
     """
     module = _Linear(problem.params)
     # The init, held before any peer replaces the module's parameters by updated values.
     init = tuple(module.parameters())
     total = 0
     for batch in _task_batches(problem):
-        step, learner = adapt(module, batch)
-        readouts = []
-        for t in range(problem.config.steps):
-            step(_inner_loss(learner, batch, problem, t))
-            if "readout_queries" in batch:
-                readouts.append(learner(batch["readout_queries"].select(-3, t)))
-        readout = torch.stack(readouts, dim=-3) if readouts else None
-        total = total + outer_loss(batch, fast_params(learner), readout, problem.config.loss)
+        with adapt(module, batch) as (step, learner):
+            readouts = []
+            for t in range(problem.config.steps):
+                step(_inner_loss(learner, batch, problem, t))
+                if "readout_queries" in batch:
+                    readouts.append(learner(batch["readout_queries"].select(-3, t)))
+            readout = torch.stack(readouts, dim=-3) if readouts else None
+            total = total + outer_loss(batch, fast_params(learner), readout,
+                                       problem.config.loss)
     return dict(zip(problem.params, torch.autograd.grad(total, init)))
 
 
 def _higher(problem: MetaProblem) -> MetaGrad:
     import higher
 
+    @contextlib.contextmanager
     def adapt(module, batch):
         optimiser = torch.optim.SGD(module.parameters(), lr=_inner_lr(problem))
-        context = higher.innerloop_ctx(module, optimiser, copy_initial_weights=False)
-        fmodel, diffopt = context.__enter__()  # nothing to release: higher's exit is a no-op
-        return diffopt.step, fmodel
+        with higher.innerloop_ctx(module, optimiser, copy_initial_weights=False) as (fmodel,
+                                                                                   diffopt):
+            yield diffopt.step, fmodel
 
     def fast_params(fmodel):
         return dict(zip(problem.params, fmodel.parameters()))
@@ -116,7 +119,7 @@ def _learn2learn(problem: MetaProblem) -> MetaGrad:
     def adapt(module, batch):
         learner = learn2learn.algorithms.MAML(module, lr=_inner_lr(problem),
                                               first_order=False).clone()
-        return learner.adapt, learner
+        return contextlib.nullcontext((learner.adapt, learner))
 
     def fast_params(learner):
         return {name: getattr(learner.module, name) for name in problem.params}
@@ -133,7 +136,8 @@ def _torchopt(problem: MetaProblem) -> MetaGrad:
             torchopt.recover_state_dict(module, module.initial_state)
         else:
             module.initial_state = torchopt.extract_state_dict(module)
-        return torchopt.MetaSGD(module, lr=_inner_lr(problem)).step, module
+        return contextlib.nullcontext((torchopt.MetaSGD(module, lr=_inner_lr(problem)).step,
+                                       module))
 
     def fast_params(module):
         return {name: getattr(module, name) for name in problem.params}

@@ -112,8 +112,9 @@ def run_config(config: BenchConfig, *, repeats: int, warmup: int = 3,
                   for name in timed}
         warmups = {name: warmup if probes[name] * (warmup + 1) < share else 0 for name in timed}
         shown = ", ".join(f"{name} {counts[name] + 1}" for name in timed)
-        log(f"  timing {len(timed)} contestants interleaved, samples each (one warm call, then "
-            f"up to {repeats - 1} rounds in a {time_budget_s:g} s budget): {shown}")
+        log(f"  timing {len(timed)} contestants, samples each (one warm call, then "
+            f"{max(counts.values(), default=0)} interleaved rounds at most, in a "
+            f"{time_budget_s:g} s budget): {shown}")
     else:
         log(f"  timing {len(timed)} contestants: {repeats} interleaved repeats after "
             f"{warmup} warm-up rounds")
