@@ -8,7 +8,7 @@
 #      against the reference and torch.func, with the roofline floor measured on this card;
 #   5. compute-sanitizer memcheck and racecheck on bench/gpu/sanitize_case.py, where it exists.
 # Every stage has a time limit, goes on after a failure, and prints one summary line; the whole
-# script stays under about 7.5 minutes (MK_CHECK_BUDGET seconds, default 450). Logs and results go to $OUT
+# script stays under about 7.5 minutes (MK_CHECK_BUDGET seconds, default 480). Logs and results go to $OUT
 # (default ./gpu-out): summary.txt, build.log, pytest.log, bench.log, gpu-results.md,
 # gpu-results.json, memcheck.log, racecheck.log.
 #
@@ -19,7 +19,7 @@ ROOT=$PWD
 OUT=${OUT:-$ROOT/gpu-out}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
-BUDGET=${MK_CHECK_BUDGET:-450}
+BUDGET=${MK_CHECK_BUDGET:-480}
 START=$SECONDS
 SUMMARY=$OUT/summary.txt
 : > "$SUMMARY"
@@ -87,7 +87,7 @@ stage build "${MK_BUILD_CAP:-210}" "${MK_BUILD_RESERVE:-190}" "$OUT/build.log" \
 say "backends: $($PY -c 'import metakernels as mk; print("cuda:", mk.available_backends("cuda"), "cpu:", mk.available_backends("cpu"))' 2>&1 | tail -n 1)"
 
 # 3. The GPU tests. Modules that need packages this machine lacks fail to collect; the rest run.
-stage pytest "${MK_PYTEST_CAP:-75}" "${MK_PYTEST_RESERVE:-180}" "$OUT/pytest.log" \
+stage pytest "${MK_PYTEST_CAP:-150}" "${MK_PYTEST_RESERVE:-160}" "$OUT/pytest.log" \
     "$PY" -m pytest -m gpu -q -p no:cacheprovider --continue-on-collection-errors -rs \
         ${MK_PYTEST_ARGS:-tests/}
 grep -E "passed|failed|error|skipped|deselected" "$OUT/pytest.log" | tail -n 1 | sed 's/^/  pytest: /' | tee -a "$SUMMARY"
