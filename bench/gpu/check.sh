@@ -8,7 +8,7 @@
 #      against the reference and torch.func, with the roofline floor measured on this card;
 #   5. compute-sanitizer memcheck and racecheck on bench/gpu/sanitize_case.py, where it exists.
 # Every stage has a time limit, goes on after a failure, and prints one summary line; the whole
-# script stays under about 7.5 minutes (MK_CHECK_BUDGET seconds, default 480). Logs and results go to $OUT
+# script stays under about 8 minutes (MK_CHECK_BUDGET seconds, default 480). Logs and results go to $OUT
 # (default ./gpu-out): summary.txt, build.log, pytest.log, bench.log, gpu-results.md,
 # gpu-results.json, memcheck.log, racecheck.log.
 #
