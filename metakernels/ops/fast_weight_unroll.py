@@ -417,29 +417,32 @@ def _ckpt_fwd(weight: Tensor, x: Tensor, y: Tensor, lr: Tensor, bias: Optional[T
         _checks.check_labels("y", y, weight.shape[-1])
     kernels = _backends.kernels(backend)
     tasks, steps = lr.shape
-    start_weights, start_biases, losses, readouts = [], [], [], []
+    d_in, d_out = weight.shape[-2], weight.shape[-1]
+    segments = _segments(steps, segment)
+    # Written segment by segment, so that no segment's outputs outlive it.
+    starts_w = weight.new_empty(len(segments) - 1, tasks, d_in, d_out)
+    starts_b = (weight.new_empty(len(segments) - 1, tasks, d_out) if bias is not None
+                else weight.new_empty(0))
+    losses = weight.new_empty(tasks, steps)
+    readout = (weight.new_empty(tasks, steps, queries.shape[2], d_out) if queries is not None
+               else weight.new_empty(0))
     state_weight, state_bias = weight, bias
-    for start, stop in _segments(steps, segment):
-        if start > 0:
-            start_weights.append(state_weight)
+    for index, (start, stop) in enumerate(segments):
+        if index > 0:
+            starts_w[index - 1] = state_weight
             if bias is not None:
-                start_biases.append(state_bias)
+                starts_b[index - 1] = state_bias
         seg_x, seg_y, seg_lr, seg_queries = _segment_inputs(x, y, lr, queries, start, stop)
         out = kernels.unroll_forward(state_weight, seg_x, seg_y, seg_lr, state_bias, lr_scale,
                                      bias_lr_scale, seg_queries, loss, False)
         state_weight = out[0]
         state_bias = out[1] if bias is not None else None
-        losses.append(out[2])
-        readouts.append(out[3])
-    d_in, d_out = weight.shape[-2], weight.shape[-1]
-    starts_w = (torch.stack(start_weights) if start_weights
-                else weight.new_empty(0, tasks, d_in, d_out))
-    starts_b = (torch.stack(start_biases) if start_biases else
-                weight.new_empty(0, tasks, d_out) if bias is not None else weight.new_empty(0))
-    return (state_weight, state_bias if bias is not None else weight.new_empty(0),
-            torch.cat(losses, dim=1),
-            torch.cat(readouts, dim=1) if queries is not None else weight.new_empty(0),
-            starts_w, starts_b)
+        losses[:, start:stop] = out[2]
+        if queries is not None:
+            readout[:, start:stop] = out[3]
+        del out
+    return (state_weight, state_bias if bias is not None else weight.new_empty(0), losses,
+            readout, starts_w, starts_b)
 
 
 @_ckpt_fwd.register_fake
@@ -530,8 +533,9 @@ def _ckpt_bwd(weight: Tensor, x: Tensor, y: Tensor, lr: Tensor, bias: Optional[T
         seg_weight = weight if first else starts_w[index - 1]
         seg_bias = bias if first or bias is None else starts_b[index - 1]
         seg_x, seg_y, seg_lr, seg_queries = _segment_inputs(x, y, lr, queries, start, stop)
+        # The recomputation needs E_t (and W_t) only, not the readout: no queries.
         fwd = kernels.unroll_forward(seg_weight, seg_x, seg_y, seg_lr, seg_bias, lr_scale,
-                                     bias_lr_scale, seg_queries, loss, need_states)
+                                     bias_lr_scale, None, loss, need_states)
         seg_wanted = list(wanted)
         if not first:  # the start weight's (and bias's) gradient chains to the segment before
             seg_wanted[0], seg_wanted[4] = True, bias is not None
