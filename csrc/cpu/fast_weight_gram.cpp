@@ -86,15 +86,15 @@ void fast_weight_unroll_gram_forward(const UnrollDims& dims, const UnrollInputs<
         r0[i * d_out + j] += (has_bias ? bias[j] : T(0)) - y[i * d_out + j];
     space.build(x, has_bias, lr);
 
-    // E_t = A_t R_0 / n and ℓ_t = ½‖R_t‖² / n = n‖E_t‖² / 2.
+    // E_t = A_t R_0 / n, as one product: A_1 … A_{T−1} stacked are [(T − 1) n, n], and E_1 …
+    // E_{T−1} stacked [(T − 1) n, d_out]. Then ℓ_t = ½‖R_t‖² / n = n‖E_t‖² / 2.
+    T* residual = out.residual + b * T_ * n * d_out;
+    for (int64_t k = 0; k < n * d_out; ++k) residual[k] = r0[k] * inv_n;
+    cpu::gemm<T>((T_ - 1) * n, n, d_out, inv_n, space.power(1), n, r0.data(), d_out, false,
+                 residual + n * d_out, d_out);
     for (int64_t t = 0; t < T_; ++t) {
-      T* residual = out.residual + (b * T_ + t) * n * d_out;
-      if (t == 0)
-        for (int64_t k = 0; k < n * d_out; ++k) residual[k] = r0[k] * inv_n;
-      else
-        cpu::gemm<T>(n, n, d_out, inv_n, space.power(t), n, r0.data(), d_out, false, residual,
-                     d_out);
-      out.losses[b * T_ + t] = T(0.5) * T(n) * cpu::dot(n * d_out, residual, residual);
+      const T* e = residual + t * n * d_out;
+      out.losses[b * T_ + t] = T(0.5) * T(n) * cpu::dot(n * d_out, e, e);
     }
 
     // W̃_T = W̃_0 − (1/n) X̃ᵀ S R_0.
