@@ -555,6 +555,7 @@ def _ckpt_bwd(weight: Tensor, x: Tensor, y: Tensor, lr: Tensor, bias: Optional[T
         for i, is_summed in summed.items():
             if wanted[i] and is_summed:
                 out[i] = grads[i] if index == len(segments) - 1 else out[i] + grads[i]
+        del fwd, grads  # one segment's recomputed states at a time
     return tuple(out)
 
 
