@@ -18,22 +18,28 @@ pytestmark = pytest.mark.skipif(_backends._extension()[0] is None,
                                 reason="the cpu backend is not built")
 
 # Sizes where the Gram path is cheaper than the step loop (n small next to d_in).
-GRAM_SIZES = dict(tasks=3, steps=4, support=5, d_in=33, d_out=9)
+GRAM_SIZES = dict(tasks=3, steps=4, support=5, d_in=40, d_out=19)
 
-# Every input form the path accepts (mse, 3-D x, no lr_scale, no queries), each lr form, each
-# weight and bias form.
+# Every input form the path accepts (mse, 3-D x, no lr_scale), each lr form, each weight and
+# bias form, with and without a readout.
 ACCEPTED = [
     dict(weight="shared", bias=None, lr_form="float"),
     dict(weight="task", bias="shared", lr_form="full"),
     dict(weight="shared", bias="task", lr_form="steps"),
     dict(weight="task", bias=None, lr_form="tasks"),
     dict(weight="shared", bias="shared", lr_form="scalar"),
+    dict(weight="task", bias="shared", lr_form="full", queries=3),
+    dict(weight="shared", bias=None, lr_form="steps", queries=1),
 ]
 
 
 def expected_path(inputs: dict) -> str:
-    """The forward stores W_t (so runs the loop) when x needs a gradient in second order."""
-    return "steps/gram" if inputs["x"].requires_grad and not inputs["first_order"] else "gram"
+    """The forward stores W_t (so runs the loop) when x needs a gradient in second order, or
+    the queries do."""
+    queries = inputs.get("queries")
+    stores = ((inputs["x"].requires_grad and not inputs["first_order"])
+              or (queries is not None and queries.requires_grad))
+    return "steps/gram" if stores else "gram"
 
 
 def check(inputs: dict, dtype, path: str, tol: float | None = None) -> None:
@@ -78,7 +84,7 @@ def test_bias_lr_scale_of_ones_is_inside():
     check(dict(inputs, bias_lr_scale=almost), torch.float64, "steps")
 
 
-@pytest.mark.parametrize("outside", ["lr_scale", "queries", "ce", "x4d", "one_step", "wide_n"])
+@pytest.mark.parametrize("outside", ["lr_scale", "ce", "x4d", "one_step", "wide_n"])
 def test_just_outside(outside):
     """Each condition broken alone: the loop runs, and the answer is still exact."""
     sizes = dict(GRAM_SIZES)
@@ -88,9 +94,6 @@ def test_just_outside(outside):
     check(inputs, torch.float64, "gram")  # the same call before breaking the condition
     if outside == "lr_scale":
         inputs["lr_scale"] = torch.ones(sizes["d_in"], sizes["d_out"], dtype=torch.float64)
-    elif outside == "queries":
-        inputs = make_inputs(dataclasses.replace(case, queries=1), seed=7)
-        inputs["x"].requires_grad_(False)
     elif outside == "ce":
         inputs = make_inputs(dataclasses.replace(case, loss="ce"), seed=7)
         inputs["x"].requires_grad_(False)
@@ -128,9 +131,9 @@ def test_cost_boundary(first_order):
 def aggressive_inputs(eta_norm: float, bias: bool, seed: int) -> dict:
     """T = 50 steps with η_t‖K‖ up to eta_norm (K = X̃ X̃ᵀ / n), per task and step. Without a
     bias, x's singular values are spread over a decade, so that the residual has not died out
-    after 50 steps and the lr's gradient is well conditioned."""
+    after 50 steps and the lr's gradient is well conditioned. With a bias, a readout too."""
     case = Case(steps=50, support=6, d_in=40, d_out=7, tasks=3, lr_form="full", weight="task",
-                bias="task" if bias else None)
+                bias="task" if bias else None, queries=2 if bias else 0)
     inputs = make_inputs(case, seed=seed)
     x = inputs["x"].detach()
     if not bias:
@@ -153,7 +156,27 @@ def test_float32_long_unroll(eta_norm, bias):
     inputs = cast_inputs(aggressive_inputs(eta_norm, bias, seed=11), torch.float32)
     check(inputs, torch.float32, "steps/gram")
     inputs["x"].requires_grad_(False)
+    if bias:
+        inputs["queries"].requires_grad_(False)
     check(inputs, torch.float32, "gram")
+
+
+@pytest.mark.parametrize("first_order", [False, True], ids=["second", "first"])
+def test_readout_without_query_gradient(first_order):
+    """A readout whose queries are constants: the forward runs the Gram path too, and the
+    readout's adjoints reach the init, x, y and lr through S_{t+1}."""
+    case = Case(first_order=first_order, bias="task", lr_form="full", queries=4,
+                **dict(GRAM_SIZES, steps=6))
+    inputs = make_inputs(case, seed=3)
+    inputs["queries"].requires_grad_(False)
+    check(inputs, torch.float64, expected_path(inputs))
+    inputs["x"].requires_grad_(False)
+    check(inputs, torch.float64, "gram")
+    out = mk.fast_weight_unroll(**inputs, backend="cpu")
+    ref = mk.fast_weight_unroll(**inputs, backend="reference")
+    (got,) = torch.autograd.grad(out.readout.sum(), inputs["weight"])
+    (want,) = torch.autograd.grad(ref.readout.sum(), inputs["weight"])
+    assert rel_err(got, want) < 1e-10  # only the readout's adjoint, none for W_T
 
 
 def test_losses_fall_on_the_gram_path():

@@ -22,7 +22,7 @@ using mk_test::OutBuffer;
 
 struct Config {
   const char* name;
-  int64_t B, T, n, d_in, d_out;
+  int64_t B, T, n, d_in, d_out, m;  // m = 0: no readout
   bool shared_weight;
   int bias;  // 0 none, 1 shared, 2 per task
   bool bias_lr_scale_ones;
@@ -32,7 +32,7 @@ template <typename T>
 struct Problem {
   Config c;
   UnrollDims dims;
-  std::vector<T> weight, bias, x, y, lr, bias_lr_scale;
+  std::vector<T> weight, bias, x, y, lr, bias_lr_scale, queries;
   UnrollInputs<T> in;
 
   // The values of another problem, cast (the float run sees the double run's inputs, rounded).
@@ -45,6 +45,7 @@ struct Problem {
     y = cast(other.y);
     lr = cast(other.lr);
     bias_lr_scale = cast(other.bias_lr_scale);
+    queries = cast(other.queries);
     wire();
   }
 
@@ -56,6 +57,7 @@ struct Problem {
     y = mk_test::randn<T>(c.B * c.n * c.d_out);
     lr = mk_test::uniform<T>(c.B * c.T, 0.2, 0.6);
     if (c.bias_lr_scale_ones) bias_lr_scale.assign(c.d_out, T(1));
+    if (c.m) queries = mk_test::randn<T>(c.B * c.T * c.m * c.d_in);
     wire();
   }
 
@@ -65,7 +67,9 @@ struct Problem {
     dims.support = c.n;
     dims.d_in = c.d_in;
     dims.d_out = c.d_out;
+    dims.queries = c.m;
     dims.loss = Loss::kMse;
+    in.queries = c.m ? queries.data() : nullptr;
     in.weight = weight.data();
     in.weight_task_stride = c.shared_weight ? 0 : c.d_in * c.d_out;
     in.bias = c.bias ? bias.data() : nullptr;
@@ -83,30 +87,35 @@ struct Problem {
 
 template <typename T>
 struct Forward {
-  OutBuffer<T> weight, bias, losses, residual, states;
+  OutBuffer<T> weight, bias, losses, residual, states, readout;
   UnrollForwardOutputs<T> out;
   Forward(const Config& c, bool with_states)
       : weight(c.B * c.d_in * c.d_out), bias(c.bias ? c.B * c.d_out : 0), losses(c.B * c.T),
-        residual(c.B * c.T * c.n * c.d_out), states(with_states ? c.B * c.T * c.d_in * c.d_out : 0) {
+        residual(c.B * c.T * c.n * c.d_out), states(with_states ? c.B * c.T * c.d_in * c.d_out : 0),
+        readout(c.B * c.T * c.m * c.d_out) {
+    out.readout = c.m ? readout.data() : nullptr;
     out.weight = weight.data();
     out.bias = c.bias ? bias.data() : nullptr;
     out.losses = losses.data();
     out.residual = residual.data();
     out.states = with_states ? states.data() : nullptr;
   }
-  std::vector<OutBuffer<T>*> buffers() { return {&weight, &bias, &losses, &residual}; }
+  std::vector<OutBuffer<T>*> buffers() { return {&weight, &bias, &losses, &residual, &readout}; }
 };
 
 template <typename T>
 struct Backward {
-  OutBuffer<T> weight, bias, x, y, lr;
-  std::vector<T> grad_weight_final, grad_bias_final;
+  OutBuffer<T> weight, bias, x, y, lr, queries;
+  std::vector<T> grad_weight_final, grad_bias_final, grad_readout;
   UnrollBackwardArgs<T> args;
   Backward(const Config& c, const Forward<T>& fwd, bool first_order, bool use_states)
       : weight(c.B * c.d_in * c.d_out), bias(c.bias ? c.B * c.d_out : 0), x(c.B * c.n * c.d_in),
-        y(c.B * c.n * c.d_out), lr(c.B * c.T) {
+        y(c.B * c.n * c.d_out), lr(c.B * c.T), queries(c.B * c.T * c.m * c.d_in) {
     grad_weight_final = mk_test::randn<T>(c.B * c.d_in * c.d_out);
     grad_bias_final = mk_test::randn<T>(c.B * c.d_out);
+    grad_readout = mk_test::randn<T>(c.B * c.T * c.m * c.d_out);
+    args.grad_readout = c.m ? grad_readout.data() : nullptr;
+    args.grad_queries = c.m ? queries.data() : nullptr;
     args.residual = fwd.residual.data();
     args.states = use_states ? fwd.states.data() : nullptr;
     args.weight_final = fwd.weight.data();
@@ -120,8 +129,8 @@ struct Backward {
     args.grad_lr = lr.data();
   }
   std::vector<OutBuffer<T>*> buffers(bool first_order) {
-    if (first_order) return {&weight, &bias, &lr};
-    return {&weight, &bias, &x, &y, &lr};
+    if (first_order) return {&weight, &bias, &lr, &queries};
+    return {&weight, &bias, &x, &y, &lr, &queries};
   }
 };
 
@@ -160,6 +169,10 @@ void run_case(const Config& c, const Problem<double>& truth_problem, double tol)
     got.grad_bias_final.assign(want.grad_bias_final.begin(), want.grad_bias_final.end());
     want.grad_weight_final.assign(got.grad_weight_final.begin(), got.grad_weight_final.end());
     want.grad_bias_final.assign(got.grad_bias_final.begin(), got.grad_bias_final.end());
+    got.grad_readout.assign(want.grad_readout.begin(), want.grad_readout.end());
+    want.grad_readout.assign(got.grad_readout.begin(), got.grad_readout.end());
+    got.args.grad_readout = c.m ? got.grad_readout.data() : nullptr;
+    want.args.grad_readout = c.m ? want.grad_readout.data() : nullptr;
     metakernels::fast_weight_unroll_backward<double>(pd.dims, pd.in, want.args, 0, c.B);
     metakernels::fast_weight_unroll_gram_backward<T>(p.dims, p.in, got.args, 0, c.B);
     check_same(got.buffers(first_order), want.buffers(first_order), tol,
@@ -169,7 +182,7 @@ void run_case(const Config& c, const Problem<double>& truth_problem, double tol)
 
 void check_conditions() {
   mk_test::current_context() = "conditions";
-  const Config c{"", 2, 4, 5, 33, 9, true, 1, true};
+  const Config c{"", 2, 4, 5, 33, 9, 0, true, 1, true};
   Problem<double> p(c);
   CHECK(metakernels::unroll_gram_applies(p.dims, p.in));
   {
@@ -186,7 +199,7 @@ void check_conditions() {
     return metakernels::unroll_gram_applies(dims, in);
   };
   CHECK(!with([&](UnrollDims&, UnrollInputs<double>& in) { in.lr_scale = ones.data(); }));
-  CHECK(!with([&](UnrollDims& d, UnrollInputs<double>& in) { d.queries = 1; in.queries = ones.data(); }));
+  CHECK(with([&](UnrollDims& d, UnrollInputs<double>& in) { d.queries = 1; in.queries = ones.data(); }));
   CHECK(!with([&](UnrollDims& d, UnrollInputs<double>&) { d.loss = Loss::kCrossEntropy; }));
   CHECK(!with([&](UnrollDims&, UnrollInputs<double>& in) { in.x_step_stride = 5 * 33; }));
   CHECK(!with([&](UnrollDims& d, UnrollInputs<double>&) { d.steps = 1; }));
@@ -201,13 +214,15 @@ void check_conditions() {
 }  // namespace
 
 int main() {
-  //                name                              B  T   n  d_in d_out shW   bias p=1
+  //                name                              B  T   n  d_in d_out m  shW   bias p=1
   const Config configs[] = {
-      {"shared W, no bias", 3, 4, 5, 33, 9, true, 0, false},
-      {"per-task W, shared b", 3, 5, 7, 63, 65, false, 1, false},
-      {"shared W, per-task b, p = 1", 2, 3, 16, 64, 64, true, 2, true},
-      {"n = 1, d_out = 1", 2, 6, 1, 17, 1, false, 2, false},
-      {"long T = 30", 2, 30, 4, 40, 7, false, 1, false},
+      {"shared W, no bias", 3, 4, 5, 33, 9, 0, true, 0, false},
+      {"per-task W, shared b", 3, 5, 7, 63, 65, 0, false, 1, false},
+      {"shared W, per-task b, p = 1", 2, 3, 16, 64, 64, 0, true, 2, true},
+      {"n = 1, d_out = 1", 2, 6, 1, 17, 1, 0, false, 2, false},
+      {"long T = 30", 2, 30, 4, 40, 7, 0, false, 1, false},
+      {"readout m = 3, shared b", 3, 5, 4, 40, 20, 3, false, 1, false},
+      {"readout m = 1, shared W, no bias", 2, 4, 3, 50, 30, 1, true, 0, false},
   };
   for (const Config& c : configs) {
     const Problem<double> problem(c);
