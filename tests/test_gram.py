@@ -188,3 +188,21 @@ def test_losses_fall_on_the_gram_path():
     ref = mk.fast_weight_unroll(**inputs, backend="reference")
     assert rel_err(out.losses, ref.losses) < 1e-12
     assert bool((out.losses[:, 1:] < out.losses[:, :-1]).all())
+
+
+def test_gradcheck():
+    """Finite differences of the Gram forward (no_grad: no W_t stored, so the Gram path) against
+    the Gram backward, every differentiable input, readout included, float64."""
+    case = Case(tasks=2, steps=3, support=3, d_in=30, d_out=12, bias="shared", lr_form="full",
+                queries=2, weight="task")
+    kwargs = make_inputs(case, seed=4)
+    with torch.no_grad():
+        assert unroll_path(**kwargs, backend="cpu") == "gram"
+    names = [k for k, v in kwargs.items() if isinstance(v, torch.Tensor) and v.requires_grad]
+
+    def function(*tensors):
+        out = mk.fast_weight_unroll(**dict(kwargs, **dict(zip(names, tensors))), backend="cpu")
+        return out.weight, out.bias, out.readout
+
+    assert torch.autograd.gradcheck(function, [kwargs[k] for k in names], eps=1e-6, atol=1e-7,
+                                    rtol=1e-5, fast_mode=True)
