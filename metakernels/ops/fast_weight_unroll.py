@@ -92,11 +92,12 @@ def fast_weight_unroll(weight: Tensor, x: Tensor, y: Tensor, lr, *, steps: int |
     segment starts above plus one segment's E_t and W_t during the backward. The reference
     backend keeps the whole autograd graph.
 
-    Algorithm (cpu backend): for mse with 3-D x, no ``lr_scale``, no ``queries`` and
-    ``bias_lr_scale`` absent or all ones, where it is cheaper (n small next to d_in, T ≥ 2), the
-    exact Gram-space form: with ``K = X̃ X̃ᵀ / n`` (X̃ = [X 1]), ``R_{t+1} = (I − η_t K) R_t``
-    and ``W_T = W_0 − (1/n) X̃ᵀ S R_0``, ``S = Σ_t η_t Π_{s<t}(I − η_s K)``, so the T steps cost
-    about one step plus n × n work, forward and backward. Otherwise the step loop.
+    Algorithm (cpu backend): for mse with 3-D x, no ``lr_scale`` and ``bias_lr_scale`` absent
+    or all ones, where it is cheaper (n small next to d_in, T ≥ 2), the exact Gram-space form:
+    with ``K = X̃ X̃ᵀ / n`` (X̃ = [X 1]), ``R_{t+1} = (I − η_t K) R_t`` and
+    ``W_T = W_0 − (1/n) X̃ᵀ S R_0``, ``S = Σ_t η_t Π_{s<t}(I − η_s K)``, so the T steps cost
+    about one step plus n × n work, forward and backward (a readout adds its own products).
+    Otherwise the step loop.
     :func:`unroll_path` says which one a call runs.
     """
     plan = _plan(weight, x, y, lr, steps, loss, bias, lr_scale, bias_lr_scale, queries,
