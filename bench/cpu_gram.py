@@ -96,6 +96,31 @@ def speed(config_name: str, repeats: int, log) -> None:
         log(f"  {name:<24}{ms:>10.3f}{ms / base:>8.2f}")
 
 
+def kernels_alone(repeats: int, log) -> None:
+    """The fused op's forward + backward on maml-small's inputs (a fixed cotangent for W_T, no
+    outer loss): the Gram path against the step loop, forced by an lr_scale of ones (the same
+    function, which the Gram path does not take)."""
+    problem = make_problem(CONFIGS["maml-small"])
+    weight, batch = problem.params["weight"], problem.batch
+    c = problem.config
+    cotangent = torch.randn(c.tasks, c.d_in, c.d_out, generator=torch.Generator().manual_seed(1))
+    ones = torch.ones(c.d_in, c.d_out)
+
+    def step(lr_scale):
+        out = metakernels.fast_weight_unroll(weight, batch["support_x"], batch["support_y"],
+                                             problem.inner_lr, steps=c.steps, lr_scale=lr_scale,
+                                             backend="cpu")
+        return torch.autograd.grad(out.weight, weight, cotangent)
+
+    runs = {"gram": lambda: step(None), "step loop": lambda: step(ones)}
+    samples = timing.time_interleaved(runs, repeats=repeats, warmup=3)
+    base = median_ms(samples["gram"])
+    log("\nmaml-small, the fused op alone (forward + backward, cotangent for W_T): Gram path vs "
+        "step loop")
+    for name in runs:
+        log(f"  {name:<24}{median_ms(samples[name]):>10.3f}{median_ms(samples[name]) / base:>8.2f}")
+
+
 def long_trajectory(setting: str, repeats: int, log) -> None:
     leaves = LONG_LEAVES[setting]
     problem = long_problem(leaves)
@@ -158,6 +183,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--skip-speed", action="store_true", help="only the T = 512 part")
+    parser.add_argument("--skip-long", action="store_true", help="skip the T = 512 part")
     parser.add_argument("--long-repeats", type=int, default=5)
     parser.add_argument("--threads", type=int)
     parser.add_argument("--out", help="also write the log here")
@@ -180,9 +206,11 @@ def main() -> int:
     if not args.skip_speed:
         for name in ("maml-small", "trajectory"):
             speed(name, args.repeats, log)
-    for setting in LONG_LEAVES:
-        long_trajectory(setting, args.long_repeats, log)
-    log(f"\npeak MiB: {memory.RESET_METHOD}")
+        kernels_alone(args.repeats, log)
+    if not args.skip_long:
+        for setting in LONG_LEAVES:
+            long_trajectory(setting, args.long_repeats, log)
+        log(f"\npeak MiB: {memory.RESET_METHOD}")
     if args.out:
         with open(args.out, "w") as out:
             out.write("\n".join(lines) + "\n")
