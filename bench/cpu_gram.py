@@ -7,8 +7,8 @@ process on this machine.
    algorithm the cpu backend ran (metakernels.ops.fast_weight_unroll.unroll_path).
 2. Memory: ``trajectory`` with T = 512 whose meta-gradient also covers the queries, or x and
    the queries (as when queries and keys come from a learned projection), so that the backward
-   needs W_t of every step: ``checkpoint=True`` against ``checkpoint=False`` (store every step). Time interleaved in
-   this process; peak memory in a fresh child process per variant, as
+   needs W_t of every step: ``checkpoint=True`` against ``checkpoint=False`` (store every step).
+   Time interleaved in this process; peak memory in a fresh child process per variant, as
    metakernels.benchmarks.memory does (VmHWM increase after a warm-up step, median of 3).
 
     PYTHONPATH=. python bench/cpu_gram.py [--repeats N] [--threads N] [--out FILE]
@@ -200,7 +200,8 @@ def main() -> int:
         print(line, flush=True)
         lines.append(line)
 
-    log(f"metakernels {metakernels.__version__}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    now = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    log(f"metakernels {metakernels.__version__}, {now}")
     log("machine: " + ", ".join(f"{k} {v}" for k, v in machine_description().items()))
     log("command: PYTHONPATH=. python " + " ".join(sys.argv))
     if not args.skip_speed:

@@ -22,7 +22,8 @@ pytestmark = pytest.mark.skipif(not COMPILED_BACKENDS, reason="no compiled backe
 
 FEATURES = [
     dict(weight="shared", bias=None, lr_form="float"),
-    dict(weight="task", bias="shared", lr_form="full", lr_scale=True, bias_lr_scale=True, queries=3),
+    dict(weight="task", bias="shared", lr_form="full", lr_scale=True, bias_lr_scale=True,
+         queries=3),
     dict(weight="shared", bias="task", lr_form="steps", bias_lr_scale=True, queries=2),
     dict(weight="task", bias=None, lr_form="tasks", lr_scale=True, queries=1),
 ]

@@ -13,7 +13,8 @@
 // V_t = X̃ Q̃_tᵀ Ô_t (both through W̃_{t+1} = W̃_0 − (1/n) X̃ᵀ S_{t+1} R_0). With
 // Vc_s = U + Σ_{t≥s} V_t, the adjoint of A_s is η_s C_s with C_s = −(1/n) Vc_s R_0ᵀ, and
 // R̂_0 = −(1/n) Σ_s η_s A_s Vc_s; then, for s = T−1 … 0,
-//   η̂_s = ⟨C_s, A_s⟩ − ⟨Â_{s+1}, K A_s⟩,  K̂ −= η_s Â_{s+1} A_sᵀ,  Â_s = η_s C_s + (I − η_s K) Â_{s+1}.
+//   η̂_s = ⟨C_s, A_s⟩ − ⟨Â_{s+1}, K A_s⟩,   K̂ −= η_s Â_{s+1} A_sᵀ,
+//   Â_s = η_s C_s + (I − η_s K) Â_{s+1}.
 // Without a readout Vc_s = U, C_s = Ŝ = −(1/n) U R_0ᵀ and R̂_0 = −(1/n) S U. First order keeps
 // η̂_s = ⟨C_s, A_s⟩ (= −⟨Vc_s, E_s⟩) and the readout's direct terms.
 #include <algorithm>

@@ -140,7 +140,8 @@ void check_same(std::vector<OutBuffer<A>*> got, std::vector<OutBuffer<B>*> want,
   for (size_t i = 0; i < got.size(); ++i) {
     CHECK(got[i]->guards_intact());
     const double err = mk_test::rel_error(got[i]->values(), want[i]->values());
-    CHECK_MSG(err <= tol, std::string(what) + mk_test::fmt(" output %g: rel. error %g", double(i), err));
+    CHECK_MSG(err <= tol,
+              std::string(what) + mk_test::fmt(" output %g: rel. error %g", double(i), err));
   }
 }
 
@@ -199,7 +200,10 @@ void check_conditions() {
     return metakernels::unroll_gram_applies(dims, in);
   };
   CHECK(!with([&](UnrollDims&, UnrollInputs<double>& in) { in.lr_scale = ones.data(); }));
-  CHECK(with([&](UnrollDims& d, UnrollInputs<double>& in) { d.queries = 1; in.queries = ones.data(); }));
+  CHECK(with([&](UnrollDims& d, UnrollInputs<double>& in) {  // a readout is inside
+    d.queries = 1;
+    in.queries = ones.data();
+  }));
   CHECK(!with([&](UnrollDims& d, UnrollInputs<double>&) { d.loss = Loss::kCrossEntropy; }));
   CHECK(!with([&](UnrollDims&, UnrollInputs<double>& in) { in.x_step_stride = 5 * 33; }));
   CHECK(!with([&](UnrollDims& d, UnrollInputs<double>&) { d.steps = 1; }));
