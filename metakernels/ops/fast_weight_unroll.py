@@ -151,7 +151,7 @@ def _plan(weight, x, y, lr, steps, loss, bias, lr_scale, bias_lr_scale, queries,
     if checkpoint is None:
         tasks, support, d_in, d_out = x.shape[0], x.shape[-2], weight.shape[-2], weight.shape[-1]
         per_step = support * d_out + (d_in * d_out if store_states else 0)
-        itemsize = torch.empty((), dtype=state_dtype(weight.dtype)).element_size()
+        itemsize = torch.finfo(state_dtype(weight.dtype)).bits // 8
         checkpoint = tasks * steps * per_step * itemsize > CHECKPOINT_BYTES
     segment = checkpoint_segment(steps) if checkpoint and grad and which != "reference" else 0
     return _Plan(args, which, store_states, segment)
