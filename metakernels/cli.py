@@ -94,6 +94,22 @@ def _finite_or_none(record: dict) -> dict:
     return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in record.items()}
 
 
+def _unroll_paths(config, device: torch.device, seed: int) -> str:
+    """Which algorithm each compiled backend runs on ``config`` (issue 7: the cpu backend's
+    Gram-space path for mse with 3-D x), from metakernels.ops.fast_weight_unroll.unroll_path."""
+    from metakernels.benchmarks import make_problem
+    from metakernels.ops.fast_weight_unroll import unroll_path
+
+    problem = make_problem(config, torch.float32, device, seed)
+    params, batch = problem.params, problem.batch
+    paths = [f"{backend}: " + unroll_path(
+        params["weight"], batch["support_x"], batch["support_y"], problem.inner_lr,
+        steps=problem.steps, loss=config.loss, bias=params.get("bias"),
+        queries=batch.get("readout_queries"), backend=backend)
+        for backend in metakernels.available_backends(device) if backend != "reference"]
+    return "algorithm: " + ("; ".join(paths) or "no compiled backend")
+
+
 def demo(args: argparse.Namespace, argv: list[str]) -> int:
     started = time.perf_counter()
     if args.threads:
@@ -128,6 +144,7 @@ def demo(args: argparse.Namespace, argv: list[str]) -> int:
                              device=device, measure_memory=not args.no_memory, seed=args.seed,
                              log=lambda line: print(line, flush=True))
         print(format_table(records), flush=True)
+        print(f"  {_unroll_paths(config, device, args.seed)}", flush=True)
         all_records += records
         # A metakernels backend that disagrees is a bug in it, not a missing baseline.
         failed += [r for r in records if r.contestant.startswith("metakernels:") and not r.agrees]
