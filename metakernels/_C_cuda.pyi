@@ -4,20 +4,12 @@ are those of metakernels/_C.pyi; inputs are CUDA tensors of float32, bfloat16 or
 saved residual and states are float32. Call the ops through metakernels.fast_weight_unroll /
 linear_hvp."""
 
-from torch import Tensor
+# The same four kernel entry points as the CPU module (metakernels/_C.pyi).
+from metakernels._C import linear_hvp as linear_hvp
+from metakernels._C import set_poison_outputs as set_poison_outputs
+from metakernels._C import unroll_backward as unroll_backward
+from metakernels._C import unroll_forward as unroll_forward
 
-def unroll_forward(weight: Tensor, x: Tensor, targets: Tensor, lr: Tensor, bias: Tensor | None,
-                   lr_scale: Tensor | None, bias_lr_scale: Tensor | None, queries: Tensor | None,
-                   loss: int, store_states: bool) -> list[Tensor]: ...
-def unroll_backward(weight: Tensor, x: Tensor, targets: Tensor, lr: Tensor, bias: Tensor | None,
-                    lr_scale: Tensor | None, bias_lr_scale: Tensor | None,
-                    queries: Tensor | None, residual: Tensor, states: Tensor,
-                    weight_final: Tensor, grad_weight_final: Tensor,
-                    grad_bias_final: Tensor | None, grad_readout: Tensor | None, loss: int,
-                    first_order: bool, wanted: list[bool]) -> list[Tensor]: ...
-def linear_hvp(weight: Tensor, x: Tensor, v: Tensor, bias: Tensor | None, v_bias: Tensor | None,
-               loss: int, with_bias: bool) -> list[Tensor]: ...
-def set_poison_outputs(poison: bool) -> None: ...
 def set_mma_enabled(enabled: bool) -> None: ...
 def mma_enabled() -> bool: ...
 def mma_launches() -> int: ...
