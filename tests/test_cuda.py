@@ -13,7 +13,8 @@ import pytest
 import torch
 
 import metakernels as mk
-from conftest import Case, assert_close, cast_inputs, make_inputs, rel_err, run_unroll
+from conftest import (FEATURES, Case, assert_close, cast_inputs, make_inputs, rel_err,
+                      run_unroll)
 from metakernels.ops import _backends
 
 pytestmark = pytest.mark.gpu
@@ -22,14 +23,6 @@ TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-2}
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 DTYPE_IDS = ["f32", "bf16", "f16"]
 
-# Each row turns on a different mix of the optional inputs (as in test_fast_weight_unroll.py).
-FEATURES = [
-    dict(weight="shared", bias=None, lr_form="float"),
-    dict(weight="task", bias="shared", lr_form="full", lr_scale=True, bias_lr_scale=True, queries=3),
-    dict(weight="shared", bias="task", lr_form="steps", bias_lr_scale=True, queries=2),
-    dict(weight="task", bias=None, lr_form="tasks", lr_scale=True, queries=1),
-    dict(weight="shared", bias="shared", lr_form="scalar", lr_scale=True),
-]
 
 
 @pytest.fixture(autouse=True)
