@@ -15,7 +15,7 @@ CMAKE_BUILD ?= build/cmake
 CUDA_HOME ?= $(firstword $(wildcard /usr/local/cuda-13.0 /usr/local/cuda))
 export CUDA_HOME
 
-.PHONY: setup run test test-cpp test-python clean
+.PHONY: setup run test test-cpp test-python test-triton clean
 
 $(STAMP): $(SOURCES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,7 +30,7 @@ run: setup
 	rm -rf build/train-demo
 	$(VENV)/bin/metakernels train --task sinusoid --algo maml --steps 300 --out build/train-demo
 
-test: test-cpp test-python
+test: test-cpp test-python test-triton
 
 test-cpp:
 	cmake -S . -B $(CMAKE_BUILD) -DCMAKE_BUILD_TYPE=Release
@@ -39,6 +39,11 @@ test-cpp:
 
 test-python: setup
 	$(PY) -m pytest -q
+
+# The Triton kernels on CPU tensors in Triton's interpreter; the variable must be set before
+# triton is imported, hence a pytest of its own.
+test-triton: setup
+	TRITON_INTERPRET=1 $(PY) -m pytest -q tests/test_triton.py
 
 clean:
 	rm -rf $(VENV) build metakernels/_C*.so *.egg-info

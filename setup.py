@@ -1,10 +1,15 @@
-"""Builds metakernels._C: the fused CPU kernels, and the CUDA kernels where they can be built.
+"""Builds metakernels._C (the fused CPU kernels) and, where it can be built, the separate
+metakernels._C_cuda (the CUDA kernels of backend="cuda": csrc/torch/binding_cuda.cpp and
+csrc/cuda/*.cu).
 
     pip install --no-build-isolation -e .
 
 Environment:
-    METAKERNELS_BUILD_CUDA=0   never build CUDA sources (default: build them when csrc/cuda has
-                               any, a CUDA toolkit is found and torch is a CUDA build).
+    METAKERNELS_BUILD_CUDA=0   never build metakernels._C_cuda (default: build it when csrc/cuda
+                               has sources, a CUDA toolkit is found (CUDA_HOME) and torch is a
+                               CUDA build).
+    TORCH_CUDA_ARCH_LIST=...   the GPU architectures of metakernels._C_cuda, e.g. "9.0" or
+                               "8.0;9.0" (torch's variable; default here: sm_80 and sm_90).
     METAKERNELS_CPU_ARCH=...   the -march (-mcpu on Arm) of the CPU kernels (default: native, the
                                machine that builds; e.g. x86-64-v3 for a binary that other
                                machines run; empty for the compiler's default).
@@ -50,24 +55,36 @@ def _cpu_flags():
     return compile_flags, link_flags
 
 
-def _extension():
+def _cpu_extension():
     cxx_flags, link_flags = _cpu_flags()
     sources = ["csrc/torch/binding.cpp"] + sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     include_dirs = [os.path.join(ROOT, "csrc", "include"), os.path.join(ROOT, "csrc", "cpu")]
-    cuda_sources = _cuda_sources()
-    if cuda_sources:
-        nvcc_flags = ["-O3", "-std=c++17", "--expt-relaxed-constexpr",
-                      "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90"]
-        return cpp_extension.CUDAExtension(
-            "metakernels._C", sources + cuda_sources, include_dirs=include_dirs,
-            define_macros=[("METAKERNELS_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags}, extra_link_args=link_flags)
     return cpp_extension.CppExtension(
         "metakernels._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx_flags},
         extra_link_args=link_flags)
 
 
+def _cuda_extension():
+    """metakernels._C_cuda, or None where it cannot be built. The architectures come from
+    TORCH_CUDA_ARCH_LIST when it is set (cpp_extension reads it), else sm_80 and sm_90."""
+    cuda_sources = _cuda_sources()
+    if not cuda_sources:
+        return None
+    nvcc_flags = ["-O3", "-std=c++17", "--expt-relaxed-constexpr"]
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        nvcc_flags += ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90"]
+    return cpp_extension.CUDAExtension(
+        "metakernels._C_cuda", ["csrc/torch/binding_cuda.cpp"] + cuda_sources,
+        include_dirs=[os.path.join(ROOT, "csrc", "include")],
+        extra_compile_args={"cxx": ["-O3", "-g0"], "nvcc": nvcc_flags})
+
+
+def _extensions():
+    cuda = _cuda_extension()
+    return [_cpu_extension()] + ([cuda] if cuda is not None else [])
+
+
 setup(
-    ext_modules=[_extension()],
+    ext_modules=_extensions(),
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
 )

@@ -20,6 +20,7 @@ import torch
 
 import metakernels
 from metakernels.benchmarks import CONFIGS
+from metakernels.benchmarks import cli as bench_cli
 from metakernels.benchmarks.correctness import CHECK_SIZES, TOLERANCE, check_backends
 from metakernels.benchmarks.suite import format_table, machine_description, run_config
 
@@ -68,6 +69,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-memory", action="store_true", help="skip the peak-memory column")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--json", type=Path, metavar="PATH", help="also write the records here")
+    bench_cli.add_parser(commands)  # sets args.handler(args, argv)
     from metakernels.train.cli import add_commands   # train and analyze (it imports this module)
     add_commands(commands)
     return parser
@@ -78,8 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "demo":
         return demo(args, argv)
-    if hasattr(args, "handler"):
-        return args.handler(args)
+    if getattr(args, "handler", None) is not None:
+        return args.handler(args, argv)
     raise AssertionError(f"unhandled command {args.command!r}")
 
 
@@ -92,6 +94,22 @@ def _reproduce_command(argv: list[str]) -> str:
 def _finite_or_none(record: dict) -> dict:
     """JSON has no NaN: a backend or contestant that raised has no error figure."""
     return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in record.items()}
+
+
+def _unroll_paths(config, device: torch.device, seed: int) -> str:
+    """Which algorithm each compiled backend runs on ``config`` (issue 7: the cpu backend's
+    Gram-space path for mse with 3-D x), from metakernels.ops.fast_weight_unroll.unroll_path."""
+    from metakernels.benchmarks import make_problem
+    from metakernels.ops.fast_weight_unroll import unroll_path
+
+    problem = make_problem(config, torch.float32, device, seed)
+    params, batch = problem.params, problem.batch
+    paths = [f"{backend}: " + unroll_path(
+        params["weight"], batch["support_x"], batch["support_y"], problem.inner_lr,
+        steps=problem.steps, loss=config.loss, bias=params.get("bias"),
+        queries=batch.get("readout_queries"), backend=backend)
+        for backend in metakernels.available_backends(device) if backend != "reference"]
+    return "algorithm: " + ("; ".join(paths) or "no compiled backend")
 
 
 def demo(args: argparse.Namespace, argv: list[str]) -> int:
@@ -128,6 +146,7 @@ def demo(args: argparse.Namespace, argv: list[str]) -> int:
                              device=device, measure_memory=not args.no_memory, seed=args.seed,
                              log=lambda line: print(line, flush=True))
         print(format_table(records), flush=True)
+        print(f"  {_unroll_paths(config, device, args.seed)}", flush=True)
         all_records += records
         # A metakernels backend that disagrees is a bug in it, not a missing baseline.
         failed += [r for r in records if r.contestant.startswith("metakernels:") and not r.agrees]

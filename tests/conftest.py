@@ -49,6 +49,17 @@ def rel_err(out, ref) -> float:
     return diff / scale if scale > 0 else diff
 
 
+# Mixes of the optional inputs of Case: each row turns on a different few, so that crossed with
+# the losses, x forms, orders and dtypes of a test every feature meets every other axis.
+FEATURES = [
+    dict(weight="shared", bias=None, lr_form="float"),
+    dict(weight="task", bias="shared", lr_form="full", lr_scale=True, bias_lr_scale=True, queries=3),
+    dict(weight="shared", bias="task", lr_form="steps", bias_lr_scale=True, queries=2),
+    dict(weight="task", bias=None, lr_form="tasks", lr_scale=True, queries=1),
+    dict(weight="shared", bias="shared", lr_form="scalar", lr_scale=True),
+]
+
+
 @dataclasses.dataclass(frozen=True)
 class Case:
     """One input form of fast_weight_unroll (SPEC.md section 1)."""

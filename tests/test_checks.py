@@ -179,3 +179,18 @@ def test_out_of_range_label_reaching_the_op_is_refused():
         torch.ops.metakernels.fast_weight_unroll_fwd(kwargs["weight"], kwargs["x"], labels, lr,
                                                      None, None, None, None, 1, False, False,
                                                      "cpu")
+
+
+def test_auto_takes_only_validated_backends(monkeypatch):
+    """On CUDA, ``auto`` runs the reference until the fused GPU backends have passed the GPU
+    check, and says so once; asking for a fused backend by name still gets it."""
+    from metakernels.ops import _backends
+    monkeypatch.setattr(_backends, "_unavailable", lambda name, device, dtype: None)
+    monkeypatch.setattr(_backends, "_WARNED", set())
+    cuda = torch.device("cuda")
+    assert _backends.available_backends(cuda) == ["cuda", "triton", "reference"]
+    with pytest.warns(UserWarning, match=r"backend='auto' runs the reference backend on cuda"):
+        assert _backends.resolve("auto", cuda, torch.float32) == "reference"
+    assert _backends.resolve("cuda", cuda, torch.float32) == "cuda"
+    assert _backends.resolve("triton", cuda, torch.bfloat16) == "triton"
+    assert _backends.resolve("auto", torch.device("cpu"), torch.float32) == "cpu"

@@ -10,20 +10,11 @@ import pytest
 import torch
 
 import metakernels as mk
-from conftest import (COMPILED_BACKENDS, TOLERANCE, Case, assert_close, cast_inputs, make_inputs,
-                      rel_err, run_unroll)
+from conftest import (COMPILED_BACKENDS, FEATURES, TOLERANCE, Case, assert_close, cast_inputs,
+                      make_inputs, rel_err, run_unroll)
 
 pytestmark = pytest.mark.skipif(not COMPILED_BACKENDS, reason="no compiled backend built")
 
-# Each row turns on a different mix of the optional inputs; with the axes below every feature
-# meets both losses, both x forms, both orders and both dtypes.
-FEATURES = [
-    dict(weight="shared", bias=None, lr_form="float"),
-    dict(weight="task", bias="shared", lr_form="full", lr_scale=True, bias_lr_scale=True, queries=3),
-    dict(weight="shared", bias="task", lr_form="steps", bias_lr_scale=True, queries=2),
-    dict(weight="task", bias=None, lr_form="tasks", lr_scale=True, queries=1),
-    dict(weight="shared", bias="shared", lr_form="scalar", lr_scale=True),
-]
 
 
 def check_against_reference(case: Case, dtype, backend: str, seed: int = 0) -> None:

@@ -11,32 +11,13 @@
 #include "metakernels/fast_weight.h"
 #include "metakernels/tile_math.h"
 #include "small_gemm.h"
+#include "unroll_helpers.h"
 
 namespace metakernels {
 
-namespace {
-
-template <typename T>
-void add_column_sums(int64_t rows, int64_t cols, const T* m, T scale, T* out) {
-  for (int64_t i = 0; i < rows; ++i)
-    for (int64_t j = 0; j < cols; ++j) out[j] += scale * m[i * cols + j];
-}
-
-template <typename T>
-T dot(int64_t size, const T* a, const T* b) {
-  T sum = T(0);
-  for (int64_t i = 0; i < size; ++i) sum += a[i] * b[i];
-  return sum;
-}
-
-// Where a per-task, per-step input matrix sits.
-template <typename T>
-const T* at_step(const T* base, int64_t task_stride, int64_t step_stride, int64_t task,
-                 int64_t step) {
-  return base + task * task_stride + step * step_stride;
-}
-
-}  // namespace
+using cpu::add_column_sums;
+using cpu::at_step;
+using cpu::dot;
 
 template <typename T>
 void fast_weight_unroll_forward(const UnrollDims& dims, const UnrollInputs<T>& in,

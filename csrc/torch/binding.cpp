@@ -9,6 +9,7 @@
 #include <ATen/Parallel.h>
 
 #include <limits>
+#include <string>
 #include <vector>
 
 #include "metakernels/fast_weight.h"
@@ -105,6 +106,40 @@ struct Unroll {
   }
 };
 
+// Which algorithm runs (the decision is here, not in Python: the Gram path's condition on
+// bias_lr_scale reads its values, which metakernels/ops does not do so that torch.compile traces
+// it without a graph break). The forward takes the Gram path only when no W_t is to be stored
+// (storing them costs the step loop's work anyway); the backward whenever it applies, since it
+// needs no W_t, except for bias_lr_scale's gradient, which the step loop computes.
+template <typename T>
+bool forward_runs_gram(const metakernels::UnrollDims& d, const metakernels::UnrollInputs<T>& in,
+                       bool store_states) {
+  return !store_states && d.tasks > 0 && metakernels::unroll_gram_applies(d, in);
+}
+
+template <typename T>
+bool backward_runs_gram(const metakernels::UnrollDims& d, const metakernels::UnrollInputs<T>& in,
+                        bool grad_bias_lr_scale) {
+  return !grad_bias_lr_scale && d.tasks > 0 && metakernels::unroll_gram_applies(d, in);
+}
+
+// "gram" or "steps" for the forward and the backward of a call with these arguments, as
+// "forward/backward" when they differ ("steps/gram").
+std::string unroll_path(const Tensor& weight, const Tensor& x, const Tensor& targets,
+                        const Tensor& lr, const optional<Tensor>& bias,
+                        const optional<Tensor>& lr_scale, const optional<Tensor>& bias_lr_scale,
+                        const optional<Tensor>& queries, int64_t loss, bool store_states,
+                        bool grad_bias_lr_scale) {
+  const Unroll u(weight, x, targets, lr, bias, lr_scale, bias_lr_scale, queries, loss);
+  std::string forward, backward;
+  AT_DISPATCH_FLOATING_TYPES(u.weight.scalar_type(), "unroll_path", [&] {
+    const auto in = u.inputs<scalar_t>();
+    forward = forward_runs_gram(u.dims, in, store_states) ? "gram" : "steps";
+    backward = backward_runs_gram(u.dims, in, grad_bias_lr_scale) ? "gram" : "steps";
+  });
+  return forward == backward ? forward : forward + "/" + backward;
+}
+
 std::vector<Tensor> unroll_forward(const Tensor& weight, const Tensor& x, const Tensor& targets,
                                    const Tensor& lr, const optional<Tensor>& bias,
                                    const optional<Tensor>& lr_scale,
@@ -131,8 +166,12 @@ std::vector<Tensor> unroll_forward(const Tensor& weight, const Tensor& x, const 
     out.readout = out_ptr_or_null<scalar_t>(readout);
     out.residual = residual.data_ptr<scalar_t>();
     out.states = out_ptr_or_null<scalar_t>(states);
+    const bool gram = forward_runs_gram(d, in, store_states);
     at::parallel_for(0, d.tasks, kGrainTasks, [&](int64_t begin, int64_t end) {
-      metakernels::fast_weight_unroll_forward<scalar_t>(d, in, out, begin, end);
+      if (gram)
+        metakernels::fast_weight_unroll_gram_forward<scalar_t>(d, in, out, begin, end);
+      else
+        metakernels::fast_weight_unroll_forward<scalar_t>(d, in, out, begin, end);
     });
   });
   return {weight_out, bias_out, losses, readout, residual, states};
@@ -194,8 +233,12 @@ std::vector<Tensor> unroll_backward(const Tensor& weight, const Tensor& x, const
     args.grad_lr_scale = out_ptr_or_null<scalar_t>(grad_lr_scale);
     args.grad_bias_lr_scale = out_ptr_or_null<scalar_t>(grad_bias_lr_scale);
     args.grad_queries = out_ptr_or_null<scalar_t>(grad_queries);
+    const bool gram = backward_runs_gram(d, in, wanted[6]);
     at::parallel_for(0, d.tasks, kGrainTasks, [&](int64_t begin, int64_t end) {
-      metakernels::fast_weight_unroll_backward<scalar_t>(d, in, args, begin, end);
+      if (gram)
+        metakernels::fast_weight_unroll_gram_backward<scalar_t>(d, in, args, begin, end);
+      else
+        metakernels::fast_weight_unroll_backward<scalar_t>(d, in, args, begin, end);
     });
   });
   // Shared inputs get the sum over tasks of their per-task gradients.
@@ -247,6 +290,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("unroll_forward", &unroll_forward);
   m.def("unroll_backward", &unroll_backward);
   m.def("linear_hvp", &linear_hvp);
+  m.def("unroll_path", &unroll_path,
+        "Which algorithm unroll_forward/_backward run for these arguments: 'gram' (the Gram-space "
+        "path of mse with 3-D x), 'steps' (the step loop), or 'steps/gram' (forward/backward).");
   m.def("set_poison_outputs", [](bool poison) { g_poison_outputs = poison; },
         "Fill every output with NaN before the kernels write it (for tests).");
 }

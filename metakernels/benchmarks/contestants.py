@@ -77,19 +77,28 @@ def unrolled_outer_loss(fast: dict[str, Tensor], batch: dict[str, Tensor], probl
     config = problem.config
     readouts = []
     for t in range(config.steps):
-        x_t, y_t = batch["support_x"], batch["support_y"]
-        if config.x_per_step:
-            # T's place counted from the right (-3 for x and mse targets, -2 for ce labels), so
-            # the same code serves [B, T, n, d_in] and, inside vmap, [T, n, d_in].
-            x_t = x_t.select(-3, t)
-            y_t = y_t.select(-3 if config.loss == "mse" else -2, t)
-        inner_lr = problem.inner_lr[t] if isinstance(problem.inner_lr, Tensor) else problem.inner_lr
+        x_t, y_t, inner_lr = step_inputs(batch, problem, t)
         grads = inner_grad(fast, x_t, y_t)
         fast = {name: value - inner_lr * grads[name] for name, value in fast.items()}
         if "readout_queries" in batch:
             readouts.append(model(batch["readout_queries"].select(-3, t), fast))
     readout = torch.stack(readouts, dim=-3) if readouts else None
     return outer_loss(batch, fast, readout, config.loss)
+
+
+def step_inputs(batch: dict[str, Tensor], problem: MetaProblem,
+                t: int) -> tuple[Tensor, Tensor, float | Tensor]:
+    """Step t's support rows, targets and inner lr, for a batch with or without the leading
+    ``[B]``."""
+    config = problem.config
+    x_t, y_t = batch["support_x"], batch["support_y"]
+    if config.x_per_step:
+        # T's place counted from the right (-3 for x and mse targets, -2 for ce labels), so
+        # the same code serves [B, T, n, d_in] and, inside vmap, [T, n, d_in].
+        x_t = x_t.select(-3, t)
+        y_t = y_t.select(-3 if config.loss == "mse" else -2, t)
+    inner_lr = problem.inner_lr[t] if isinstance(problem.inner_lr, Tensor) else problem.inner_lr
+    return x_t, y_t, inner_lr
 
 
 def _metakernels(backend: str) -> Contestant:
@@ -155,12 +164,16 @@ def contestant_names(device: str | torch.device = "cpu") -> list[str]:
 
 
 def get_contestant(name: str) -> Contestant:
-    """The contestant called ``name`` (see :func:`contestant_names`)."""
+    """The contestant called ``name`` (see :func:`contestant_names`; the optional peers of
+    :mod:`metakernels.benchmarks.peers` too)."""
+    from metakernels.benchmarks import peers  # it builds on this module
     if name.startswith("metakernels:"):
         return _metakernels(name.split(":", 1)[1])
     if name == "torch.func":
         return torch_func
     if name == "autograd-loop":
         return autograd_loop
+    if name in peers.PEERS:
+        return peers.PEERS[name].meta_step
     raise ValueError(f"unknown contestant {name!r}; expected metakernels:<backend>, "
-                     f"{', '.join(BASELINES)}")
+                     f"{', '.join(BASELINES + tuple(peers.PEERS))}")

@@ -15,7 +15,7 @@ from metakernels.benchmarks.configs import MetaProblem
 from metakernels.benchmarks.contestants import MetaGrad, get_contestant
 
 # SPEC.md section 5: norm-wise relative error against the float64 reference.
-TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-4}
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-2}
 
 # Odd sizes, as the tests use, so no backend is only right at multiples of a block size.
 CHECK_SIZES = dict(tasks=3, steps=4, support=5, d_in=7, d_out=6, queries=2)

@@ -1,6 +1,7 @@
 """Peak memory of one meta-step, per contestant.
 
-CUDA: ``torch.cuda.max_memory_allocated`` above what was allocated before the step, in process.
+CUDA: ``torch.cuda.max_memory_allocated`` above what was allocated before the step, after a
+reset, in process, during the timed calls (:func:`cuda_peak_bytes`; the largest over them).
 
 CPU: torch's CPU allocator keeps no peak, so each contestant runs in a fresh child process
 (``python -m metakernels.benchmarks.memory CONFIG CONTESTANT``), which builds the inputs, runs
@@ -32,13 +33,15 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from metakernels.benchmarks.configs import CONFIGS, BenchConfig, MetaProblem, make_problem
 from metakernels.benchmarks.contestants import get_contestant
 
-CUDA_METHOD = "torch.cuda.max_memory_allocated above the allocation before the step, in process"
+CUDA_METHOD = ("torch.cuda.max_memory_allocated above the allocation before the step, after a "
+               "reset, in process; the largest over the timed calls")
 RESET_METHOD = ("increase of the RSS high-water mark (VmHWM) in a child process per contestant, "
                 "reset via /proc/self/clear_refs after malloc_trim before each step, after a "
                 "warm-up step; median of 3 steps")
@@ -114,17 +117,14 @@ def measure_in_process_cpu(problem: MetaProblem, contestant: str, runs: int = 3)
     return PeakMemory(int(statistics.median(increases)), RESET_METHOD)
 
 
-def measure_cuda(problem: MetaProblem, contestant: str, runs: int = 2) -> PeakMemory:
-    device = problem.params["weight"].device
-    meta_step = get_contestant(contestant)
-    meta_step(problem)
-    torch.cuda.synchronize(device)
+def cuda_peak_bytes(fn: Callable[[], object], device: torch.device) -> int:
+    """Runs ``fn()`` and returns the caching allocator's peak above what was allocated before it.
+    The allocator counts on the host, as tensors are allocated and freed, so this needs no
+    synchronisation and can wrap a call that CUDA events are timing."""
     torch.cuda.reset_peak_memory_stats(device)
     before = torch.cuda.memory_allocated(device)
-    for _ in range(runs):
-        meta_step(problem)
-    torch.cuda.synchronize(device)
-    return PeakMemory(torch.cuda.max_memory_allocated(device) - before, CUDA_METHOD)
+    fn()
+    return torch.cuda.max_memory_allocated(device) - before
 
 
 def _child_command(config: BenchConfig, contestant: str, dtype: torch.dtype,
@@ -164,10 +164,8 @@ def measure_many(config: BenchConfig, contestants: list[str], dtype: torch.dtype
                  workers: int | None = None) -> dict[str, PeakMemory]:
     """Peak memory of every contestant. CPU children run ``workers`` at a time (default: the
     number of cores): each measures only its own process, so they do not disturb each other's
-    figures. Run this apart from any timing, which they would disturb."""
-    if torch.device(device).type == "cuda":
-        problem = make_problem(config, dtype, device, seed)
-        return {name: measure_cuda(problem, name) for name in contestants}
+    figures. Run this apart from any timing, which they would disturb. (On CUDA the peaks are
+    taken during the timed calls instead: :func:`cuda_peak_bytes`.)"""
     workers = workers or os.cpu_count() or 1
     with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
         futures = {name: pool.submit(measure_in_child, config, name, dtype, seed)

@@ -7,6 +7,7 @@ import math
 import os
 import platform
 import statistics
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -45,12 +46,23 @@ class Record:
 def run_config(config: BenchConfig, *, repeats: int, warmup: int = 3,
                dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                measure_memory: bool = True, seed: int = 0,
-               log: Callable[[str], None] = print) -> list[Record]:
-    """Records for every contestant on ``config``; the baseline is the fastest metakernels
-    backend of the device. A contestant whose meta-gradient disagrees with the reference (or that
-    raises) is recorded with ``agrees=False`` and its reason, and neither timed nor measured."""
+               log: Callable[[str], None] = print, contestants: list[str] | None = None,
+               time_budget_s: float | None = None, min_repeats: int = 3) -> list[Record]:
+    """Records for every contestant on ``config`` (default: :func:`contestant_names`); the
+    baseline is the first of them, the fastest metakernels backend of the device. A contestant
+    whose meta-gradient disagrees with the reference (or that raises, e.g. runs out of memory) is
+    recorded with ``agrees=False`` and its reason, and neither timed nor measured.
+
+    ``time_budget_s``: each contestant gets an equal share of about this many seconds of
+    timing. After its check it is called once more on its own (a warm sample that measures its
+    speed), then it joins the interleaved rounds for as many samples as its share holds, between
+    ``min_repeats`` and ``repeats``; one slower than its whole share keeps the one warm sample.
+    This is for slow baselines at full size (torch.func over T = 1024 steps takes seconds).
+
+    Peak memory: on CUDA, during the timed calls (``memory.cuda_peak_bytes``); on the CPU in a
+    child process per contestant afterwards."""
     device = torch.device(device)
-    names = contestant_names(device)
+    names = contestants if contestants is not None else contestant_names(device)
     baseline = names[0]
     dtype_name = str(dtype).replace("torch.", "")
     problem = make_problem(config, dtype, device, seed)
@@ -61,9 +73,12 @@ def run_config(config: BenchConfig, *, repeats: int, warmup: int = 3,
     for name in names:
         record = Record(config.name, name, baseline, dtype_name, str(device), math.nan, False)
         try:
-            record.rel_error = max_relative_error(get_contestant(name)(problem), reference)
+            meta_grad = get_contestant(name)(problem)
+            record.rel_error = max_relative_error(meta_grad, reference)
+            del meta_grad
         except Exception as error:  # a baseline that cannot run here is left out, not fatal
-            record.reason = f"raised {type(error).__name__}: {error}"
+            record.reason = f"raised {type(error).__name__}: {_first_line(error)}"
+            _release(device)
         else:
             record.agrees = record.rel_error <= TOLERANCE[dtype]
             if not record.agrees:
@@ -73,31 +88,96 @@ def run_config(config: BenchConfig, *, repeats: int, warmup: int = 3,
             log(f"  left out {name}: {record.reason}")
         records[name] = record
     timed = [name for name in names if records[name].agrees]
-
-    log(f"  timing {len(timed)} contestants: {repeats} interleaved repeats after "
-        f"{warmup} warm-up rounds")
-    runs = {name: (lambda meta_step=get_contestant(name): meta_step(problem)) for name in timed}
-    samples = timing.time_interleaved(runs, repeats=repeats, warmup=warmup, device=device)
-    for name, seconds in samples.items():
+    meta_steps = {name: get_contestant(name) for name in timed}
+    runs = {name: (lambda meta_step=meta_steps[name]: meta_step(problem)) for name in timed}
+    cuda_peaks: dict[str, int] | None = {} if measure_memory and device.type == "cuda" else None
+    probes: dict[str, float] = {}
+    counts: dict[str, int] | int = repeats
+    warmups: dict[str, int] | int = warmup
+    if time_budget_s is not None and timed:
+        # One warm call each, timed on its own: it sets the contestant's share of the budget and
+        # is its first sample. A contestant slower than its share is timed fewer times.
+        share = time_budget_s / len(timed)
+        for name in list(timed):
+            try:
+                probes[name] = _timed_call(runs[name], device, cuda_peaks, name)
+            except Exception as error:  # e.g. out of memory beside the others' leftovers
+                records[name].agrees = False
+                records[name].reason = f"raised {type(error).__name__}: {_first_line(error)}"
+                log(f"  left out {name}: {records[name].reason}")
+                timed.remove(name)
+                _release(device)
+        counts = {name: max(0 if probes[name] > share else min_repeats - 1,
+                            min(repeats - 1, int(share / probes[name]) - 1))
+                  for name in timed}
+        warmups = {name: warmup if probes[name] * (warmup + 1) < share else 0 for name in timed}
+        shown = ", ".join(f"{name} {counts[name] + 1}" for name in timed)
+        log(f"  timing {len(timed)} contestants, samples each (one warm call, then "
+            f"{max(counts.values(), default=0)} interleaved rounds at most, in a "
+            f"{time_budget_s:g} s budget): {shown}")
+    else:
+        log(f"  timing {len(timed)} contestants: {repeats} interleaved repeats after "
+            f"{warmup} warm-up rounds")
+    to_time = [name for name in timed if not isinstance(counts, dict) or counts[name] > 0]
+    samples = timing.time_interleaved(
+        {name: runs[name] for name in to_time},
+        repeats=counts if not isinstance(counts, dict) else {n: counts[n] for n in to_time},
+        warmup=warmups if not isinstance(warmups, dict) else {n: warmups[n] for n in to_time},
+        device=device, cuda_peaks=cuda_peaks) if to_time else {}
+    for name in timed:
+        seconds = ([probes[name]] if name in probes else []) + samples.get(name, [])
         ms = [1e3 * s for s in seconds]
         record = records[name]
         record.times_ms, record.median_ms = ms, statistics.median(ms)
         if len(ms) >= 4:
             quartiles = statistics.quantiles(ms, n=4)
             record.iqr_ms = quartiles[2] - quartiles[0]
-    if baseline in samples:
-        for name in samples:
+        if cuda_peaks is not None and name in cuda_peaks:
+            record.memory_method = memory.CUDA_METHOD
+            record.peak_mib = cuda_peaks[name] / 2**20
+    if baseline in records and records[baseline].median_ms:
+        for name in timed:
             records[name].ratio = records[name].median_ms / records[baseline].median_ms
+    del problem, reference
+    _release(device)
 
-    if measure_memory and timed:
-        where = "in process" if device.type == "cuda" else "one child process each"
-        log(f"  peak memory of {len(timed)} contestants ({where})")
+    if measure_memory and timed and device.type != "cuda":
+        log(f"  peak memory of {len(timed)} contestants (one child process each)")
         for name, peak in memory.measure_many(config, timed, dtype, device, seed).items():
             record = records[name]
             record.memory_method, record.memory_error = peak.method, peak.error
             if peak.peak_bytes is not None:
                 record.peak_mib = peak.peak_bytes / 2**20
     return list(records.values())
+
+
+def _timed_call(run: Callable[[], object], device: torch.device,
+                cuda_peaks: dict[str, int] | None, name: str) -> float:
+    """Seconds of one call, synchronised; its CUDA peak allocation goes into ``cuda_peaks``."""
+    _synchronize(device)
+    started = time.perf_counter()
+    if cuda_peaks is None:
+        run()
+    else:
+        cuda_peaks[name] = max(cuda_peaks.get(name, 0), memory.cuda_peak_bytes(run, device))
+    _synchronize(device)
+    return time.perf_counter() - started
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _release(device: torch.device) -> None:
+    """Frees what a failed or finished contestant left cached on the GPU."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else ""
 
 
 def format_table(records: list[Record]) -> str:

@@ -12,35 +12,53 @@ from typing import Callable
 
 import torch
 
+from metakernels.benchmarks import memory
 
-def time_interleaved(runs: dict[str, Callable[[], object]], *, repeats: int, warmup: int = 2,
-                     device: str | torch.device = "cpu") -> dict[str, list[float]]:
+
+def time_interleaved(runs: dict[str, Callable[[], object]], *, repeats: int | dict[str, int],
+                     warmup: int | dict[str, int] = 2, device: str | torch.device = "cpu",
+                     cuda_peaks: dict[str, int] | None = None) -> dict[str, list[float]]:
     """Seconds per call of every ``runs[name]()``, ``repeats`` samples each, after ``warmup``
-    untimed rounds. On CUDA, timed with ``torch.cuda.Event`` pairs on the current stream (one
-    synchronisation per round, not per call); on the CPU with ``time.perf_counter``."""
-    if repeats < 1:
-        raise ValueError(f"repeats must be at least 1, got {repeats}")
+    untimed rounds. ``repeats`` and ``warmup`` may differ per name (a dict): round r then runs
+    the names that still want a sample, so a slow contestant can be timed fewer times than the
+    rest. On CUDA, timed with ``torch.cuda.Event`` pairs on the current stream (one
+    synchronisation per round, not per call), and, when ``cuda_peaks`` is given, each call's peak
+    allocation above what was allocated before it goes there (the largest over the calls); on
+    the CPU with ``time.perf_counter``."""
     names = list(runs)
+    counts = repeats if isinstance(repeats, dict) else dict.fromkeys(names, repeats)
+    warmups = warmup if isinstance(warmup, dict) else dict.fromkeys(names, warmup)
+    if any(counts[name] < 1 for name in names):
+        raise ValueError(f"repeats must be at least 1, got {repeats}")
     if not names:
         return {}
     on_cuda = torch.device(device).type == "cuda"
-    for _ in range(warmup):
+    for round_ in range(max(warmups.values())):
         for name in names:
-            runs[name]()
+            if warmups[name] > round_:
+                runs[name]()
     if on_cuda:
         torch.cuda.synchronize(device)
     samples: dict[str, list[float]] = {name: [] for name in names}
-    for repeat in range(repeats):
-        shift = repeat % len(names)
-        order = names[shift:] + names[:shift]
+    for repeat in range(max(counts.values())):
+        active = [name for name in names if counts[name] > repeat]
+        shift = repeat % len(active)
+        order = active[shift:] + active[:shift]
         if on_cuda:
             events = {}
             for name in order:
                 start = torch.cuda.Event(enable_timing=True)
                 end = torch.cuda.Event(enable_timing=True)
-                start.record()
-                runs[name]()
-                end.record()
+
+                def timed_call(run=runs[name], start=start, end=end):
+                    start.record()
+                    run()
+                    end.record()
+                if cuda_peaks is None:
+                    timed_call()
+                else:
+                    peak = memory.cuda_peak_bytes(timed_call, device)
+                    cuda_peaks[name] = max(cuda_peaks.get(name, 0), peak)
                 events[name] = (start, end)
             torch.cuda.synchronize(device)
             for name, (start, end) in events.items():
@@ -51,4 +69,3 @@ def time_interleaved(runs: dict[str, Callable[[], object]], *, repeats: int, war
                 runs[name]()
                 samples[name].append(time.perf_counter() - start)
     return samples
-

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import warnings
 
 import torch
 
@@ -18,6 +19,14 @@ BACKENDS = ("auto", "reference", "cpu", "triton", "cuda")
 PREFERENCE = {
     "cpu": ("cpu", "triton", "reference"),
     "cuda": ("cuda", "triton", "reference"),
+}
+# The backends ``auto`` may pick on each device type. A fused GPU backend joins once the GPU check
+# (bench/gpu/check.sh: its GPU tests against the reference and its benchmark) has passed on a GPU.
+# Neither the Triton nor the CUDA kernels of this release has run on a GPU yet, so ``auto`` uses
+# the reference on CUDA tensors, and the fused kernels run when asked for by name.
+AUTO_CHOICES = {
+    "cpu": ("cpu", "reference"),
+    "cuda": ("reference",),
 }
 # Dtypes each compiled backend runs (SPEC.md section 3). The reference runs every dtype that
 # _checks accepts. Triton runs on CPU tensors only in its interpreter, for tests.
@@ -138,10 +147,31 @@ def resolve(backend, device: torch.device, dtype: torch.dtype) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        return available_backends(device, dtype)[0]
+        names = available_backends(device, dtype)
+        chosen = next(name for name in names
+                      if name in AUTO_CHOICES.get(device.type, ("reference",)))
+        if chosen == "reference" and names[0] != "reference":
+            _warn_unvalidated(device, names)
+        return chosen
     why = _unavailable(backend, device, dtype)
     if why is not None:
         raise RuntimeError(f"backend {backend!r} is not available for {device.type} "
                            f"{str(dtype).replace('torch.', '')} inputs: {why} (available there: "
                            f"{available_backends(device, dtype)})")
     return backend
+
+
+_WARNED: set = set()
+
+
+def _warn_unvalidated(device: torch.device, names: list[str]) -> None:
+    """Says once per device type why ``auto`` took the reference although fused kernels exist."""
+    if device.type in _WARNED:
+        return
+    _WARNED.add(device.type)
+    fused = [name for name in names if name != "reference"]
+    warnings.warn(
+        f"metakernels: backend='auto' runs the reference backend on {device.type} tensors: the "
+        f"fused {' and '.join(fused)} backend(s) of this release have not yet passed the GPU "
+        f"check on a GPU. Pass backend={fused[0]!r} to run them (see README, Backends).",
+        stacklevel=4)

@@ -10,6 +10,7 @@ exact second-order meta-gradient computed by the kernel; differentiating that ba
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Optional
 
 import torch
@@ -42,7 +43,7 @@ def fast_weight_unroll(weight: Tensor, x: Tensor, y: Tensor, lr, *, steps: int |
                        loss: str = "mse", bias: Tensor | None = None,
                        lr_scale: Tensor | None = None, bias_lr_scale: Tensor | None = None,
                        queries: Tensor | None = None, first_order: bool = False,
-                       backend: str = "auto") -> UnrollOutput:
+                       backend: str = "auto", checkpoint: bool | None = None) -> UnrollOutput:
     r"""Run T steps of gradient descent on a linear model for B tasks at once.
 
     Per task, with ``P = lr_scale`` and ``p = bias_lr_scale`` (ones when None)::
@@ -73,29 +74,112 @@ def fast_weight_unroll(weight: Tensor, x: Tensor, y: Tensor, lr, *, steps: int |
         first_order: FOMAML: drop every gradient term that passes through the inner gradient.
         backend: ``"auto"``, ``"reference"``, ``"cpu"``, ``"triton"`` or ``"cuda"``; see
             :func:`available_backends`.
+        checkpoint: the memory of the backward of a compiled backend. ``False``: the forward
+            keeps E_t, and W_t where needed, for every step. ``True``: it keeps only the fast
+            weights at the start of every segment of ``⌈√T⌉`` steps,
+            ``[⌈T/⌈√T⌉⌉ − 1, B, d_in, d_out]``, and the backward recomputes each segment with the
+            forward kernel before running the backward kernel on it (about one more forward in
+            time). ``None`` (default): ``True`` when the per-step tensors the backward would keep
+            (W_t where needed, and E_t) take more than :data:`CHECKPOINT_BYTES` (256 MiB), else
+            ``False``. Ignored by the reference backend and when no gradient is recorded.
 
     Returns:
         :class:`UnrollOutput` ``(weight, bias, losses, readout)``.
 
-    Memory (cpu backend): E_t for every step, ``[B, T, n, d_out]``, and W_t for every step,
-    ``[B, T, d_in, d_out]``, only when the backward needs them: x's gradient in second order, or
-    the queries' gradient. The reference backend keeps the whole autograd graph.
+    Memory (compiled backends, without checkpointing): E_t for every step,
+    ``[B, T, n, d_out]``, and W_t for every step, ``[B, T, d_in, d_out]``, only when the backward
+    needs them: x's gradient in second order, or the queries' gradient. With checkpointing, the
+    segment starts above plus one segment's E_t and W_t during the backward. The reference
+    backend keeps the whole autograd graph.
+
+    Algorithm (cpu backend): for mse with 3-D x, no ``lr_scale`` and ``bias_lr_scale`` absent
+    or all ones, where it is cheaper (n small next to d_in, T ≥ 2), the exact Gram-space form:
+    with ``K = X̃ X̃ᵀ / n`` (X̃ = [X 1]), ``R_{t+1} = (I − η_t K) R_t`` and
+    ``W_T = W_0 − (1/n) X̃ᵀ S R_0``, ``S = Σ_t η_t Π_{s<t}(I − η_s K)``, so the T steps cost
+    about one step plus n × n work, forward and backward (a readout adds its own products).
+    Otherwise the step loop.
+    :func:`unroll_path` says which one a call runs.
     """
-    args = _check(weight, x, y, lr, steps, loss, bias, lr_scale, bias_lr_scale, queries,
-                  first_order, backend)
-    which = _backends.resolve(backend, weight.device, weight.dtype)
-    weight, x, y, lr, steps, bias, lr_scale, bias_lr_scale, queries = args
-    if which == "reference":
+    plan = _plan(weight, x, y, lr, steps, loss, bias, lr_scale, bias_lr_scale, queries,
+                 first_order, backend, checkpoint)
+    weight, x, y, lr, steps, bias, lr_scale, bias_lr_scale, queries = plan.args
+    if plan.backend == "reference":
         return UnrollOutput(*reference.fast_weight_unroll(
             weight, x, y, lr, steps=steps, loss=loss, bias=bias, lr_scale=lr_scale,
             bias_lr_scale=bias_lr_scale, queries=queries, first_order=first_order))
-    store_states = torch.is_grad_enabled() and (
-        (x.requires_grad and not first_order) or (queries is not None and queries.requires_grad))
-    weight_t, bias_t, losses, readout, _, _ = torch.ops.metakernels.fast_weight_unroll_fwd(
-        weight, x, y, lr, bias, lr_scale, bias_lr_scale, queries, LOSS_CODES[loss], first_order,
-        store_states, which)
+    if plan.segment:
+        weight_t, bias_t, losses, readout, _, _ = torch.ops.metakernels.fast_weight_unroll_ckpt_fwd(
+            weight, x, y, lr, bias, lr_scale, bias_lr_scale, queries, LOSS_CODES[loss],
+            first_order, plan.segment, plan.backend)
+    else:
+        weight_t, bias_t, losses, readout, _, _ = torch.ops.metakernels.fast_weight_unroll_fwd(
+            weight, x, y, lr, bias, lr_scale, bias_lr_scale, queries, LOSS_CODES[loss],
+            first_order, plan.store_states, plan.backend)
     return UnrollOutput(weight_t, bias_t if bias is not None else None, losses,
                         readout if queries is not None else None)
+
+
+# Checkpoint by default above this many bytes of per-step saved tensors (checkpoint=None).
+CHECKPOINT_BYTES = 256 * 2 ** 20
+
+
+class _Plan(NamedTuple):
+    args: tuple        # the checked, normalised arguments (see _check)
+    backend: str       # the backend that runs
+    store_states: bool  # whether the backward needs W_t of every step
+    segment: int       # checkpoint segment length in steps, 0 without checkpointing
+
+
+def checkpoint_segment(steps: int) -> int:
+    """The checkpoint segment length for T steps: ⌈√T⌉."""
+    return math.isqrt(steps - 1) + 1 if steps > 1 else 1
+
+
+def _plan(weight, x, y, lr, steps, loss, bias, lr_scale, bias_lr_scale, queries, first_order,
+          backend, checkpoint) -> _Plan:
+    """Checks the arguments and decides how the call runs (from shapes and flags only, so that
+    torch.compile traces it)."""
+    if checkpoint is not None and not isinstance(checkpoint, bool):
+        raise TypeError(f"checkpoint must be None, True or False, got {type(checkpoint).__name__}")
+    args = _check(weight, x, y, lr, steps, loss, bias, lr_scale, bias_lr_scale, queries,
+                  first_order, backend)
+    weight, x, y, lr, steps, bias, lr_scale, bias_lr_scale, queries = args
+    which = _backends.resolve(backend, weight.device, weight.dtype)
+    grad = torch.is_grad_enabled()
+    store_states = grad and (
+        (x.requires_grad and not first_order) or (queries is not None and queries.requires_grad))
+    if checkpoint is None:
+        tasks, support, d_in, d_out = x.shape[0], x.shape[-2], weight.shape[-2], weight.shape[-1]
+        per_step = support * d_out + (d_in * d_out if store_states else 0)
+        itemsize = torch.finfo(state_dtype(weight.dtype)).bits // 8
+        checkpoint = tasks * steps * per_step * itemsize > CHECKPOINT_BYTES
+    segment = checkpoint_segment(steps) if checkpoint and grad and which != "reference" else 0
+    return _Plan(args, which, store_states, segment)
+
+
+def unroll_path(weight: Tensor, x: Tensor, y: Tensor, lr, *, steps: int | None = None,
+                loss: str = "mse", bias: Tensor | None = None, lr_scale: Tensor | None = None,
+                bias_lr_scale: Tensor | None = None, queries: Tensor | None = None,
+                first_order: bool = False, backend: str = "auto",
+                checkpoint: bool | None = None) -> str:
+    """Which algorithm :func:`fast_weight_unroll` runs for these arguments (in the current grad
+    mode): ``"reference"``; ``"gram"`` (the Gram-space form, cpu backend), ``"steps"`` (the
+    step loop), or ``"steps/gram"`` (a forward that stores W_t, then the Gram-space backward);
+    with `` + checkpoint(L)`` appended when the backward recomputes segments of L steps."""
+    plan = _plan(weight, x, y, lr, steps, loss, bias, lr_scale, bias_lr_scale, queries,
+                 first_order, backend, checkpoint)
+    if plan.backend == "reference":
+        return "reference"
+    weight, x, y, lr, steps, bias, lr_scale, bias_lr_scale, queries = plan.args
+    module = _backends.kernels(plan.backend)
+    path = "steps"
+    if hasattr(module, "unroll_path"):
+        # Checkpointed segments run the kernels without storing W_t in the forward.
+        path = module.unroll_path(
+            weight, x, y, lr, bias, lr_scale, bias_lr_scale, queries, LOSS_CODES[loss],
+            plan.store_states and not plan.segment,
+            bias_lr_scale is not None and bias_lr_scale.requires_grad and torch.is_grad_enabled())
+    return path + (f" + checkpoint({plan.segment})" if plan.segment else "")
 
 
 def _check(weight, x, y, lr, steps, loss, bias, lr_scale, bias_lr_scale, queries, first_order,
@@ -252,11 +336,7 @@ def _unroll_backward(ctx, grad_weight_t, grad_bias_t, _grad_losses, grad_readout
     (weight, x, y, lr, bias, lr_scale, bias_lr_scale, queries, residual, states,
      weight_t) = ctx.saved_tensors
     first_order = ctx.first_order
-    # needs_input_grad is False for absent (None) inputs; x and y get no gradient in first
-    # order, and ce labels never do.
-    flows = (True, not first_order, not first_order and ctx.loss == LOSS_CODES["mse"], True,
-             True, True, True, True)
-    wanted = [bool(need and flow) for need, flow in zip(ctx.needs_input_grad[:8], flows)]
+    wanted = _wanted_grads(ctx)
     if grad_weight_t is None:
         grad_weight_t = torch.zeros_like(weight_t)
     if (wanted[1] or wanted[7]) and states.dim() != 4:
@@ -306,3 +386,187 @@ def _no_double_backward(ctx, *grads):
 
 
 _unroll_bwd.register_autograd(_no_double_backward)
+
+
+# --- checkpointed unroll: the same kernels, segment by segment ------------------------------------
+#
+# Generic over the compiled backends: the forward runs the backend's forward kernel on segments
+# of `segment` steps, chaining W and b and keeping only each later segment's start; the backward
+# recomputes one segment at a time (its E_t, and W_t where needed) and runs the backward kernel
+# on it, the gradient of the segment's start weight and bias becoming the incoming adjoint of the
+# segment before. x, y, lr and queries are sliced per segment (3-D x is shared by all of them).
+
+def _segments(steps: int, segment: int) -> list[tuple[int, int]]:
+    return [(start, min(start + segment, steps)) for start in range(0, steps, segment)]
+
+
+def _segment_inputs(x, y, lr, queries, start, stop):
+    """x, y, lr and queries for steps [start, stop)."""
+    per_step = x.dim() == 4
+    return (x[:, start:stop] if per_step else x, y[:, start:stop] if per_step else y,
+            lr[:, start:stop], None if queries is None else queries[:, start:stop])
+
+
+@torch.library.custom_op("metakernels::fast_weight_unroll_ckpt_fwd", mutates_args=())
+def _ckpt_fwd(weight: Tensor, x: Tensor, y: Tensor, lr: Tensor, bias: Optional[Tensor],
+              lr_scale: Optional[Tensor], bias_lr_scale: Optional[Tensor],
+              queries: Optional[Tensor], loss: int, first_order: bool, segment: int,
+              backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns (W_T, b_T or [0], losses, readout or [0], the weights at the start of segments
+    1 … S−1 ``[S − 1, B, d_in, d_out]``, their biases ``[S − 1, B, d_out]`` or [0])."""
+    if loss == LOSS_CODES["ce"]:
+        _checks.check_labels("y", y, weight.shape[-1])
+    kernels = _backends.kernels(backend)
+    tasks, steps = lr.shape
+    d_in, d_out = weight.shape[-2], weight.shape[-1]
+    segments = _segments(steps, segment)
+    # Written segment by segment, so that no segment's outputs outlive it.
+    starts_w = weight.new_empty(len(segments) - 1, tasks, d_in, d_out)
+    starts_b = (weight.new_empty(len(segments) - 1, tasks, d_out) if bias is not None
+                else weight.new_empty(0))
+    losses = weight.new_empty(tasks, steps)
+    readout = (weight.new_empty(tasks, steps, queries.shape[2], d_out) if queries is not None
+               else weight.new_empty(0))
+    state_weight, state_bias = weight, bias
+    for index, (start, stop) in enumerate(segments):
+        if index > 0:
+            starts_w[index - 1] = state_weight
+            if bias is not None:
+                starts_b[index - 1] = state_bias
+        seg_x, seg_y, seg_lr, seg_queries = _segment_inputs(x, y, lr, queries, start, stop)
+        out = kernels.unroll_forward(state_weight, seg_x, seg_y, seg_lr, state_bias, lr_scale,
+                                     bias_lr_scale, seg_queries, loss, False)
+        state_weight = out[0]
+        state_bias = out[1] if bias is not None else None
+        losses[:, start:stop] = out[2]
+        if queries is not None:
+            readout[:, start:stop] = out[3]
+        del out
+    return (state_weight, state_bias if bias is not None else weight.new_empty(0), losses,
+            readout, starts_w, starts_b)
+
+
+@_ckpt_fwd.register_fake
+def _ckpt_fwd_fake(weight, x, y, lr, bias, lr_scale, bias_lr_scale, queries, loss, first_order,
+                   segment, backend):
+    tasks, steps = lr.shape
+    d_in, d_out = weight.shape[-2], weight.shape[-1]
+    starts = len(_segments(steps, segment)) - 1
+    return (
+        weight.new_empty(tasks, d_in, d_out),
+        weight.new_empty(tasks, d_out) if bias is not None else weight.new_empty(0),
+        weight.new_empty(tasks, steps),
+        weight.new_empty(tasks, steps, queries.shape[2], d_out) if queries is not None
+        else weight.new_empty(0),
+        weight.new_empty(starts, tasks, d_in, d_out),
+        weight.new_empty(starts, tasks, d_out) if bias is not None else weight.new_empty(0),
+    )
+
+
+def _ckpt_setup_context(ctx, inputs, output):
+    (weight, x, y, lr, bias, lr_scale, bias_lr_scale, queries, loss, first_order, segment,
+     backend) = inputs
+    _, _, losses, _, starts_w, starts_b = output
+    ctx.save_for_backward(weight, x, y, lr, bias, lr_scale, bias_lr_scale, queries, starts_w,
+                          starts_b)
+    ctx.loss, ctx.first_order, ctx.segment, ctx.backend = loss, first_order, segment, backend
+    ctx.mark_non_differentiable(losses, starts_w, starts_b)
+    ctx.set_materialize_grads(False)
+
+
+def _wanted_grads(ctx) -> list[bool]:
+    """Which of the 8 differentiable inputs get a gradient: needs_input_grad is False for absent
+    inputs; x and y get none in first order, and ce labels never do."""
+    first_order = ctx.first_order
+    flows = (True, not first_order, not first_order and ctx.loss == LOSS_CODES["mse"], True,
+             True, True, True, True)
+    return [bool(need and flow) for need, flow in zip(ctx.needs_input_grad[:8], flows)]
+
+
+def _ckpt_backward(ctx, grad_weight_t, grad_bias_t, _grad_losses, grad_readout, _grad_starts_w,
+                   _grad_starts_b):
+    (weight, x, y, lr, bias, lr_scale, bias_lr_scale, queries, starts_w,
+     starts_b) = ctx.saved_tensors
+    wanted = _wanted_grads(ctx)
+    if grad_weight_t is None:
+        grad_weight_t = weight.new_zeros(lr.shape[0], weight.shape[-2], weight.shape[-1])
+    grads = torch.ops.metakernels.fast_weight_unroll_ckpt_bwd(
+        weight, x, y, lr, bias, lr_scale, bias_lr_scale, queries, starts_w, starts_b,
+        grad_weight_t, grad_bias_t if bias is not None else None,
+        grad_readout if queries is not None else None, ctx.loss, ctx.first_order, wanted,
+        ctx.segment, ctx.backend)
+    return tuple(g if want else None for g, want in zip(grads, wanted)) + (None,) * 4
+
+
+_ckpt_fwd.register_autograd(_ckpt_backward, setup_context=_ckpt_setup_context)
+
+
+@torch.library.custom_op("metakernels::fast_weight_unroll_ckpt_bwd", mutates_args=())
+def _ckpt_bwd(weight: Tensor, x: Tensor, y: Tensor, lr: Tensor, bias: Optional[Tensor],
+              lr_scale: Optional[Tensor], bias_lr_scale: Optional[Tensor],
+              queries: Optional[Tensor], starts_w: Tensor, starts_b: Tensor,
+              grad_weight_t: Tensor, grad_bias_t: Optional[Tensor],
+              grad_readout: Optional[Tensor], loss: int, first_order: bool, wanted: list[bool],
+              segment: int, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor,
+                                                   Tensor, Tensor, Tensor]:
+    """The gradients of (weight, x, y, lr, bias, lr_scale, bias_lr_scale, queries) as
+    fast_weight_unroll_bwd returns them, segment by segment from the last."""
+    kernels = _backends.kernels(backend)
+    steps = lr.shape[1]
+    per_step = x.dim() == 4
+    need_states = (wanted[1] and not first_order) or wanted[7]
+    out = [weight.new_empty(0) for _ in range(8)]
+    # Per-step gradients are written slice by slice; the others are summed over segments.
+    if wanted[1] and per_step:
+        out[1] = x.new_empty(x.shape)
+    if wanted[2] and per_step:
+        out[2] = y.new_empty(y.shape)
+    if wanted[3]:
+        out[3] = lr.new_empty(lr.shape)
+    if wanted[7]:
+        out[7] = queries.new_empty(queries.shape)
+    summed = {1: not per_step, 2: not per_step, 5: True, 6: True}
+    adj_weight, adj_bias = grad_weight_t, grad_bias_t
+    segments = _segments(steps, segment)
+    for index in reversed(range(len(segments))):
+        start, stop = segments[index]
+        first = index == 0
+        seg_weight = weight if first else starts_w[index - 1]
+        seg_bias = bias if first or bias is None else starts_b[index - 1]
+        seg_x, seg_y, seg_lr, seg_queries = _segment_inputs(x, y, lr, queries, start, stop)
+        # The recomputation needs E_t (and W_t) only, not the readout: no queries.
+        fwd = kernels.unroll_forward(seg_weight, seg_x, seg_y, seg_lr, seg_bias, lr_scale,
+                                     bias_lr_scale, None, loss, need_states)
+        seg_wanted = list(wanted)
+        if not first:  # the start weight's (and bias's) gradient chains to the segment before
+            seg_wanted[0], seg_wanted[4] = True, bias is not None
+        grads = kernels.unroll_backward(
+            seg_weight, seg_x, seg_y, seg_lr, seg_bias, lr_scale, bias_lr_scale, seg_queries,
+            fwd[4], fwd[5], fwd[0], adj_weight, adj_bias,
+            None if grad_readout is None else grad_readout[:, start:stop], loss, first_order,
+            seg_wanted)
+        if first:
+            out[0], out[4] = grads[0], grads[4]
+        else:
+            adj_weight = grads[0]
+            adj_bias = grads[4] if bias is not None else None
+        for i, sliced in ((1, per_step), (2, per_step), (3, True), (7, True)):
+            if wanted[i] and sliced:
+                out[i][:, start:stop] = grads[i]
+        for i, is_summed in summed.items():
+            if wanted[i] and is_summed:
+                out[i] = grads[i] if index == len(segments) - 1 else out[i] + grads[i]
+        del fwd, grads  # one segment's recomputed states at a time
+    return tuple(out)
+
+
+@_ckpt_bwd.register_fake
+def _ckpt_bwd_fake(weight, x, y, lr, bias, lr_scale, bias_lr_scale, queries, starts_w, starts_b,
+                   grad_weight_t, grad_bias_t, grad_readout, loss, first_order, wanted, segment,
+                   backend):
+    inputs = (weight, x, y, lr, bias, lr_scale, bias_lr_scale, queries)
+    return tuple(t.new_empty(t.shape, dtype=weight.dtype) if want else weight.new_empty(0)
+                 for t, want in zip(inputs, wanted))
+
+
+_ckpt_bwd.register_autograd(_no_double_backward)

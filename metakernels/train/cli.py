@@ -106,7 +106,7 @@ def _distributed(device: str):
         dist.destroy_process_group()
 
 
-def run_train(args: argparse.Namespace) -> int:
+def run_train(args: argparse.Namespace, argv: list[str] | None = None) -> int:
     from metakernels.train.loop import NonFiniteLoss, train
     config = config_from_args(args)
     try:
@@ -146,7 +146,7 @@ def add_analyze_arguments(parser: argparse.ArgumentParser) -> None:
                        help="where to draw it (default DIR/trajectory_loss.png)")
 
 
-def run_analyze(args: argparse.Namespace) -> int:
+def run_analyze(args: argparse.Namespace, argv: list[str] | None = None) -> int:
     from metakernels.train.trajectory_loss import trajectory_loss_command
     try:
         return trajectory_loss_command(args.run, questions=args.questions, output=args.output)

@@ -92,6 +92,61 @@ void fast_weight_unroll_backward(const UnrollDims& dims, const UnrollInputs<T>& 
                                  const UnrollBackwardArgs<T>& args, int64_t task_begin,
                                  int64_t task_end);
 
+// --- The Gram-space path (mse, the same support set every step) ---------------------------------
+//
+// With mse, 3-D x, no lr_scale and bias_lr_scale absent or all ones, the bias folds into W as a
+// row (X̃ = [X 1], W̃ = [W; bᵀ]) and the residual R_t = X̃ W̃_t − Y obeys
+//   R_{t+1} = (I − η_t K) R_t,   K = X̃ X̃ᵀ / n  (n × n),
+// so with A_t = Π_{s<t} (I − η_s K) and S = Σ_t η_t A_t (polynomials in K, built by the
+// recurrence A_{t+1} = A_t − η_t K A_t, which is stable for η‖K‖ < 2 like the steps themselves):
+//   E_t = A_t R_0 / n,   W̃_T = W̃_0 − (1/n) X̃ᵀ S R_0.
+// The whole unroll costs two n × d_in × d_out products plus T n × n products; the backward
+// (second order: reverse mode through the n × n recurrence) likewise. The forward writes the
+// same outputs as fast_weight_unroll_forward, E_t for every step included, but never states.
+
+// Whether the Gram path does less arithmetic than the step loop for these sizes: per task,
+// forward plus backward, the loop costs 4T·n·d_in·d_out multiply-adds and the Gram path about
+// 4·n·d_in·d_out + 2n²·d_in + 4T·n³ + (T+3)·n²·d_out, plus, with a readout of m rows per step,
+// 4T·m·n·(d_in + d_out) + 3T·n²·d_out (the m·d_in·d_out products of the readout cost both the
+// same). Never for T = 1.
+inline bool unroll_gram_cheaper(int64_t steps, int64_t n, int64_t d_in, int64_t d_out,
+                                int64_t m = 0) {
+  const double T_ = double(steps), n_ = double(n), di = double(d_in), dout = double(d_out);
+  double gram = 4 * n_ * di * dout + 2 * n_ * n_ * di + 4 * T_ * n_ * n_ * n_ +
+                (T_ + 3) * n_ * n_ * dout;
+  if (m > 0) gram += 4 * T_ * double(m) * n_ * (di + dout) + 3 * T_ * n_ * n_ * dout;
+  return steps >= 2 && gram < 4 * T_ * n_ * di * dout;
+}
+
+// Whether the Gram path computes this call exactly and is cheaper: mse, 3-D x, no lr_scale,
+// bias_lr_scale absent or all ones (read here: the caller has the values, the Python layer does
+// not look at them), and unroll_gram_cheaper. Every lr [B, T] is a scalar per task and step, so
+// any lr qualifies; a readout (queries) is covered: O_t = Q̃_t W̃_0 − (1/n) Q̃_t X̃ᵀ S_{t+1} R_0.
+template <typename T>
+bool unroll_gram_applies(const UnrollDims& dims, const UnrollInputs<T>& in) {
+  if (dims.loss != Loss::kMse || unroll_x_per_step(in.x_step_stride) || in.lr_scale != nullptr)
+    return false;
+  if (in.bias_lr_scale != nullptr)
+    for (int64_t j = 0; j < dims.d_out; ++j)
+      if (!(in.bias_lr_scale[j] == T(1))) return false;
+  return unroll_gram_cheaper(dims.steps, dims.support, dims.d_in, dims.d_out,
+                             in.queries ? dims.queries : 0);
+}
+
+// The Gram-space forward: the outputs of fast_weight_unroll_forward (out.states must be null).
+template <typename T>
+void fast_weight_unroll_gram_forward(const UnrollDims& dims, const UnrollInputs<T>& in,
+                                     const UnrollForwardOutputs<T>& out, int64_t task_begin,
+                                     int64_t task_end);
+
+// The Gram-space backward: the gradients of fast_weight_unroll_backward for a call where
+// unroll_gram_applies holds; reads only E_0 of args.residual, never args.states. grad_lr_scale
+// and grad_bias_lr_scale must be null (the caller runs the loop when the last is wanted).
+template <typename T>
+void fast_weight_unroll_gram_backward(const UnrollDims& dims, const UnrollInputs<T>& in,
+                                      const UnrollBackwardArgs<T>& args, int64_t task_begin,
+                                      int64_t task_end);
+
 // linear_hvp: Hv = Xᵀ H_E (X V + 1 v_bᵀ) for every task (SPEC.md section 2).
 template <typename T>
 struct HvpArgs {

@@ -15,11 +15,13 @@
 namespace metakernels {
 
 // mse row: residual e = (z - y) / n in place of z; returns ½‖z − y‖² (the caller divides by n).
-template <typename T>
-MK_HOST_DEVICE inline T mse_row_residual(T* z_to_e, const T* y, int64_t d_out, T inv_n) {
+// y is anything indexable whose y[j] converts to T: a `const T*`, or (in the CUDA kernels) a
+// loader that widens bfloat16/float16 targets to the float32 state.
+template <typename T, typename YRow>
+MK_HOST_DEVICE inline T mse_row_residual(T* z_to_e, YRow y, int64_t d_out, T inv_n) {
   T half_sq = T(0);
   for (int64_t j = 0; j < d_out; ++j) {
-    const T diff = z_to_e[j] - y[j];
+    const T diff = z_to_e[j] - static_cast<T>(y[j]);
     half_sq += diff * diff;
     z_to_e[j] = diff * inv_n;
   }
@@ -86,6 +88,12 @@ MK_HOST_DEVICE inline void softmax_jacobian_row(const T* probs, const T* u, int6
   T p_dot_u = T(0);
   for (int64_t j = 0; j < d_out; ++j) p_dot_u += probs[j] * u[j];
   for (int64_t j = 0; j < d_out; ++j) out[j] = scale * probs[j] * (u[j] - p_dot_u);
+}
+
+// One element of the inner SGD step: w − η (s ∘ g), with s the Meta-SGD scale (1 without one).
+template <typename T>
+MK_HOST_DEVICE inline T sgd_step(T w, T lr, T scale, T grad) {
+  return w - lr * (scale * grad);
 }
 
 }  // namespace metakernels

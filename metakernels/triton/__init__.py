@@ -1,0 +1,14 @@
+"""metakernels' Triton backend: the eager kernels behind the ``metakernels::`` custom ops with
+``backend="triton"``, with the signatures of ``metakernels/_C.pyi``.
+
+Runs on CUDA tensors (float32, bfloat16, float16; float32 state and accumulation; float32 tl.dot
+products for float32 inputs, tf32 for half inputs), and on CPU tensors in Triton's interpreter
+(``TRITON_INTERPRET=1``, float32 and float16) for tests. What is stored for the backward, the grid
+and the shape limits: :mod:`metakernels.triton.fast_weight_unroll`.
+"""
+
+from metakernels.triton._launch import set_poison_outputs
+from metakernels.triton.fast_weight_unroll import unroll_backward, unroll_forward
+from metakernels.triton.linear_hvp import linear_hvp
+
+__all__ = ["unroll_forward", "unroll_backward", "linear_hvp", "set_poison_outputs"]
