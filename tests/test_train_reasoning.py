@@ -77,7 +77,9 @@ def test_the_answer_depends_on_the_trajectory_and_not_without_one():
     assert torch.equal(correct["prompt_ids"], corrupted["prompt_ids"])
     assert torch.equal(correct["answer"], corrupted["answer"])
     # The corrupted trajectories end on a wrong result.
-    assert (corrupted["trajectory_ids"][:, 0, -1, 4] != correct["trajectory_ids"][:, 0, -1, 4]).all()
+    final_result = (..., 0, -1, 4)   # trajectory 0, last step, the result digit
+    assert (corrupted["trajectory_ids"][final_result]
+            != correct["trajectory_ids"][final_result]).all()
     with torch.no_grad():
         a = model.inner_loop(correct).pred
         b = model.inner_loop(corrupted).pred

@@ -22,7 +22,8 @@ from metakernels.train.tasks import make_task
 # Held-out tasks come from their own stream, the same for every run, so runs compare.
 EVAL_SEED = 2 ** 31 - 1
 GENERIC_DEFAULTS = {"seed": 0, "adapt": "head"}
-CHECKPOINT, METRICS, SUMMARY, CURVES = "checkpoint.pt", "metrics.jsonl", "summary.json", "curves.png"
+CHECKPOINT, METRICS = "checkpoint.pt", "metrics.jsonl"
+SUMMARY, CURVES = "summary.json", "curves.png"
 
 
 class NonFiniteLoss(RuntimeError):
