@@ -18,9 +18,8 @@
 // nvcuda::wmma: each lane's fragment holds the WHOLE tile (num_elements = rows·cols), so loads,
 // stores, fill and mma are exact under any element mapping and element-wise loops over x[] behave
 // as on the GPU (code that depends on which lane holds which element cannot be emulated, and the
-// kernels have none). store_matrix_sync writes from each lane only the elements e ≡ lane (mod 32),
-// so a lane that reads a stored tile before __syncwarp sees what the other lanes have not yet
-// written. mma_sync truncates its operands to TF32 (as the tensor cores read them) and accumulates
+// kernels have none). store_matrix_sync writes from each lane only its share of the tile, so a
+// lane that reads a stored tile before __syncwarp sees what the other lanes have not yet written. mma_sync truncates its operands to TF32 (as the tensor cores read them) and accumulates
 // in float32; __float_to_tf32 rounds to nearest, ties away from zero (cvt.rna.tf32.f32). Alignment
 // rules of load/store (32-byte pointers, ldm a multiple of 16 bytes) are checked.
 #pragma once
@@ -371,24 +370,37 @@ inline void run_block(Block& b, unsigned threads, size_t smem_bytes, void (*body
   for (unsigned t = 0; t < threads; ++t) order[t] = int(t);
   Block* const outer = current_block();
   current_block() = &b;
+  const auto runnable = [&](int t) {
+    const Fiber& f = b.fibers[t];
+    if (f.state == Fiber::kDone) return false;
+    if (f.state == Fiber::kBlockBarrier && f.wait_generation == b.block_generation) return false;
+    if (f.state == Fiber::kWarpBarrier && f.wait_generation == b.warp_generation[t / kWarpSize])
+      return false;
+    return true;
+  };
+  std::vector<char> warp_delayed(size_t(warps), 0);
   while (b.live > 0) {
+    // A round: the runnable threads in a random order, each to its next barrier; every warp is
+    // held back with probability 1/2 (warps progress at different speeds, as on a GPU), unless
+    // that would leave nothing to run.
     std::shuffle(order.begin(), order.end(), schedule_rng());
+    bool any = false;
+    for (int t : order) any = any || runnable(t);
+    if (!any) fail("deadlock: threads wait at barriers that cannot complete");
     bool progress = false;
+    while (!progress) {
+      for (auto& d : warp_delayed) d = char(schedule_rng()() & 1u);
+      for (int t : order) progress = progress || (runnable(t) && !warp_delayed[t / kWarpSize]);
+    }
     for (int t : order) {
       Fiber& f = b.fibers[t];
-      if (f.state == Fiber::kDone) continue;
-      if (f.state == Fiber::kBlockBarrier && f.wait_generation == b.block_generation) continue;
-      if (f.state == Fiber::kWarpBarrier &&
-          f.wait_generation == b.warp_generation[t / kWarpSize])
-        continue;
+      if (!runnable(t) || warp_delayed[t / kWarpSize]) continue;
       f.state = Fiber::kReady;
       b.current = t;
       threadIdx.x = unsigned(t);
       threadIdx.y = threadIdx.z = 0;
       if (swapcontext(&b.scheduler, &f.context) != 0) fail("swapcontext failed");
-      progress = true;
     }
-    if (!progress) fail("deadlock: threads wait at barriers that cannot complete");
   }
   current_block() = outer;
 }
@@ -557,13 +569,16 @@ void load_matrix_sync(fragment<accumulator, M, N, K, float>& f, const float* p, 
       f.x[r * N + c] = layout == mem_row_major ? p[r * ldm + c] : p[c * ldm + r];
 }
 
-// Each lane stores the elements e ≡ lane (mod 32): the tile is complete only once every lane of
-// the warp has stored (readers need __syncwarp).
+// Each lane stores M·N/32 consecutive elements (lane l: e in [l·M·N/32, (l+1)·M·N/32)), a mapping
+// unlike the lane-strided epilogues of the kernels: the tile is complete only once every lane of
+// the warp has stored, so a reader that skips __syncwarp sees unwritten elements.
 template <int M, int N, int K>
 void store_matrix_sync(float* p, const fragment<accumulator, M, N, K, float>& f, unsigned ldm,
                        layout_t layout) {
   detail::check_pointer(p, ldm);
-  for (int e = int(threadIdx.x % 32); e < M * N; e += 32) {
+  constexpr int kPerLane = M * N / 32;
+  const int lane = int(threadIdx.x % 32);
+  for (int e = lane * kPerLane; e < (lane + 1) * kPerLane; ++e) {
     const int r = e / N, c = e % N;
     (layout == mem_row_major ? p[r * ldm + c] : p[c * ldm + r]) = f.x[e];
   }

@@ -430,6 +430,13 @@ int main() {
     cases.push_back(c);
   }
   {
+    Case c;  // columns beyond one warp's share: warps finish the X̂ product at different times
+    c.name = "fma wide d_out";
+    c.B = 2, c.T = 2, c.d_in = 13, c.d_out = 33, c.m = 3;
+    c.lr_scale = c.bias_lr_scale = true;
+    cases.push_back(c);
+  }
+  {
     Case c;
     c.name = "fma n=1";
     c.n = 1;
@@ -490,6 +497,21 @@ int main() {
       cases.push_back(c);
     }
   }
+  {
+    Case c;  // 16 output tiles: the two-tile strips of mma_gemm
+    c.name = "mma strips of two tiles, one split";
+    c.B = 1, c.T = 2, c.n = 16, c.d_in = 64, c.d_out = 64;
+    c.splits = 1;
+    cases.push_back(c);
+    c.name = "mma ce n=32, readout";
+    c.loss = Loss::kCrossEntropy;
+    c.n = 32, c.d_in = 16, c.m = 16;
+    c.splits = 0;
+    cases.push_back(c);
+    c.name = "mma T=1";
+    c.T = 1, c.B = 3, c.d_out = 16;
+    cases.push_back(c);
+  }
   for (const Case& c : cases) run_case(c);
 
   // A GPU without TF32 tensor cores takes the FMA kernels on aligned shapes.
@@ -504,9 +526,11 @@ int main() {
   // A working set beyond shared memory: the global-memory workspace (and no tensor cores).
   {
     mk_emu::device().max_smem_optin = 256;  // only the static shared memory fits
+    mk_emu::device().sms = 1;               // 4 CTAs: a grid-stride loop over the 6 tasks
     const int64_t allocations = mk_emu::counters().allocations;
     Case c;
     c.name = "global-memory workspace, mse";
+    c.B = 6;
     c.m = 3;
     run_case(c);
     c.name = "global-memory workspace, ce, aligned";
@@ -517,6 +541,7 @@ int main() {
     CHECK_MSG(mk_emu::counters().allocations - allocations == 4,
               std::to_string(mk_emu::counters().allocations - allocations));
     mk_emu::device().max_smem_optin = 232448;
+    mk_emu::device().sms = 132;
   }
   // More than 48 KB of dynamic shared memory: the launch needs cudaFuncSetAttribute.
   {
