@@ -108,6 +108,7 @@ struct Case {
   bool x_per_step = true, shared_weight = false, has_bias = true, shared_bias = false;
   bool lr_scale = false, bias_lr_scale = false, first_order = false;
   unsigned wanted = kAllGrads;
+  bool grad_bias_final = true, grad_readout = true;  // incoming adjoints given (else null)
   bool mma = true;
   int splits = 0;  // set_mma_splits
 };
@@ -257,8 +258,8 @@ void run_case(const Case& c) {
   hargs.states = h_states.data();
   hargs.weight_final = h_weight.data();
   hargs.grad_weight_final = gw_final.host.data();
-  hargs.grad_bias_final = c.has_bias ? gb_final.host.data() : nullptr;
-  hargs.grad_readout = queries ? g_readout.host.data() : nullptr;
+  hargs.grad_bias_final = c.has_bias && c.grad_bias_final ? gb_final.host.data() : nullptr;
+  hargs.grad_readout = queries && c.grad_readout ? g_readout.host.data() : nullptr;
   hargs.first_order = c.first_order;
   hargs.grad_weight = (wanted & kGW) ? hg_w.data() : nullptr;
   hargs.grad_bias = (wanted & kGB) ? hg_b.data() : nullptr;
@@ -278,8 +279,8 @@ void run_case(const Case& c) {
   args.states = need_states ? o_states.data() : nullptr;
   args.weight_final = o_weight.data();
   args.grad_weight_final = gw_final.device.data();
-  args.grad_bias_final = c.has_bias ? gb_final.device.data() : nullptr;
-  args.grad_readout = queries ? g_readout.device.data() : nullptr;
+  args.grad_bias_final = c.has_bias && c.grad_bias_final ? gb_final.device.data() : nullptr;
+  args.grad_readout = queries && c.grad_readout ? g_readout.device.data() : nullptr;
   args.first_order = c.first_order;
   args.grad_weight = (wanted & kGW) ? g_w.data() : nullptr;
   args.grad_bias = (wanted & kGB) ? g_b.data() : nullptr;
@@ -377,6 +378,9 @@ void test_conversions() {
 }  // namespace
 
 int main() {
+  // The emulated threads' schedule is random from a fixed seed; MK_CUDA_EMULATION_SEED changes it.
+  if (const char* seed = std::getenv("MK_CUDA_EMULATION_SEED"))
+    mk_emu::set_schedule_seed(unsigned(std::strtoul(seed, nullptr, 10)));
   test_conversions();
 
   const DType kDtypes[] = {DType::kFloat32, DType::kBFloat16, DType::kFloat16};
@@ -427,6 +431,10 @@ int main() {
     c.name = "fma grad_lr_scale without lr_scale";
     c.lr_scale = false;
     c.wanted = kGLrScale | kGW;
+    cases.push_back(c);
+    c.name = "fma readout without grad_readout, bias without grad_bias_final";
+    c.wanted = kAllGrads;
+    c.grad_readout = c.grad_bias_final = false;
     cases.push_back(c);
   }
   {
@@ -510,6 +518,17 @@ int main() {
     cases.push_back(c);
     c.name = "mma T=1";
     c.T = 1, c.B = 3, c.d_out = 16;
+    cases.push_back(c);
+    c.name = "mma mse 3-D x split columns, grad_y summed over steps";
+    c.loss = Loss::kMse;
+    c.T = 3, c.B = 2, c.d_out = 64, c.m = 0, c.n = 16;
+    c.x_per_step = false;
+    c.wanted = kGW | kGB | kGY;
+    cases.push_back(c);
+    c.name = "mma readout without grad_readout, bias without grad_bias_final";
+    c.m = 16;
+    c.wanted = kAllGrads;
+    c.grad_readout = c.grad_bias_final = false;
     cases.push_back(c);
   }
   for (const Case& c : cases) run_case(c);
