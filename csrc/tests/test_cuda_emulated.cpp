@@ -232,6 +232,7 @@ void run_case(const Case& c) {
   const bool mma_backward = mma_forward && !c.lr_scale && !(wanted & kGLrScale);
   const double tol_fwd = tolerance(c, mma_forward), tol_bwd = tolerance(c, mma_backward);
 
+  const int64_t launches_before = mk_emu::counters().launches;
   int64_t mma_before = mkc::mma_launches();
   mkc::unroll_forward(dt, dims, in, out, nullptr);
   CHECK(mkc::mma_launches() - mma_before == (mma_forward ? 1 : 0));
@@ -307,6 +308,7 @@ void run_case(const Case& c) {
   if (!(wanted & kGW)) CHECK(!std::isfinite(g_w.get(0)));
   if (!(wanted & kGX)) CHECK(!std::isfinite(g_x.get(0)));
   CHECK(mk_emu::counters().live_allocations == 0);
+  if (B == 0) CHECK(mk_emu::counters().launches == launches_before);  // nothing to run
 }
 
 void run_hvp(DType dt, int64_t B, int64_t n, int64_t d_in, int64_t d_out, Loss loss, bool has_bias,
