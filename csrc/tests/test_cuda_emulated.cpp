@@ -544,6 +544,16 @@ int main() {
     run_case(c);
     mk_emu::device().major = 9;
   }
+  // Shared memory for the FMA kernels' working set but not for the tensor-core layout (staged
+  // X, Q and per-warp tiles): aligned shapes fall back to the FMA kernels.
+  {
+    mk_emu::device().max_smem_optin = 12000;
+    Case c;
+    c.name = "aligned shape, tensor-core layout too big for shared memory";
+    c.B = 2, c.T = 2, c.n = 16, c.d_in = 16, c.d_out = 32, c.m = 16;
+    run_case(c);
+    mk_emu::device().max_smem_optin = 232448;
+  }
   // A working set beyond shared memory: the global-memory workspace (and no tensor cores).
   {
     mk_emu::device().max_smem_optin = 256;  // only the static shared memory fits
