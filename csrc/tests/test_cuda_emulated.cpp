@@ -109,6 +109,9 @@ struct Case {
   bool lr_scale = false, bias_lr_scale = false, first_order = false;
   unsigned wanted = kAllGrads;
   bool grad_bias_final = true, grad_readout = true;  // incoming adjoints given (else null)
+  // grad_lr_scale (grad_bias_lr_scale) is wanted only with lr_scale (bias_lr_scale), as from
+  // autograd, unless this is set.
+  bool scale_grads_without_scales = false;
   bool mma = true;
   int splits = 0;  // set_mma_splits
 };
@@ -198,7 +201,10 @@ void run_case(const Case& c) {
 
   const unsigned wanted = c.wanted & (ce ? ~unsigned(kGY) : kAllGrads) &
                           (queries ? kAllGrads : ~unsigned(kGQ)) &
-                          (c.has_bias ? kAllGrads : ~unsigned(kGB | kGBLrScale));
+                          (c.has_bias ? kAllGrads : ~unsigned(kGB | kGBLrScale)) &
+                          (c.lr_scale || c.scale_grads_without_scales ? kAllGrads : ~unsigned(kGLrScale)) &
+                          (c.bias_lr_scale || c.scale_grads_without_scales ? kAllGrads
+                                                                           : ~unsigned(kGBLrScale));
   const bool need_states = (!c.first_order && (wanted & kGX)) || (wanted & kGQ);
 
   // ---- forward: CPU (double) and emulated CUDA ----
@@ -430,10 +436,12 @@ int main() {
     c.name = "fma mse grad_lr, grad_y, grad_bias_lr_scale only";
     c.wanted = kGLr | kGY | kGBLrScale;
     cases.push_back(c);
-    c.name = "fma grad_lr_scale without lr_scale";
-    c.lr_scale = false;
-    c.wanted = kGLrScale | kGW;
+    c.name = "fma grad_lr_scale and grad_bias_lr_scale without the scales";
+    c.lr_scale = c.bias_lr_scale = false;
+    c.scale_grads_without_scales = true;
+    c.wanted = kGLrScale | kGBLrScale | kGW;
     cases.push_back(c);
+    c.scale_grads_without_scales = false;
     c.name = "fma readout without grad_readout, bias without grad_bias_final";
     c.wanted = kAllGrads;
     c.grad_readout = c.grad_bias_final = false;
@@ -513,6 +521,16 @@ int main() {
     c.B = 1, c.T = 2, c.n = 16, c.d_in = 64, c.d_out = 64;
     c.splits = 1;
     cases.push_back(c);
+    // Every product with more tiles than warps take half: warp strips everywhere, no K split.
+    for (DType dt : {DType::kFloat32, DType::kBFloat16})
+      for (Loss loss : {Loss::kMse, Loss::kCrossEntropy}) {
+        Case many = c;
+        many.name = "mma many tiles (strips in every product)";
+        many.dtype = dt;
+        many.loss = loss;
+        many.B = 1, many.T = 2, many.n = 48, many.d_in = 48, many.d_out = 48, many.m = 48;
+        cases.push_back(many);
+      }
     c.name = "mma ce n=32, readout";
     c.loss = Loss::kCrossEntropy;
     c.n = 32, c.d_in = 16, c.m = 16;
@@ -568,8 +586,9 @@ int main() {
     c.loss = Loss::kCrossEntropy;
     c.B = 2, c.T = 2, c.n = 16, c.d_in = 16, c.d_out = 32, c.m = 16;
     run_case(c);
+    run_hvp(DType::kFloat32, 6, 5, 7, 6, Loss::kCrossEntropy, true, true, false);
     mk_test::current_context() = "global-memory workspace";
-    CHECK_MSG(mk_emu::counters().allocations - allocations == 4,
+    CHECK_MSG(mk_emu::counters().allocations - allocations == 5,
               std::to_string(mk_emu::counters().allocations - allocations));
     mk_emu::device().max_smem_optin = 232448;
     mk_emu::device().sms = 132;
