@@ -8,8 +8,11 @@
 // (ucontext) of the calling OS thread, switched only at barriers (__syncthreads, __syncwarp,
 // the warp shuffles). Between two barriers each thread runs alone, so a kernel that reads what
 // another thread writes without a barrier in between sees an order-dependent value: the fibers run
-// in a fresh random order (seeded, set_schedule_seed) at every scheduling round, so such a race
-// shows up as a wrong result. `__shared__` is `static` (one copy per kernel instantiation, correct
+// in a fresh random order (seeded, set_schedule_seed) at every scheduling round and whole warps
+// are held back at random for rounds, so such a race shows up as a wrong result. (Removing any one
+// __syncthreads/__syncwarp of fast_weight_unroll.cu makes test_cuda_emulated fail, except seven
+// that are redundant in the current code: each guards data that only the same thread touches next,
+// or that another barrier already separates.) `__shared__` is `static` (one copy per kernel instantiation, correct
 // because blocks do not overlap); dynamic shared memory and cudaMallocAsync memory start NaN-filled
 // (0xff bytes), as on a GPU nothing initialises them. A barrier that cannot complete (threads of a
 // block at different barriers forever, or a thread that exits while others wait) aborts with a
