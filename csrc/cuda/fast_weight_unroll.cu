@@ -41,6 +41,15 @@
 #include "metakernels/cuda_kernels.h"
 #include "metakernels/tile_math.h"
 
+// Kernel launches and dynamic shared memory through macros, so that csrc/tests/cuda_emulation.h
+// (which defines its own) can run this file on the host; under nvcc they are the plain syntax.
+#ifndef MK_LAUNCH
+#define MK_LAUNCH(kernel, grid, block, smem, stream) kernel<<<grid, block, smem, stream>>>
+#define MK_DYNAMIC_SMEM(type, name) extern __shared__ type name[]
+#define MK_DYNAMIC_SMEM_ALIGNED(type, name, alignment) \
+  extern __shared__ __align__(alignment) type name[]
+#endif
+
 namespace metakernels {
 namespace cuda {
 
@@ -202,7 +211,7 @@ __global__ void __launch_bounds__(kThreads)
     unroll_forward_kernel(const UnrollDims dims, const UnrollInputs<void> in,
                           const UnrollForwardOutputs<void> out, float* workspace,
                           int64_t workspace_floats) {
-  extern __shared__ float smem[];
+  MK_DYNAMIC_SMEM(float, smem);
   __shared__ float scratch[64];
   const int n = int(dims.support), d_in = int(dims.d_in), d_out = int(dims.d_out);
   const int m = int(dims.queries);
@@ -297,7 +306,7 @@ __global__ void __launch_bounds__(kThreads)
     unroll_backward_kernel(const UnrollDims dims, const UnrollInputs<void> in,
                            const UnrollBackwardArgs<void> args, float* workspace,
                            int64_t workspace_floats) {
-  extern __shared__ float smem[];
+  MK_DYNAMIC_SMEM(float, smem);
   __shared__ float scratch[64];
   const int n = int(dims.support), d_in = int(dims.d_in), d_out = int(dims.d_out);
   const int m = int(dims.queries);
@@ -483,7 +492,7 @@ __global__ void __launch_bounds__(kThreads)
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     linear_hvp_kernel(const HvpArgs<void> args, float* workspace, int64_t workspace_floats) {
-  extern __shared__ float smem[];
+  MK_DYNAMIC_SMEM(float, smem);
   const int n = int(args.support), d_in = int(args.d_in), d_out = int(args.d_out);
   const int w_size = d_in * d_out, z_size = n * d_out;
   const bool ce = args.loss == Loss::kCrossEntropy;
@@ -774,7 +783,7 @@ __global__ void __launch_bounds__(kThreads, 2)
     unroll_forward_mma_kernel(const UnrollDims dims, const UnrollInputs<void> in,
                               const UnrollForwardOutputs<void> out, const MmaLayout L,
                               float* loss_partials) {
-  extern __shared__ __align__(128) float mma_smem[];
+  MK_DYNAMIC_SMEM_ALIGNED(float, mma_smem, 128);
   constexpr bool kSplit = std::is_same<T, float>::value;  // 3xTF32 for float32 inputs
   const int n = int(dims.support), d_in = int(dims.d_in), d_out = int(dims.d_out);
   const int m = int(dims.queries);
@@ -909,7 +918,7 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads, 2)
     unroll_backward_mma_kernel(const UnrollDims dims, const UnrollInputs<void> in,
                                const UnrollBackwardArgs<void> args, const MmaLayout L) {
-  extern __shared__ __align__(128) float mma_smem[];
+  MK_DYNAMIC_SMEM_ALIGNED(float, mma_smem, 128);
   constexpr bool kSplit = std::is_same<T, float>::value;  // 3xTF32 for float32 inputs
   const int n = int(dims.support), d_in = int(dims.d_in), d_out = int(dims.d_out);
   const int m = int(dims.queries);
@@ -1139,7 +1148,7 @@ void launch(Kernel kernel, int64_t tasks, size_t bytes, cudaStream_t stream, con
                                  static_cast<int>(bytes)),
             "cudaFuncSetAttribute(MaxDynamicSharedMemorySize)");
     const int64_t grid = std::min<int64_t>(tasks, int64_t(1) << 30);
-    kernel<<<static_cast<unsigned>(grid), kThreads, bytes, stream>>>(args..., nullptr, 0);
+    MK_LAUNCH(kernel, static_cast<unsigned>(grid), kThreads, bytes, stream)(args..., nullptr, 0);
     check(cudaGetLastError(), name);
     return;
   }
@@ -1149,7 +1158,7 @@ void launch(Kernel kernel, int64_t tasks, size_t bytes, cudaStream_t stream, con
   void* workspace = nullptr;
   check(cudaMallocAsync(&workspace, static_cast<size_t>(grid * floats) * sizeof(float), stream),
         "cudaMallocAsync(workspace)");
-  kernel<<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(
+  MK_LAUNCH(kernel, static_cast<unsigned>(grid), kThreads, 0, stream)(
       args..., static_cast<float*>(workspace), floats);
   const cudaError_t launched = cudaGetLastError();
   check(cudaFreeAsync(workspace, stream), "cudaFreeAsync(workspace)");
@@ -1246,7 +1255,7 @@ void launch_mma(Kernel kernel, int64_t tasks, int splits, size_t bytes, cudaStre
           "cudaFuncSetAttribute(MaxDynamicSharedMemorySize)");
   const dim3 grid(static_cast<unsigned>(std::min<int64_t>(tasks, int64_t(1) << 30)),
                   static_cast<unsigned>(splits));
-  kernel<<<grid, kThreads, bytes, stream>>>(args...);
+  MK_LAUNCH(kernel, grid, kThreads, bytes, stream)(args...);
   check(cudaGetLastError(), name);
   g_mma_launches.fetch_add(1);
 }
@@ -1304,9 +1313,8 @@ void unroll_forward(DType dtype, const UnrollDims& dims, const UnrollInputs<void
                      "unroll_forward_mma_kernel launch", dims, in, out, layout, partials);
           if (splits > 1) {
             const int64_t blocks = std::min<int64_t>((count + kThreads - 1) / kThreads, 4096);
-            sum_loss_partials_kernel<scalar_t><<<static_cast<unsigned>(blocks), kThreads, 0,
-                                                 stream>>>(partials, count, splits,
-                                                           1.f / float(dims.support), out.losses);
+            MK_LAUNCH(sum_loss_partials_kernel<scalar_t>, static_cast<unsigned>(blocks), kThreads,
+                      0, stream)(partials, count, splits, 1.f / float(dims.support), out.losses);
             check(cudaGetLastError(), "sum_loss_partials_kernel launch");
           }
         })
