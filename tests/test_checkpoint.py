@@ -208,3 +208,25 @@ def test_unused_outputs(backend):
     for g, w in zip(torch.autograd.grad(got.readout.sum(), leaves, allow_unused=True),
                     torch.autograd.grad(want.readout.sum(), leaves, allow_unused=True)):
         assert rel_err(g, w) < 1e-10
+
+
+@pytest.mark.parametrize("backend", COMPILED_BACKENDS)
+@pytest.mark.parametrize("per_step", [False, True], ids=["x3d", "x4d"])
+@pytest.mark.parametrize("loss", ["mse", "ce"])
+def test_task_strided_inputs(backend, per_step, loss):
+    """x and y whose tasks are strided (every other task of a larger batch, as the segments'
+    step slices are), read in place by the kernels: the same results as dense copies."""
+    case = Case(loss=loss, per_step=per_step, steps=4, weight="task", bias="task",
+                lr_form="full", queries=2)
+    inputs = make_inputs(case, seed=8)
+    strided = {}
+    for name in ("x", "y"):
+        dense = inputs[name].detach()
+        wide = torch.stack([dense, torch.full_like(dense, -7)], 1).flatten(0, 1)
+        strided[name] = wide[::2]
+        assert not strided[name].is_contiguous() and torch.equal(strided[name], dense)
+        if name == "x":
+            strided[name].requires_grad_()
+    expected = run_unroll(dict(inputs, x=inputs["x"].detach().requires_grad_(),
+                               y=inputs["y"].detach()), backend)
+    assert_close(run_unroll(dict(inputs, **strided), backend), expected, 1e-12)

@@ -45,6 +45,14 @@ optional<Tensor> contiguous_or_none(const optional<Tensor>& t) {
   return t->contiguous();
 }
 
+// x and y as the kernels read them: each task's block dense, the tasks at any stride (their
+// stride is passed on), so that a slice of steps x[:, start:stop] (checkpointed segments) is
+// read in place instead of copied.
+Tensor tasks_strided(const Tensor& t) {
+  if (t.dim() >= 2 && t.size(0) > 0 && t.select(0, 0).is_contiguous()) return t;
+  return t.contiguous();
+}
+
 Tensor no_output(const Tensor& like) { return at::empty({0}, like.options()); }
 
 // A shared [d_in, d_out] / [d_out] tensor has task stride 0; a per-task one, its matrix size.
@@ -62,8 +70,8 @@ struct Unroll {
          const optional<Tensor>& bias_, const optional<Tensor>& lr_scale_,
          const optional<Tensor>& bias_lr_scale_, const optional<Tensor>& queries_, int64_t loss)
       : weight(weight_.contiguous()),
-        x(x_.contiguous()),
-        targets(targets_.contiguous()),
+        x(tasks_strided(x_)),
+        targets(tasks_strided(targets_)),
         lr(lr_.contiguous()),
         bias(contiguous_or_none(bias_)),
         lr_scale(contiguous_or_none(lr_scale_)),
