@@ -208,7 +208,7 @@ std::vector<Tensor> unroll_backward(const Tensor& weight, const Tensor& x, const
   auto maybe = [&](bool need, at::IntArrayRef shape) {
     return need ? new_output(shape, opts) : no_output(u.weight);
   };
-  Tensor grad_weight = maybe(wanted[0], {d.tasks, d.d_in, d.d_out});
+  Tensor grad_weight = maybe(wanted[0] && weight.dim() == 3, {d.tasks, d.d_in, d.d_out});
   Tensor grad_x = maybe(wanted[1], u.x.sizes());
   Tensor grad_y = maybe(wanted[2], u.targets.sizes());
   Tensor grad_lr = maybe(wanted[3], {d.tasks, d.steps});
@@ -222,7 +222,7 @@ std::vector<Tensor> unroll_backward(const Tensor& weight, const Tensor& x, const
   const Tensor grad_weight_final_c = grad_weight_final.contiguous();
   const optional<Tensor> grad_bias_final_c = contiguous_or_none(grad_bias_final);
   const optional<Tensor> grad_readout_c = contiguous_or_none(grad_readout);
-
+  bool sum_per_thread = false;
   AT_DISPATCH_FLOATING_TYPES(u.weight.scalar_type(), "fast_weight_unroll_backward", [&] {
     const auto in = u.inputs<scalar_t>();
     metakernels::UnrollBackwardArgs<scalar_t> args;
@@ -242,8 +242,23 @@ std::vector<Tensor> unroll_backward(const Tensor& weight, const Tensor& x, const
     args.grad_bias_lr_scale = out_ptr_or_null<scalar_t>(grad_bias_lr_scale);
     args.grad_queries = out_ptr_or_null<scalar_t>(grad_queries);
     const bool gram = backward_runs_gram(d, in, wanted[6]);
+    // A shared init on the Gram path: each thread sums its tasks' gradients into its own
+    // [d_in, d_out] slot, instead of every task writing [d_in, d_out] to be reduced after.
+    sum_per_thread = gram && wanted[0] && weight.dim() == 2;
+    if (sum_per_thread) {
+      grad_weight = at::zeros({at::get_num_threads(), d.d_in, d.d_out}, opts);
+    } else if (wanted[0] && weight.dim() == 2) {
+      grad_weight = new_output({d.tasks, d.d_in, d.d_out}, opts);
+      args.grad_weight = grad_weight.data_ptr<scalar_t>();
+    }
     at::parallel_for(0, d.tasks, kGrainTasks, [&](int64_t begin, int64_t end) {
-      if (gram)
+      if (gram && sum_per_thread) {
+        auto mine = args;
+        mine.grad_weight =
+            grad_weight.data_ptr<scalar_t>() + at::get_thread_num() * d.d_in * d.d_out;
+        mine.sum_grad_weight = true;
+        metakernels::fast_weight_unroll_gram_backward<scalar_t>(d, in, mine, begin, end);
+      } else if (gram)
         metakernels::fast_weight_unroll_gram_backward<scalar_t>(d, in, args, begin, end);
       else
         metakernels::fast_weight_unroll_backward<scalar_t>(d, in, args, begin, end);
