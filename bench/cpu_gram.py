@@ -83,17 +83,43 @@ def median_ms(samples: list[float]) -> float:
     return statistics.median(samples) * 1e3
 
 
+def outer_loss_alone(problem: MetaProblem):
+    """The meta-step with a free fused op: the outer loss and its backward from precomputed
+    outputs of the op (leaves), i.e. the part of every metakernels contestant's time that the
+    kernels cannot remove."""
+    params, batch = problem.params, problem.batch
+    with torch.no_grad():
+        out = metakernels.fast_weight_unroll(
+            params["weight"], batch["support_x"], batch["support_y"], problem.inner_lr,
+            steps=problem.steps, loss=problem.config.loss, bias=params.get("bias"),
+            queries=batch.get("readout_queries"), backend="cpu")
+    fast = {"weight": out.weight.requires_grad_()}
+    if out.bias is not None:
+        fast["bias"] = out.bias.requires_grad_()
+    readout = None if out.readout is None else out.readout.requires_grad_()
+    leaves = tuple(fast.values()) + ((readout,) if readout is not None else ())
+
+    def step():
+        meta_loss = outer_loss(batch, fast, readout, problem.config.loss)
+        return torch.autograd.grad(meta_loss, leaves, allow_unused=True)
+    return step
+
+
 def speed(config_name: str, repeats: int, log) -> None:
     problem = make_problem(CONFIGS[config_name])
     names = ["metakernels:cpu", "torch.func", "metakernels:reference"]
     runs = {name: (lambda step=get_contestant(name): step(problem)) for name in names}
+    runs["outer loss alone"] = outer_loss_alone(problem)
     samples = timing.time_interleaved(runs, repeats=repeats, warmup=3)
     base = median_ms(samples["metakernels:cpu"])
     log(f"\n{config_name}: {CONFIGS[config_name].describe()}; cpu path: {cpu_path(problem)}")
     log(f"  {'contestant':<24}{'median ms':>10}{'x cpu':>8}")
-    for name in names:
+    for name in runs:
         ms = median_ms(samples[name])
         log(f"  {name:<24}{ms:>10.3f}{ms / base:>8.2f}")
+    floor = median_ms(samples["outer loss alone"])
+    log(f"  torch.func / outer loss alone: {median_ms(samples['torch.func']) / floor:.1f} "
+        "(the ratio a free fused op would reach)")
 
 
 def kernels_alone(repeats: int, log) -> None:
@@ -133,23 +159,36 @@ def long_trajectory(setting: str, repeats: int, log) -> None:
     runs = {name: (lambda c=checkpoint: long_meta_step(problem, leaves, c))
             for name, checkpoint in variants.items()}
     samples = timing.time_interleaved(runs, repeats=repeats, warmup=1)
+    inputs = sum(t.numel() * t.element_size()
+                 for t in (*problem.params.values(), *problem.batch.values()))
     del problem, runs
     peaks = {(name, scope): child_peak(setting, checkpoint, scope)
              for name, checkpoint in variants.items() for scope in SCOPES}
+    for name in variants:  # the meta-step's peak with its inputs (x, y, queries, targets, init)
+        peaks[name, "meta-step + inputs"] = peaks[name, "meta-step"] + inputs
+    scopes = ("meta-step + inputs", *SCOPES)
     base_ms = median_ms(samples["store every step"])
     log(f"  {'variant':<18}{'median ms':>10}{'time ratio':>11}" +
-        "".join(f"{'peak MiB ' + scope:>22}{'ratio':>7}" for scope in SCOPES))
+        "".join(f"{'peak MiB ' + scope:>{max(22, len(scope) + 11)}}{'ratio':>7}"
+                for scope in scopes))
     for name in variants:
         ms = median_ms(samples[name])
         row = f"  {name:<18}{ms:>10.1f}{ms / base_ms:>11.2f}"
-        for scope in SCOPES:
+        for scope in scopes:
             peak, base = peaks[name, scope], peaks["store every step", scope]
-            row += f"{peak / 2**20:>22.1f}{peak / base:>7.3f}"
+            row += f"{peak / 2**20:>{max(22, len(scope) + 11)}.1f}{peak / base:>7.3f}"
         log(row)
+    outer = child_peak(setting, False, "outer")
+    log(f"  the outer loss alone (forward + backward from a given readout): {outer / 2**20:.1f} "
+        f"MiB, {outer / peaks['store every step', 'meta-step']:.3f} of store-every-step's "
+        "meta-step peak: no fused op can bring the meta-step below it")
 
 
-# What the peak covers: the whole meta-step (outer loss included), or the fused op alone
-# (fixed cotangents for W_T and the readout, allocated before the measurement).
+# What the peak covers (above the inputs already resident): the whole meta-step (outer loss
+# included), or the fused op alone (fixed cotangents for W_T and the readout, allocated before
+# the measurement). memory_child also measures "outer", the outer loss alone (its forward and
+# backward from a readout computed before the measurement: the part of the meta-step's peak that
+# the op cannot remove).
 SCOPES = ("meta-step", "op")
 
 
@@ -166,7 +205,20 @@ def memory_child(setting: str, checkpoint: bool, scope: str) -> int:
     leaves = LONG_LEAVES[setting]
     problem = long_problem(leaves)
     cotangents = op_cotangents(problem) if scope == "op" else None
-    long_meta_step(problem, leaves, checkpoint, cotangents)
+    if scope == "outer":
+        params, batch = problem.params, problem.batch
+        with torch.no_grad():
+            readout = metakernels.fast_weight_unroll(
+                params["weight"], batch["support_x"], batch["support_y"], problem.inner_lr,
+                queries=batch["readout_queries"], backend="cpu").readout.requires_grad_()
+
+        def run():
+            meta_loss = outer_loss(problem.batch, {}, readout, "mse")
+            return torch.autograd.grad(meta_loss, readout)
+    else:
+        def run():
+            return long_meta_step(problem, leaves, checkpoint, cotangents)
+    run()
     increases = []
     for _ in range(3):
         gc.collect()
@@ -174,7 +226,7 @@ def memory_child(setting: str, checkpoint: bool, scope: str) -> int:
         if not memory._reset_high_water_mark():
             raise SystemExit("cannot reset the RSS high-water mark (/proc/self/clear_refs)")
         before = memory._status_bytes("VmRSS")
-        long_meta_step(problem, leaves, checkpoint, cotangents)
+        run()
         increases.append(memory._status_bytes("VmHWM") - before)
     return int(statistics.median(increases))
 

@@ -93,6 +93,36 @@ def test_keeps_only_segment_starts():
     assert kept == {torch.Size([3, B, d_in, d_out]), torch.Size([3, B, d_out])}
 
 
+@pytest.mark.parametrize("backend", COMPILED_BACKENDS)
+def test_backward_recomputes_sub_segments(backend, monkeypatch):
+    """Where the backward needs W_t (the queries' gradient), a segment of L steps is recomputed
+    in sub-segments of ⌈√L⌉: with T = 30 (segments of 6), no kernel call stores the W_t of more
+    than 3 steps at once; the gradients equal store-every-step's."""
+    case = Case(per_step=True, tasks=2, steps=30, support=3, d_in=6, d_out=5, weight="task",
+                bias="task", lr_form="full", queries=2)
+    inputs = make_inputs(case, seed=4)
+    expected = run_unroll(dict(inputs, checkpoint=False), backend)
+    real = unroll_module._backends.kernels
+    stored_steps = []
+
+    class Recorder:
+        def __init__(self, module):
+            self.module = module
+
+        def unroll_forward(self, *args):
+            if args[-1]:  # store_states
+                stored_steps.append(args[3].shape[1])
+            return self.module.unroll_forward(*args)
+
+        def unroll_backward(self, *args):
+            return self.module.unroll_backward(*args)
+
+    monkeypatch.setattr(unroll_module._backends, "kernels", lambda name: Recorder(real(name)))
+    result = run_unroll(dict(inputs, checkpoint=True), backend)
+    assert stored_steps and max(stored_steps) == 3
+    assert_close(result, expected, 1e-12)
+
+
 def test_default_heuristic(monkeypatch):
     """checkpoint=None checkpoints when the per-step saved tensors pass CHECKPOINT_BYTES, and
     never without a gradient or on the reference backend."""
@@ -178,3 +208,25 @@ def test_unused_outputs(backend):
     for g, w in zip(torch.autograd.grad(got.readout.sum(), leaves, allow_unused=True),
                     torch.autograd.grad(want.readout.sum(), leaves, allow_unused=True)):
         assert rel_err(g, w) < 1e-10
+
+
+@pytest.mark.parametrize("backend", COMPILED_BACKENDS)
+@pytest.mark.parametrize("per_step", [False, True], ids=["x3d", "x4d"])
+@pytest.mark.parametrize("loss", ["mse", "ce"])
+def test_task_strided_inputs(backend, per_step, loss):
+    """x and y whose tasks are strided (every other task of a larger batch, as the segments'
+    step slices are), read in place by the kernels: the same results as dense copies."""
+    case = Case(loss=loss, per_step=per_step, steps=4, weight="task", bias="task",
+                lr_form="full", queries=2)
+    inputs = make_inputs(case, seed=8)
+    strided = {}
+    for name in ("x", "y"):
+        dense = inputs[name].detach()
+        wide = torch.stack([dense, torch.full_like(dense, -7)], 1).flatten(0, 1)
+        strided[name] = wide[::2]
+        assert not strided[name].is_contiguous() and torch.equal(strided[name], dense)
+        if name == "x":
+            strided[name].requires_grad_()
+    expected = run_unroll(dict(inputs, x=inputs["x"].detach().requires_grad_(),
+                               y=inputs["y"].detach()), backend)
+    assert_close(run_unroll(dict(inputs, **strided), backend), expected, 1e-12)

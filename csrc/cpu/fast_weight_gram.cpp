@@ -239,10 +239,14 @@ void fast_weight_unroll_gram_backward(const UnrollDims& dims, const UnrollInputs
     }
 
     // The readout's direct terms: Ŵ_0 += Σ_t Q_tᵀ Ô_t, b̂_0 += Σ_t 1ᵀ Ô_t (first order too).
-    T* grad_weight = args.grad_weight ? args.grad_weight + b * w_size : nullptr;
+    T* grad_weight =
+        args.grad_weight ? args.grad_weight + (args.sum_grad_weight ? 0 : b * w_size) : nullptr;
     T* grad_bias = args.grad_bias ? args.grad_bias + b * d_out : nullptr;
     if (grad_weight) {
-      std::memcpy(grad_weight, w_adj, sizeof(T) * w_size);
+      if (args.sum_grad_weight)
+        for (int64_t k = 0; k < w_size; ++k) grad_weight[k] += w_adj[k];
+      else
+        std::memcpy(grad_weight, w_adj, sizeof(T) * w_size);
       if (m)
         cpu::gemm_tn<T>(d_in, T_ * m, d_out, T(1), queries, d_in, nullptr, readout_adj, d_out,
                         true, grad_weight, d_out);

@@ -45,6 +45,14 @@ optional<Tensor> contiguous_or_none(const optional<Tensor>& t) {
   return t->contiguous();
 }
 
+// x and y as the kernels read them: each task's block dense, the tasks at any stride (their
+// stride is passed on), so that a slice of steps x[:, start:stop] (checkpointed segments) is
+// read in place instead of copied.
+Tensor tasks_strided(const Tensor& t) {
+  if (t.dim() >= 2 && t.size(0) > 0 && t.select(0, 0).is_contiguous()) return t;
+  return t.contiguous();
+}
+
 Tensor no_output(const Tensor& like) { return at::empty({0}, like.options()); }
 
 // A shared [d_in, d_out] / [d_out] tensor has task stride 0; a per-task one, its matrix size.
@@ -62,8 +70,8 @@ struct Unroll {
          const optional<Tensor>& bias_, const optional<Tensor>& lr_scale_,
          const optional<Tensor>& bias_lr_scale_, const optional<Tensor>& queries_, int64_t loss)
       : weight(weight_.contiguous()),
-        x(x_.contiguous()),
-        targets(targets_.contiguous()),
+        x(tasks_strided(x_)),
+        targets(tasks_strided(targets_)),
         lr(lr_.contiguous()),
         bias(contiguous_or_none(bias_)),
         lr_scale(contiguous_or_none(lr_scale_)),
@@ -200,7 +208,7 @@ std::vector<Tensor> unroll_backward(const Tensor& weight, const Tensor& x, const
   auto maybe = [&](bool need, at::IntArrayRef shape) {
     return need ? new_output(shape, opts) : no_output(u.weight);
   };
-  Tensor grad_weight = maybe(wanted[0], {d.tasks, d.d_in, d.d_out});
+  Tensor grad_weight = maybe(wanted[0] && weight.dim() == 3, {d.tasks, d.d_in, d.d_out});
   Tensor grad_x = maybe(wanted[1], u.x.sizes());
   Tensor grad_y = maybe(wanted[2], u.targets.sizes());
   Tensor grad_lr = maybe(wanted[3], {d.tasks, d.steps});
@@ -214,7 +222,7 @@ std::vector<Tensor> unroll_backward(const Tensor& weight, const Tensor& x, const
   const Tensor grad_weight_final_c = grad_weight_final.contiguous();
   const optional<Tensor> grad_bias_final_c = contiguous_or_none(grad_bias_final);
   const optional<Tensor> grad_readout_c = contiguous_or_none(grad_readout);
-
+  bool sum_per_thread = false;
   AT_DISPATCH_FLOATING_TYPES(u.weight.scalar_type(), "fast_weight_unroll_backward", [&] {
     const auto in = u.inputs<scalar_t>();
     metakernels::UnrollBackwardArgs<scalar_t> args;
@@ -234,8 +242,23 @@ std::vector<Tensor> unroll_backward(const Tensor& weight, const Tensor& x, const
     args.grad_bias_lr_scale = out_ptr_or_null<scalar_t>(grad_bias_lr_scale);
     args.grad_queries = out_ptr_or_null<scalar_t>(grad_queries);
     const bool gram = backward_runs_gram(d, in, wanted[6]);
+    // A shared init on the Gram path: each thread sums its tasks' gradients into its own
+    // [d_in, d_out] slot, instead of every task writing [d_in, d_out] to be reduced after.
+    sum_per_thread = gram && wanted[0] && weight.dim() == 2;
+    if (sum_per_thread) {
+      grad_weight = at::zeros({at::get_num_threads(), d.d_in, d.d_out}, opts);
+    } else if (wanted[0] && weight.dim() == 2) {
+      grad_weight = new_output({d.tasks, d.d_in, d.d_out}, opts);
+      args.grad_weight = grad_weight.data_ptr<scalar_t>();
+    }
     at::parallel_for(0, d.tasks, kGrainTasks, [&](int64_t begin, int64_t end) {
-      if (gram)
+      if (gram && sum_per_thread) {
+        auto mine = args;
+        mine.grad_weight =
+            grad_weight.data_ptr<scalar_t>() + at::get_thread_num() * d.d_in * d.d_out;
+        mine.sum_grad_weight = true;
+        metakernels::fast_weight_unroll_gram_backward<scalar_t>(d, in, mine, begin, end);
+      } else if (gram)
         metakernels::fast_weight_unroll_gram_backward<scalar_t>(d, in, args, begin, end);
       else
         metakernels::fast_weight_unroll_backward<scalar_t>(d, in, args, begin, end);

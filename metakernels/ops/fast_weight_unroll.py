@@ -79,7 +79,9 @@ def fast_weight_unroll(weight: Tensor, x: Tensor, y: Tensor, lr, *, steps: int |
             weights at the start of every segment of ``⌈√T⌉`` steps,
             ``[⌈T/⌈√T⌉⌉ − 1, B, d_in, d_out]``, and the backward recomputes each segment with the
             forward kernel before running the backward kernel on it (about one more forward in
-            time). ``None`` (default): ``True`` when the per-step tensors the backward would keep
+            time); where the backward needs W_t, a segment of L steps is recomputed in turn in
+            sub-segments of ``⌈√L⌉`` steps (one forward more, and about 2√L W_t at once instead
+            of L). ``None`` (default): ``True`` when the per-step tensors the backward would keep
             (W_t where needed, and E_t) take more than :data:`CHECKPOINT_BYTES` (256 MiB), else
             ``False``. Ignored by the reference backend and when no gradient is recorded.
 
@@ -89,7 +91,8 @@ def fast_weight_unroll(weight: Tensor, x: Tensor, y: Tensor, lr, *, steps: int |
     Memory (compiled backends, without checkpointing): E_t for every step,
     ``[B, T, n, d_out]``, and W_t for every step, ``[B, T, d_in, d_out]``, only when the backward
     needs them: x's gradient in second order, or the queries' gradient. With checkpointing, the
-    segment starts above plus one segment's E_t and W_t during the backward. The reference
+    segment starts above, and during the backward one segment's E_t and, where needed, its
+    sub-segment starts and one sub-segment's W_t. The reference
     backend keeps the whole autograd graph.
 
     Algorithm (cpu backend): for mse with 3-D x, no ``lr_scale`` and ``bias_lr_scale`` absent
@@ -511,7 +514,23 @@ def _ckpt_bwd(weight: Tensor, x: Tensor, y: Tensor, lr: Tensor, bias: Optional[T
                                                    Tensor, Tensor, Tensor]:
     """The gradients of (weight, x, y, lr, bias, lr_scale, bias_lr_scale, queries) as
     fast_weight_unroll_bwd returns them, segment by segment from the last."""
-    kernels = _backends.kernels(backend)
+    starts = [(weight, bias)] + [(starts_w[i], starts_b[i] if bias is not None else None)
+                                 for i in range(starts_w.shape[0])]
+    return _backward_by_segments(
+        _backends.kernels(backend), starts, x, y, lr, lr_scale, bias_lr_scale, queries,
+        grad_weight_t, grad_bias_t, grad_readout, loss, first_order, wanted, segment, nest=True)
+
+
+def _backward_by_segments(kernels, starts, x, y, lr, lr_scale, bias_lr_scale, queries,
+                          adj_weight, adj_bias, grad_readout, loss, first_order, wanted, segment,
+                          nest):
+    """unroll_backward's gradients for the steps of ``lr`` (x, y, queries and grad_readout
+    cover the same steps), from the (weight, bias) at the start of each segment of ``segment``
+    steps, ``starts``. Each segment's W_t are recomputed and dropped before the one before it;
+    with ``nest``, a segment longer than 2 steps is itself recomputed in sub-segments of
+    ⌈√L⌉ steps from starts found by a forward over it (one more forward, and the W_t held at
+    once drop from L to about 2√L)."""
+    weight, bias = starts[0]
     steps = lr.shape[1]
     per_step = x.dim() == 4
     need_states = (wanted[1] and not first_order) or wanted[7]
@@ -526,37 +545,53 @@ def _ckpt_bwd(weight: Tensor, x: Tensor, y: Tensor, lr: Tensor, bias: Optional[T
     if wanted[7]:
         out[7] = queries.new_empty(queries.shape)
     summed = {1: not per_step, 2: not per_step, 5: True, 6: True}
-    adj_weight, adj_bias = grad_weight_t, grad_bias_t
     segments = _segments(steps, segment)
     for index in reversed(range(len(segments))):
         start, stop = segments[index]
         first = index == 0
-        seg_weight = weight if first else starts_w[index - 1]
-        seg_bias = bias if first or bias is None else starts_b[index - 1]
+        seg_weight, seg_bias = starts[index]
         seg_x, seg_y, seg_lr, seg_queries = _segment_inputs(x, y, lr, queries, start, stop)
-        # The recomputation needs E_t (and W_t) only, not the readout: no queries.
-        fwd = kernels.unroll_forward(seg_weight, seg_x, seg_y, seg_lr, seg_bias, lr_scale,
-                                     bias_lr_scale, None, loss, need_states)
+        seg_readout = None if grad_readout is None else grad_readout[:, start:stop]
         seg_wanted = list(wanted)
         if not first:  # the start weight's (and bias's) gradient chains to the segment before
-            seg_wanted[0], seg_wanted[4] = True, bias is not None
-        grads = kernels.unroll_backward(
-            seg_weight, seg_x, seg_y, seg_lr, seg_bias, lr_scale, bias_lr_scale, seg_queries,
-            fwd[4], fwd[5], fwd[0], adj_weight, adj_bias,
-            None if grad_readout is None else grad_readout[:, start:stop], loss, first_order,
-            seg_wanted)
+            seg_wanted[0], seg_wanted[4] = True, seg_bias is not None
+        length = stop - start
+        sub = checkpoint_segment(length)
+        if nest and need_states and sub < length:
+            # The sub-segments' starts, by a forward without W_t or readout.
+            sub_starts = [(seg_weight, seg_bias)]
+            for sub_start, sub_stop in _segments(length, sub)[:-1]:
+                w, b = sub_starts[-1]
+                sx, sy, slr, _ = _segment_inputs(seg_x, seg_y, seg_lr, None, sub_start, sub_stop)
+                fwd = kernels.unroll_forward(w, sx, sy, slr, b, lr_scale, bias_lr_scale, None,
+                                             loss, False)
+                sub_starts.append((fwd[0], fwd[1] if b is not None else None))
+                del fwd
+            grads = _backward_by_segments(
+                kernels, sub_starts, seg_x, seg_y, seg_lr, lr_scale, bias_lr_scale, seg_queries,
+                adj_weight, adj_bias, seg_readout, loss, first_order, seg_wanted, sub, nest=False)
+            del sub_starts
+        else:
+            # The recomputation needs E_t (and W_t) only, not the readout: no queries.
+            fwd = kernels.unroll_forward(seg_weight, seg_x, seg_y, seg_lr, seg_bias, lr_scale,
+                                         bias_lr_scale, None, loss, need_states)
+            grads = kernels.unroll_backward(
+                seg_weight, seg_x, seg_y, seg_lr, seg_bias, lr_scale, bias_lr_scale, seg_queries,
+                fwd[4], fwd[5], fwd[0], adj_weight, adj_bias, seg_readout, loss, first_order,
+                seg_wanted)
+            del fwd  # one segment's recomputed states at a time
         if first:
             out[0], out[4] = grads[0], grads[4]
         else:
             adj_weight = grads[0]
-            adj_bias = grads[4] if bias is not None else None
+            adj_bias = grads[4] if seg_bias is not None else None
         for i, sliced in ((1, per_step), (2, per_step), (3, True), (7, True)):
             if wanted[i] and sliced:
                 out[i][:, start:stop] = grads[i]
         for i, is_summed in summed.items():
             if wanted[i] and is_summed:
                 out[i] = grads[i] if index == len(segments) - 1 else out[i] + grads[i]
-        del fwd, grads  # one segment's recomputed states at a time
+        del grads
     return tuple(out)
 
 

@@ -77,6 +77,9 @@ struct UnrollBackwardArgs {
   T* grad_lr_scale = nullptr;       // [B, d_in, d_out], per task
   T* grad_bias_lr_scale = nullptr;  // [B, d_out], per task
   T* grad_queries = nullptr;        // [B, T, m, d_in]
+  // The Gram backward only: grad_weight is one [d_in, d_out] sum that every task of the call
+  // adds its gradient to (a shared init: no [B, d_in, d_out] buffer to write and reduce).
+  bool sum_grad_weight = false;
 };
 
 // x given per step (4-D) or once for all steps (3-D): decides the dense layout of grad_x/grad_y.
