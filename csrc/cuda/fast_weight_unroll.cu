@@ -205,6 +205,32 @@ __device__ __forceinline__ T* typed_out(void* p) {
   return static_cast<T*>(p);
 }
 
+// Q̂_t = Ô_t W_{t+1}ᵀ for task b, step t, from global memory: W_{t+1} is the saved state
+// states[b, t+1] (float32) before the last step and weight_final[b] (T) after it.
+template <typename T>
+__device__ __forceinline__ void readout_query_grad(int m, int d_in, int d_out, const T* o_adj,
+                                                   const float* states,
+                                                   const T* weight_final, int64_t b,
+                                                   int64_t steps, int64_t t, float* grad_queries) {
+  const int64_t w_size = int64_t(d_in) * d_out;
+  float* gq = grad_queries + (b * steps + t) * m * d_in;
+  if (t + 1 < steps) {
+    const float* w_next = states + (b * steps + t + 1) * w_size;
+    gemm_nt_warp(m, d_in, d_out,
+                 [&](int i, int k, int j) {
+                   return ld(o_adj, int64_t(i) * d_out + j) * w_next[k * d_out + j];
+                 },
+                 [&](int o, float v) { gq[o] = v; });
+  } else {
+    const T* w_next = weight_final + b * w_size;
+    gemm_nt_warp(m, d_in, d_out,
+                 [&](int i, int k, int j) {
+                   return ld(o_adj, int64_t(i) * d_out + j) * ld(w_next, k * d_out + j);
+                 },
+                 [&](int o, float v) { gq[o] = v; });
+  }
+}
+
 // ---- forward ---------------------------------------------------------------------------------
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
@@ -374,24 +400,9 @@ __global__ void __launch_bounds__(kThreads)
       if (queries && grad_readout) {
         const T* q = queries + (b * steps + t) * m * d_in;
         const T* o_adj = grad_readout + (b * steps + t) * m * d_out;
-        if (grad_queries) {
-          float* gq = grad_queries + (b * steps + t) * m * d_in;
-          if (t + 1 < steps) {
-            const float* w_next = states + (b * steps + t + 1) * w_size;
-            gemm_nt_warp(m, d_in, d_out,
-                         [&](int i, int k, int j) {
-                           return ld(o_adj, int64_t(i) * d_out + j) * w_next[k * d_out + j];
-                         },
-                         [&](int o, float v) { gq[o] = v; });
-          } else {
-            const T* w_next = weight_final + b * w_size;
-            gemm_nt_warp(m, d_in, d_out,
-                         [&](int i, int k, int j) {
-                           return ld(o_adj, int64_t(i) * d_out + j) * ld(w_next, k * d_out + j);
-                         },
-                         [&](int o, float v) { gq[o] = v; });
-          }
-        }
+        if (grad_queries)
+          readout_query_grad(m, d_in, d_out, o_adj, states, weight_final, b, steps, t,
+                             grad_queries);
         gemm_tn(m, d_in, d_out, q, d_in, o_adj, [&](int idx, float v) { Wa[idx] += v; });
         if (has_bias)
           for (int j = threadIdx.x; j < d_out; j += blockDim.x) {
@@ -991,24 +1002,9 @@ __global__ void __launch_bounds__(kThreads, 2)
         const T* o_adj = grad_readout + bt * m * d_out;
         stage_rows(Q, L.ldx, queries + bt * m * d_in, d_in, m, d_in);
         stage_rows(O, L.ldz, o_adj + c0, d_out, m, dc);
-        if (grad_queries) {  // one split; global memory only
-          float* gq = grad_queries + bt * m * d_in;
-          if (t + 1 < steps) {
-            const float* w_next = states + (bt + 1) * w_size;
-            gemm_nt_warp(m, d_in, d_out,
-                         [&](int i, int k, int j) {
-                           return ld(o_adj, int64_t(i) * d_out + j) * w_next[k * d_out + j];
-                         },
-                         [&](int o, float v) { gq[o] = v; });
-          } else {
-            const T* w_next = weight_final + b * w_size;
-            gemm_nt_warp(m, d_in, d_out,
-                         [&](int i, int k, int j) {
-                           return ld(o_adj, int64_t(i) * d_out + j) * ld(w_next, k * d_out + j);
-                         },
-                         [&](int o, float v) { gq[o] = v; });
-          }
-        }
+        if (grad_queries)  // one split; global memory only
+          readout_query_grad(m, d_in, d_out, o_adj, states, weight_final, b, steps, t,
+                             grad_queries);
         __syncthreads();  // Q_t and Ô_t are in place
         mma_gemm<true, kSplit>(d_in, dc, m, Q, L.ldx, O, L.ldz, tiles,
                        [&](int row0, int col0, const float* acc) {
