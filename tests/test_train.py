@@ -29,19 +29,8 @@ def tiny(task: str, algo: str, out, **changes) -> TrainConfig:
     return TrainConfig(**settings)
 
 
-def combinations():
-    """(task, algo, adapt) for every combination the trainer accepts."""
-    for task in TASKS:
-        for algo in ALGORITHMS:
-            for adapt in ("head", "all"):
-                try:
-                    make_task(task).check(algo, adapt)
-                except ValueError:
-                    continue
-                yield task, algo, adapt
-
-
-def rejected():
+def _checked():
+    """(task, algo, adapt, the trainer's refusal or None) for every combination."""
     for task in TASKS:
         for algo in ALGORITHMS:
             for adapt in ("head", "all"):
@@ -49,6 +38,18 @@ def rejected():
                     make_task(task).check(algo, adapt)
                 except ValueError as error:
                     yield task, algo, adapt, str(error)
+                else:
+                    yield task, algo, adapt, None
+
+
+def combinations():
+    """(task, algo, adapt) for every combination the trainer accepts."""
+    return [(task, algo, adapt) for task, algo, adapt, error in _checked() if error is None]
+
+
+def rejected():
+    """(task, algo, adapt, message) for every combination the trainer refuses."""
+    return [case for case in _checked() if case[3] is not None]
 
 
 def check_outputs(out: pathlib.Path, config: TrainConfig, classification: bool) -> dict:

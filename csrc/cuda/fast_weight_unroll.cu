@@ -205,6 +205,79 @@ __device__ __forceinline__ T* typed_out(void* p) {
   return static_cast<T*>(p);
 }
 
+// The kernels' pointers in their element types, shared by the FMA and tensor-core kernels:
+// inputs and outputs in T; the saved E_t and W_t, and (backward) every gradient, in float32.
+template <typename T>
+struct ForwardPointers {
+  const T *weight, *bias, *x_all, *y_all, *lr_all, *lr_scale, *bias_lr_scale, *queries;
+  T *weight_out, *bias_out, *losses, *readout;
+  float *residual_all, *states;
+  __device__ ForwardPointers(const UnrollInputs<void>& in, const UnrollForwardOutputs<void>& out)
+      : weight(typed<T>(in.weight)),
+        bias(typed<T>(in.bias)),
+        x_all(typed<T>(in.x)),
+        y_all(typed<T>(in.y)),
+        lr_all(typed<T>(in.lr)),
+        lr_scale(typed<T>(in.lr_scale)),
+        bias_lr_scale(typed<T>(in.bias_lr_scale)),
+        queries(typed<T>(in.queries)),
+        weight_out(typed_out<T>(out.weight)),
+        bias_out(typed_out<T>(out.bias)),
+        losses(typed_out<T>(out.losses)),
+        readout(typed_out<T>(out.readout)),
+        residual_all(static_cast<float*>(out.residual)),
+        states(static_cast<float*>(out.states)) {}
+};
+
+template <typename T>
+struct BackwardPointers {
+  const T *x_all, *lr_all, *lr_scale, *bias_lr_scale, *queries;
+  const float *residual_all, *states;
+  const T *weight_final, *grad_weight_final, *grad_bias_final, *grad_readout;
+  float *grad_weight, *grad_bias, *grad_x, *grad_y, *grad_lr, *grad_lr_scale_all,
+      *grad_bias_lr_scale_all, *grad_queries;
+  __device__ BackwardPointers(const UnrollInputs<void>& in, const UnrollBackwardArgs<void>& args)
+      : x_all(typed<T>(in.x)),
+        lr_all(typed<T>(in.lr)),
+        lr_scale(typed<T>(in.lr_scale)),
+        bias_lr_scale(typed<T>(in.bias_lr_scale)),
+        queries(typed<T>(in.queries)),
+        residual_all(static_cast<const float*>(args.residual)),
+        states(static_cast<const float*>(args.states)),
+        weight_final(typed<T>(args.weight_final)),
+        grad_weight_final(typed<T>(args.grad_weight_final)),
+        grad_bias_final(typed<T>(args.grad_bias_final)),
+        grad_readout(typed<T>(args.grad_readout)),
+        grad_weight(static_cast<float*>(args.grad_weight)),
+        grad_bias(static_cast<float*>(args.grad_bias)),
+        grad_x(static_cast<float*>(args.grad_x)),
+        grad_y(static_cast<float*>(args.grad_y)),
+        grad_lr(static_cast<float*>(args.grad_lr)),
+        grad_lr_scale_all(static_cast<float*>(args.grad_lr_scale)),
+        grad_bias_lr_scale_all(static_cast<float*>(args.grad_bias_lr_scale)),
+        grad_queries(static_cast<float*>(args.grad_queries)) {}
+};
+
+// Q̂_t = Ô_t W_{t+1}ᵀ into gq, from global memory: W_{t+1} is the saved state w_saved (float32)
+// before the last step, null after it, where it is w_final (T).
+template <typename T>
+__device__ __forceinline__ void readout_query_grad(int m, int d_in, int d_out, const T* o_adj,
+                                                   const float* w_saved, const T* w_final,
+                                                   float* gq) {
+  if (w_saved)
+    gemm_nt_warp(m, d_in, d_out,
+                 [&](int i, int k, int j) {
+                   return ld(o_adj, int64_t(i) * d_out + j) * w_saved[k * d_out + j];
+                 },
+                 [&](int o, float v) { gq[o] = v; });
+  else
+    gemm_nt_warp(m, d_in, d_out,
+                 [&](int i, int k, int j) {
+                   return ld(o_adj, int64_t(i) * d_out + j) * ld(w_final, k * d_out + j);
+                 },
+                 [&](int o, float v) { gq[o] = v; });
+}
+
 // ---- forward ---------------------------------------------------------------------------------
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
@@ -221,34 +294,21 @@ __global__ void __launch_bounds__(kThreads)
   float* const bvec = W + w_size;
   float* const Z = bvec + d_out;
 
-  const T* weight = typed<T>(in.weight);
-  const T* bias = typed<T>(in.bias);
-  const T* x_all = typed<T>(in.x);
-  const T* y_all = typed<T>(in.y);
-  const T* lr_all = typed<T>(in.lr);
-  const T* lr_scale = typed<T>(in.lr_scale);
-  const T* bias_lr_scale = typed<T>(in.bias_lr_scale);
-  const T* queries = typed<T>(in.queries);
-  T* weight_out = typed_out<T>(out.weight);
-  T* bias_out = typed_out<T>(out.bias);
-  T* losses = typed_out<T>(out.losses);
-  T* readout = typed_out<T>(out.readout);
-  float* residual_all = static_cast<float*>(out.residual);
-  float* states = static_cast<float*>(out.states);
-  const bool has_bias = bias != nullptr;
+  const ForwardPointers<T> io(in, out);
+  const bool has_bias = io.bias != nullptr;
   const float inv_n = 1.f / float(n);
 
   for (int64_t b = blockIdx.x; b < dims.tasks; b += gridDim.x) {
-    const T* w0 = weight + b * in.weight_task_stride;
+    const T* w0 = io.weight + b * in.weight_task_stride;
     for (int k = threadIdx.x; k < w_size; k += blockDim.x) W[k] = ld(w0, k);
     for (int j = threadIdx.x; j < d_out; j += blockDim.x)
-      bvec[j] = has_bias ? ld(bias, b * in.bias_task_stride + j) : 0.f;
+      bvec[j] = has_bias ? ld(io.bias, b * in.bias_task_stride + j) : 0.f;
     __syncthreads();
 
     for (int64_t t = 0; t < steps; ++t) {
-      const T* x = x_all + b * in.x_task_stride + t * in.x_step_stride;
-      if (states) {
-        float* s = states + (b * steps + t) * w_size;
+      const T* x = io.x_all + b * in.x_task_stride + t * in.x_step_stride;
+      if (io.states) {
+        float* s = io.states + (b * steps + t) * w_size;
         for (int k = threadIdx.x; k < w_size; k += blockDim.x) s[k] = W[k];
       }
       // Z_t = X_t W_t + 1 b_tᵀ.
@@ -260,7 +320,7 @@ __global__ void __launch_bounds__(kThreads)
       for (int i = threadIdx.x; i < n; i += blockDim.x) {
         float* row = Z + i * d_out;
         if (dims.loss == Loss::kMse) {
-          const T* y = y_all + b * in.y_task_stride + t * in.y_step_stride + int64_t(i) * d_out;
+          const T* y = io.y_all + b * in.y_task_stride + t * in.y_step_stride + int64_t(i) * d_out;
           loss_part += mse_row_residual(row, RowLoader<T>{y}, int64_t(d_out), inv_n);
         } else {
           const int64_t label =
@@ -269,33 +329,33 @@ __global__ void __launch_bounds__(kThreads)
         }
       }
       const float loss = block_sum(loss_part, scratch);  // also publishes E_t
-      if (threadIdx.x == 0) st(losses, b * steps + t, loss * inv_n);
-      float* residual = residual_all + (b * steps + t) * z_size;
+      if (threadIdx.x == 0) st(io.losses, b * steps + t, loss * inv_n);
+      float* residual = io.residual_all + (b * steps + t) * z_size;
       for (int idx = threadIdx.x; idx < z_size; idx += blockDim.x) residual[idx] = Z[idx];
 
       // W_{t+1} = W_t − η_t (P ∘ X_tᵀ E_t),  b_{t+1} = b_t − η_t (p ∘ 1ᵀ E_t).
-      const float lr = ld(lr_all, b * steps + t);
+      const float lr = ld(io.lr_all, b * steps + t);
       gemm_tn(n, d_in, d_out, x, d_in, Z, [&](int idx, float g) {
-        W[idx] = sgd_step(W[idx], lr, lr_scale ? ld(lr_scale, idx) : 1.f, g);
+        W[idx] = sgd_step(W[idx], lr, io.lr_scale ? ld(io.lr_scale, idx) : 1.f, g);
       });
       if (has_bias)
         column_sums(n, d_out, Z, [&](int j, float g) {
-          bvec[j] = sgd_step(bvec[j], lr, bias_lr_scale ? ld(bias_lr_scale, j) : 1.f, g);
+          bvec[j] = sgd_step(bvec[j], lr, io.bias_lr_scale ? ld(io.bias_lr_scale, j) : 1.f, g);
         });
       __syncthreads();
 
       // O_t = Q_t W_{t+1} + 1 b_{t+1}ᵀ.
-      if (queries && readout) {
-        const T* q = queries + (b * steps + t) * m * d_in;
-        T* o = readout + (b * steps + t) * m * d_out;
+      if (io.queries && io.readout) {
+        const T* q = io.queries + (b * steps + t) * m * d_in;
+        T* o = io.readout + (b * steps + t) * m * d_out;
         gemm_nn(m, d_in, d_out, q, d_in, [&](int k, int j) { return W[k * d_out + j]; },
                 [&](int j) { return bvec[j]; }, [&](int idx, float v) { st(o, idx, v); });
       }
       // The next writes of W, b and Z come after the next step's __syncthreads.
     }
-    for (int k = threadIdx.x; k < w_size; k += blockDim.x) st(weight_out, b * w_size + k, W[k]);
+    for (int k = threadIdx.x; k < w_size; k += blockDim.x) st(io.weight_out, b * w_size + k, W[k]);
     if (has_bias)
-      for (int j = threadIdx.x; j < d_out; j += blockDim.x) st(bias_out, b * d_out + j, bvec[j]);
+      for (int j = threadIdx.x; j < d_out; j += blockDim.x) st(io.bias_out, b * d_out + j, bvec[j]);
     __syncthreads();  // before the next task overwrites W and b
   }
 }
@@ -318,25 +378,7 @@ __global__ void __launch_bounds__(kThreads)
   float* const U = ba + d_out;  // U = X D + 1 dᵀ, then Ẑ in place
   float* const probs = U + z_size;  // ce only
 
-  const T* x_all = typed<T>(in.x);
-  const T* lr_all = typed<T>(in.lr);
-  const T* lr_scale = typed<T>(in.lr_scale);
-  const T* bias_lr_scale = typed<T>(in.bias_lr_scale);
-  const T* queries = typed<T>(in.queries);
-  const float* residual_all = static_cast<const float*>(args.residual);
-  const float* states = static_cast<const float*>(args.states);
-  const T* weight_final = typed<T>(args.weight_final);
-  const T* grad_weight_final = typed<T>(args.grad_weight_final);
-  const T* grad_bias_final = typed<T>(args.grad_bias_final);
-  const T* grad_readout = typed<T>(args.grad_readout);
-  float* grad_weight = static_cast<float*>(args.grad_weight);
-  float* grad_bias = static_cast<float*>(args.grad_bias);
-  float* grad_x = static_cast<float*>(args.grad_x);
-  float* grad_y = static_cast<float*>(args.grad_y);
-  float* grad_lr = static_cast<float*>(args.grad_lr);
-  float* grad_lr_scale_all = static_cast<float*>(args.grad_lr_scale);
-  float* grad_bias_lr_scale_all = static_cast<float*>(args.grad_bias_lr_scale);
-  float* grad_queries = static_cast<float*>(args.grad_queries);
+  const BackwardPointers<T> io(in, args);
   const bool has_bias = in.bias != nullptr;
   const bool x_per_step = in.x_step_stride != 0;  // unroll_x_per_step, in device code
   const bool second_order = !args.first_order;
@@ -349,49 +391,38 @@ __global__ void __launch_bounds__(kThreads)
 
   for (int64_t b = blockIdx.x; b < dims.tasks; b += gridDim.x) {
     for (int k = threadIdx.x; k < w_size; k += blockDim.x)
-      Wa[k] = ld(grad_weight_final, b * w_size + k);
+      Wa[k] = ld(io.grad_weight_final, b * w_size + k);
     for (int j = threadIdx.x; j < d_out; j += blockDim.x)
-      ba[j] = has_bias && grad_bias_final ? ld(grad_bias_final, b * d_out + j) : 0.f;
-    float* grad_lr_scale = grad_lr_scale_all ? grad_lr_scale_all + b * w_size : nullptr;
+      ba[j] = has_bias && io.grad_bias_final ? ld(io.grad_bias_final, b * d_out + j) : 0.f;
+    float* grad_lr_scale = io.grad_lr_scale_all ? io.grad_lr_scale_all + b * w_size : nullptr;
     float* grad_bias_lr_scale =
-        grad_bias_lr_scale_all ? grad_bias_lr_scale_all + b * d_out : nullptr;
+        io.grad_bias_lr_scale_all ? io.grad_bias_lr_scale_all + b * d_out : nullptr;
     if (grad_lr_scale)
       for (int k = threadIdx.x; k < w_size; k += blockDim.x) grad_lr_scale[k] = 0.f;
     if (grad_bias_lr_scale)
       for (int j = threadIdx.x; j < d_out; j += blockDim.x) grad_bias_lr_scale[j] = 0.f;
-    if (grad_x)
-      for (int64_t k = threadIdx.x; k < grad_x_task; k += blockDim.x) grad_x[b * grad_x_task + k] = 0.f;
-    if (grad_y)
-      for (int64_t k = threadIdx.x; k < grad_y_task; k += blockDim.x) grad_y[b * grad_y_task + k] = 0.f;
+    if (io.grad_x)
+      for (int64_t k = threadIdx.x; k < grad_x_task; k += blockDim.x)
+        io.grad_x[b * grad_x_task + k] = 0.f;
+    if (io.grad_y)
+      for (int64_t k = threadIdx.x; k < grad_y_task; k += blockDim.x)
+        io.grad_y[b * grad_y_task + k] = 0.f;
     __syncthreads();
 
     for (int64_t t = steps - 1; t >= 0; --t) {
-      const T* x = x_all + b * in.x_task_stride + t * in.x_step_stride;
-      const float* residual = residual_all + (b * steps + t) * z_size;
-      const float lr = ld(lr_all, b * steps + t);
+      const T* x = io.x_all + b * in.x_task_stride + t * in.x_step_stride;
+      const float* residual = io.residual_all + (b * steps + t) * z_size;
+      const float lr = ld(io.lr_all, b * steps + t);
 
       // The readout after step t: Ŵ_{t+1} += Q_tᵀ Ô_t, b̂_{t+1} += 1ᵀ Ô_t, Q̂_t = Ô_t W_{t+1}ᵀ.
-      if (queries && grad_readout) {
-        const T* q = queries + (b * steps + t) * m * d_in;
-        const T* o_adj = grad_readout + (b * steps + t) * m * d_out;
-        if (grad_queries) {
-          float* gq = grad_queries + (b * steps + t) * m * d_in;
-          if (t + 1 < steps) {
-            const float* w_next = states + (b * steps + t + 1) * w_size;
-            gemm_nt_warp(m, d_in, d_out,
-                         [&](int i, int k, int j) {
-                           return ld(o_adj, int64_t(i) * d_out + j) * w_next[k * d_out + j];
-                         },
-                         [&](int o, float v) { gq[o] = v; });
-          } else {
-            const T* w_next = weight_final + b * w_size;
-            gemm_nt_warp(m, d_in, d_out,
-                         [&](int i, int k, int j) {
-                           return ld(o_adj, int64_t(i) * d_out + j) * ld(w_next, k * d_out + j);
-                         },
-                         [&](int o, float v) { gq[o] = v; });
-          }
-        }
+      if (io.queries && io.grad_readout) {
+        const T* q = io.queries + (b * steps + t) * m * d_in;
+        const T* o_adj = io.grad_readout + (b * steps + t) * m * d_out;
+        if (io.grad_queries)
+          readout_query_grad(m, d_in, d_out, o_adj,
+                             t + 1 < steps ? io.states + (b * steps + t + 1) * w_size : nullptr,
+                             io.weight_final + b * w_size,
+                             io.grad_queries + (b * steps + t) * m * d_in);
         gemm_tn(m, d_in, d_out, q, d_in, o_adj, [&](int idx, float v) { Wa[idx] += v; });
         if (has_bias)
           for (int j = threadIdx.x; j < d_out; j += blockDim.x) {
@@ -400,8 +431,8 @@ __global__ void __launch_bounds__(kThreads)
             ba[j] += acc;
           }
         __syncthreads();
-      } else if (grad_queries) {
-        float* gq = grad_queries + (b * steps + t) * m * d_in;
+      } else if (io.grad_queries) {
+        float* gq = io.grad_queries + (b * steps + t) * m * d_in;
         for (int k = threadIdx.x; k < m * d_in; k += blockDim.x) gq[k] = 0.f;
       }
 
@@ -410,20 +441,20 @@ __global__ void __launch_bounds__(kThreads)
           n, d_in, d_out, x, d_in,
           [&](int k, int j) {
             const int idx = k * d_out + j;
-            return lr_scale ? ld(lr_scale, idx) * Wa[idx] : Wa[idx];
+            return io.lr_scale ? ld(io.lr_scale, idx) * Wa[idx] : Wa[idx];
           },
           [&](int j) {
-            return has_bias ? (bias_lr_scale ? ld(bias_lr_scale, j) : 1.f) * ba[j] : 0.f;
+            return has_bias ? (io.bias_lr_scale ? ld(io.bias_lr_scale, j) : 1.f) * ba[j] : 0.f;
           },
           [&](int idx, float v) { U[idx] = v; });
       __syncthreads();
 
       // η̂_t = −⟨Ŵ_{t+1}, P ∘ G_t⟩ − ⟨b̂_{t+1}, p ∘ g_t⟩ = −⟨U, E_t⟩.
-      if (grad_lr) {
+      if (io.grad_lr) {
         float part = 0.f;
         for (int idx = threadIdx.x; idx < z_size; idx += blockDim.x) part += U[idx] * residual[idx];
         const float total = block_sum(part, scratch);
-        if (threadIdx.x == 0) grad_lr[b * steps + t] = -total;
+        if (threadIdx.x == 0) io.grad_lr[b * steps + t] = -total;
       }
       // P̂ += −η Ŵ_{t+1} ∘ G_t,  p̂ += −η b̂_{t+1} ∘ g_t.
       if (grad_lr_scale)
@@ -449,7 +480,7 @@ __global__ void __launch_bounds__(kThreads)
           softmax_jacobian_row(p, U + i * d_out, int64_t(d_out), scale, U + i * d_out);
         }
       } else {
-        float* gy = grad_y ? grad_y + b * grad_y_task + t * grad_y_step : nullptr;
+        float* gy = io.grad_y ? io.grad_y + b * grad_y_task + t * grad_y_step : nullptr;
         for (int i = threadIdx.x; i < n; i += blockDim.x) {
           float* row = U + i * d_out;
           for (int j = 0; j < d_out; ++j) {
@@ -461,13 +492,13 @@ __global__ void __launch_bounds__(kThreads)
       __syncthreads();
 
       // X̂_t += −η E_t Dᵀ + Ẑ W_tᵀ.
-      if (grad_x) {
-        float* gx = grad_x + b * grad_x_task + t * grad_x_step;
-        const float* w_t = states + (b * steps + t) * w_size;
+      if (io.grad_x) {
+        float* gx = io.grad_x + b * grad_x_task + t * grad_x_step;
+        const float* w_t = io.states + (b * steps + t) * w_size;
         gemm_nt_warp(n, d_in, d_out,
                      [&](int i, int k, int j) {
                        const int idx = k * d_out + j;
-                       const float dir = lr_scale ? ld(lr_scale, idx) * Wa[idx] : Wa[idx];
+                       const float dir = io.lr_scale ? ld(io.lr_scale, idx) * Wa[idx] : Wa[idx];
                        return -lr * residual[i * d_out + j] * dir + U[i * d_out + j] * w_t[idx];
                      },
                      [&](int o, float v) { gx[o] += v; });
@@ -480,10 +511,10 @@ __global__ void __launch_bounds__(kThreads)
       __syncthreads();
     }
 
-    if (grad_weight)
-      for (int k = threadIdx.x; k < w_size; k += blockDim.x) grad_weight[b * w_size + k] = Wa[k];
-    if (grad_bias)
-      for (int j = threadIdx.x; j < d_out; j += blockDim.x) grad_bias[b * d_out + j] = ba[j];
+    if (io.grad_weight)
+      for (int k = threadIdx.x; k < w_size; k += blockDim.x) io.grad_weight[b * w_size + k] = Wa[k];
+    if (io.grad_bias)
+      for (int j = threadIdx.x; j < d_out; j += blockDim.x) io.grad_bias[b * d_out + j] = ba[j];
     __syncthreads();  // before the next task overwrites Ŵ and b̂
   }
 }
@@ -798,38 +829,25 @@ __global__ void __launch_bounds__(kThreads, 2)
   float* const tiles = mma_smem + L.tiles;  // one 16×16 scratch tile per warp
   float* const red = mma_smem + L.red;
 
-  const T* weight = typed<T>(in.weight);
-  const T* bias = typed<T>(in.bias);
-  const T* x_all = typed<T>(in.x);
-  const T* y_all = typed<T>(in.y);
-  const T* lr_all = typed<T>(in.lr);
-  const T* lr_scale = typed<T>(in.lr_scale);
-  const T* bias_lr_scale = typed<T>(in.bias_lr_scale);
-  const T* queries = typed<T>(in.queries);
-  T* weight_out = typed_out<T>(out.weight);
-  T* bias_out = typed_out<T>(out.bias);
-  T* losses = typed_out<T>(out.losses);
-  T* readout = typed_out<T>(out.readout);
-  float* residual_all = static_cast<float*>(out.residual);
-  float* states = static_cast<float*>(out.states);
-  const bool has_bias = bias != nullptr;
+  const ForwardPointers<T> io(in, out);
+  const bool has_bias = io.bias != nullptr;
   const bool x_per_step = in.x_step_stride != 0;
-  const bool with_readout = queries && readout;
+  const bool with_readout = io.queries && io.readout;
   const float inv_n = 1.f / float(n);
 
   for (int64_t b = blockIdx.x; b < dims.tasks; b += gridDim.x) {
-    stage_rows(W, L.ldw, weight + b * in.weight_task_stride + c0, d_out, d_in, dc);
+    stage_rows(W, L.ldw, io.weight + b * in.weight_task_stride + c0, d_out, d_in, dc);
     for (int c = threadIdx.x; c < dc; c += blockDim.x)
-      bvec[c] = has_bias ? ld(bias, b * in.bias_task_stride + c0 + c) : 0.f;
-    if (!x_per_step) stage_rows(X, L.ldx, x_all + b * in.x_task_stride, d_in, n, d_in);
+      bvec[c] = has_bias ? ld(io.bias, b * in.bias_task_stride + c0 + c) : 0.f;
+    if (!x_per_step) stage_rows(X, L.ldx, io.x_all + b * in.x_task_stride, d_in, n, d_in);
 
     for (int64_t t = 0; t < steps; ++t) {
       const int64_t bt = b * steps + t;
       if (x_per_step)
-        stage_rows(X, L.ldx, x_all + b * in.x_task_stride + t * in.x_step_stride, d_in, n, d_in);
-      if (with_readout) stage_rows(Q, L.ldx, queries + bt * m * d_in, d_in, m, d_in);
+        stage_rows(X, L.ldx, io.x_all + b * in.x_task_stride + t * in.x_step_stride, d_in, n, d_in);
+      if (with_readout) stage_rows(Q, L.ldx, io.queries + bt * m * d_in, d_in, m, d_in);
       __syncthreads();  // W_t, b_t, X_t and Q_t are in place
-      if (states) unstage_rows(states + bt * w_size + c0, d_out, W, L.ldw, d_in, dc);
+      if (io.states) unstage_rows(io.states + bt * w_size + c0, d_out, W, L.ldw, d_in, dc);
 
       // Z_t = X_t W_t + 1 b_tᵀ.
       mma_gemm<false, kSplit>(n, dc, d_in, X, L.ldx, W, L.ldw, tiles,
@@ -842,7 +860,7 @@ __global__ void __launch_bounds__(kThreads, 2)
       // E_t = ∂ℓ_t/∂Z_t in place, and this CTA's part of ℓ_t.
       float loss_part = 0.f;
       if (dims.loss == Loss::kMse) {
-        const T* y = y_all + b * in.y_task_stride + t * in.y_step_stride + c0;
+        const T* y = io.y_all + b * in.y_task_stride + t * in.y_step_stride + c0;
         for (int idx = threadIdx.x; idx < n * dc; idx += blockDim.x) {
           const int i = idx / dc, c = idx - i * dc;
           loss_part += mse_row_residual(Z + i * L.ldz + c, RowLoader<T>{y + int64_t(i) * d_out + c},
@@ -856,19 +874,19 @@ __global__ void __launch_bounds__(kThreads, 2)
       const float loss = block_sum(loss_part, red);  // also publishes E_t
       if (threadIdx.x == 0) {
         if (splits == 1)
-          st(losses, bt, loss * inv_n);
+          st(io.losses, bt, loss * inv_n);
         else
           loss_partials[bt * splits + split] = loss;
       }
-      unstage_rows(residual_all + bt * z_size + c0, d_out, Z, L.ldz, n, dc);
+      unstage_rows(io.residual_all + bt * z_size + c0, d_out, Z, L.ldz, n, dc);
 
       // W_{t+1} = W_t − η_t (P ∘ X_tᵀ E_t),  b_{t+1} = b_t − η_t (p ∘ 1ᵀ E_t).
-      const float lr = ld(lr_all, bt);
+      const float lr = ld(io.lr_all, bt);
       mma_gemm<true, kSplit>(d_in, dc, n, X, L.ldx, Z, L.ldz, tiles,
                      [&](int row0, int col0, const float* acc) {
                        for_tile(acc, [&](int r, int c, float g) {
                          const int k = row0 + r, j = col0 + c;
-                         const float p = lr_scale ? ld(lr_scale, int64_t(k) * d_out + c0 + j)
+                         const float p = io.lr_scale ? ld(io.lr_scale, int64_t(k) * d_out + c0 + j)
                                                   : 1.f;
                          float& w = W[k * L.ldw + j];
                          w = sgd_step(w, lr, p, g);
@@ -876,13 +894,13 @@ __global__ void __launch_bounds__(kThreads, 2)
                      });
       if (has_bias)
         strided_column_sums(n, dc, Z, L.ldz, [&](int c, float g) {
-          bvec[c] = sgd_step(bvec[c], lr, bias_lr_scale ? ld(bias_lr_scale, c0 + c) : 1.f, g);
+          bvec[c] = sgd_step(bvec[c], lr, io.bias_lr_scale ? ld(io.bias_lr_scale, c0 + c) : 1.f, g);
         });
       __syncthreads();
 
       // O_t = Q_t W_{t+1} + 1 b_{t+1}ᵀ.
       if (with_readout) {
-        T* o = readout + bt * m * d_out + c0;
+        T* o = io.readout + bt * m * d_out + c0;
         mma_gemm<false, kSplit>(m, dc, d_in, Q, L.ldx, W, L.ldw, tiles,
                         [&](int row0, int col0, const float* acc) {
                           for_tile(acc, [&](int r, int c, float v) {
@@ -892,9 +910,10 @@ __global__ void __launch_bounds__(kThreads, 2)
       }
       __syncthreads();  // X, Q and Z are overwritten by the next step
     }
-    unstage_rows(weight_out + b * w_size + c0, d_out, W, L.ldw, d_in, dc);
+    unstage_rows(io.weight_out + b * w_size + c0, d_out, W, L.ldw, d_in, dc);
     if (has_bias)
-      for (int c = threadIdx.x; c < dc; c += blockDim.x) st(bias_out, b * d_out + c0 + c, bvec[c]);
+      for (int c = threadIdx.x; c < dc; c += blockDim.x)
+        st(io.bias_out, b * d_out + c0 + c, bvec[c]);
     __syncthreads();  // before the next task overwrites W, b and X
   }
 }
@@ -936,26 +955,10 @@ __global__ void __launch_bounds__(kThreads, 2)
   float* const tiles = mma_smem + L.tiles;  // one 16×16 scratch tile per warp
   float* const red = mma_smem + L.red;
 
-  const T* x_all = typed<T>(in.x);
-  const T* lr_all = typed<T>(in.lr);
-  const T* bias_lr_scale = typed<T>(in.bias_lr_scale);
-  const T* queries = typed<T>(in.queries);
-  const float* residual_all = static_cast<const float*>(args.residual);
-  const float* states = static_cast<const float*>(args.states);
-  const T* weight_final = typed<T>(args.weight_final);
-  const T* grad_weight_final = typed<T>(args.grad_weight_final);
-  const T* grad_bias_final = typed<T>(args.grad_bias_final);
-  const T* grad_readout = typed<T>(args.grad_readout);
-  float* grad_weight = static_cast<float*>(args.grad_weight);
-  float* grad_bias = static_cast<float*>(args.grad_bias);
-  float* grad_x = static_cast<float*>(args.grad_x);
-  float* grad_y = static_cast<float*>(args.grad_y);
-  float* grad_lr = static_cast<float*>(args.grad_lr);
-  float* grad_bias_lr_scale_all = static_cast<float*>(args.grad_bias_lr_scale);
-  float* grad_queries = static_cast<float*>(args.grad_queries);
+  const BackwardPointers<T> io(in, args);
   const bool has_bias = in.bias != nullptr;
   const bool x_per_step = in.x_step_stride != 0;
-  const bool with_readout = queries && grad_readout;
+  const bool with_readout = io.queries && io.grad_readout;
   const bool second_order = !args.first_order;
   const float n_rows = float(n);
   const int64_t grad_x_task = (x_per_step ? steps : 1) * n * d_in;
@@ -964,51 +967,37 @@ __global__ void __launch_bounds__(kThreads, 2)
   const int64_t grad_y_step = x_per_step ? int64_t(n) * d_out : 0;
 
   for (int64_t b = blockIdx.x; b < dims.tasks; b += gridDim.x) {
-    stage_rows(Wa, L.ldw, grad_weight_final + b * w_size + c0, d_out, d_in, dc);
+    stage_rows(Wa, L.ldw, io.grad_weight_final + b * w_size + c0, d_out, d_in, dc);
     for (int c = threadIdx.x; c < dc; c += blockDim.x)
-      ba[c] = has_bias && grad_bias_final ? ld(grad_bias_final, b * d_out + c0 + c) : 0.f;
+      ba[c] = has_bias && io.grad_bias_final ? ld(io.grad_bias_final, b * d_out + c0 + c) : 0.f;
     float* grad_bias_lr_scale =
-        grad_bias_lr_scale_all ? grad_bias_lr_scale_all + b * d_out + c0 : nullptr;
+        io.grad_bias_lr_scale_all ? io.grad_bias_lr_scale_all + b * d_out + c0 : nullptr;
     if (grad_bias_lr_scale)
       for (int c = threadIdx.x; c < dc; c += blockDim.x) grad_bias_lr_scale[c] = 0.f;
-    if (grad_x)  // one split
+    if (io.grad_x)  // one split
       for (int64_t k = threadIdx.x; k < grad_x_task; k += blockDim.x)
-        grad_x[b * grad_x_task + k] = 0.f;
-    if (grad_y)  // this CTA's columns of every row
+        io.grad_x[b * grad_x_task + k] = 0.f;
+    if (io.grad_y)  // this CTA's columns of every row
       for (int64_t k = threadIdx.x; k < grad_y_rows * dc; k += blockDim.x)
-        grad_y[(b * grad_y_rows + k / dc) * d_out + c0 + k % dc] = 0.f;
-    if (!x_per_step) stage_rows(X, L.ldx, x_all + b * in.x_task_stride, d_in, n, d_in);
+        io.grad_y[(b * grad_y_rows + k / dc) * d_out + c0 + k % dc] = 0.f;
+    if (!x_per_step) stage_rows(X, L.ldx, io.x_all + b * in.x_task_stride, d_in, n, d_in);
 
     for (int64_t t = steps - 1; t >= 0; --t) {
       const int64_t bt = b * steps + t;
-      const float* residual = residual_all + bt * z_size;
-      const float lr = ld(lr_all, bt);
+      const float* residual = io.residual_all + bt * z_size;
+      const float lr = ld(io.lr_all, bt);
       if (x_per_step)
-        stage_rows(X, L.ldx, x_all + b * in.x_task_stride + t * in.x_step_stride, d_in, n, d_in);
+        stage_rows(X, L.ldx, io.x_all + b * in.x_task_stride + t * in.x_step_stride, d_in, n, d_in);
 
       // The readout after step t: Ŵ_{t+1} += Q_tᵀ Ô_t, b̂_{t+1} += 1ᵀ Ô_t, Q̂_t = Ô_t W_{t+1}ᵀ.
       if (with_readout) {
-        const T* o_adj = grad_readout + bt * m * d_out;
-        stage_rows(Q, L.ldx, queries + bt * m * d_in, d_in, m, d_in);
+        const T* o_adj = io.grad_readout + bt * m * d_out;
+        stage_rows(Q, L.ldx, io.queries + bt * m * d_in, d_in, m, d_in);
         stage_rows(O, L.ldz, o_adj + c0, d_out, m, dc);
-        if (grad_queries) {  // one split; global memory only
-          float* gq = grad_queries + bt * m * d_in;
-          if (t + 1 < steps) {
-            const float* w_next = states + (bt + 1) * w_size;
-            gemm_nt_warp(m, d_in, d_out,
-                         [&](int i, int k, int j) {
-                           return ld(o_adj, int64_t(i) * d_out + j) * w_next[k * d_out + j];
-                         },
-                         [&](int o, float v) { gq[o] = v; });
-          } else {
-            const T* w_next = weight_final + b * w_size;
-            gemm_nt_warp(m, d_in, d_out,
-                         [&](int i, int k, int j) {
-                           return ld(o_adj, int64_t(i) * d_out + j) * ld(w_next, k * d_out + j);
-                         },
-                         [&](int o, float v) { gq[o] = v; });
-          }
-        }
+        if (io.grad_queries)  // one split; global memory only
+          readout_query_grad(m, d_in, d_out, o_adj,
+                             t + 1 < steps ? io.states + (bt + 1) * w_size : nullptr,
+                             io.weight_final + b * w_size, io.grad_queries + bt * m * d_in);
         __syncthreads();  // Q_t and Ô_t are in place
         mma_gemm<true, kSplit>(d_in, dc, m, Q, L.ldx, O, L.ldz, tiles,
                        [&](int row0, int col0, const float* acc) {
@@ -1017,8 +1006,8 @@ __global__ void __launch_bounds__(kThreads, 2)
                          });
                        });
         if (has_bias) strided_column_sums(m, dc, O, L.ldz, [&](int c, float v) { ba[c] += v; });
-      } else if (grad_queries) {
-        float* gq = grad_queries + bt * m * d_in;
+      } else if (io.grad_queries) {
+        float* gq = io.grad_queries + bt * m * d_in;
         for (int k = threadIdx.x; k < m * d_in; k += blockDim.x) gq[k] = 0.f;
       }
       __syncthreads();  // Ŵ_{t+1}, b̂_{t+1} and X_t are in place
@@ -1028,23 +1017,23 @@ __global__ void __launch_bounds__(kThreads, 2)
                       [&](int row0, int col0, const float* acc) {
                         for_tile(acc, [&](int r, int c, float v) {
                           const int j = col0 + c;
-                          const float d =
-                              has_bias ? (bias_lr_scale ? ld(bias_lr_scale, c0 + j) : 1.f) * ba[j]
-                                       : 0.f;
+                          const float scale_j =
+                              io.bias_lr_scale ? ld(io.bias_lr_scale, c0 + j) : 1.f;
+                          const float d = has_bias ? scale_j * ba[j] : 0.f;
                           U[(row0 + r) * L.ldz + j] = v + d;
                         });
                       });
       __syncthreads();
 
       // η̂_t = −⟨U, E_t⟩ (one split).
-      if (grad_lr) {
+      if (io.grad_lr) {
         float part = 0.f;
         for (int idx = threadIdx.x; idx < n * d_out; idx += blockDim.x) {
           const int i = idx / d_out, j = idx - i * d_out;
           part += U[i * L.ldz + j] * residual[idx];
         }
         const float total = block_sum(part, red);
-        if (threadIdx.x == 0) grad_lr[bt] = -total;
+        if (threadIdx.x == 0) io.grad_lr[bt] = -total;
       }
       // p̂ += −η b̂_{t+1} ∘ g_t.
       if (grad_bias_lr_scale && has_bias)
@@ -1067,7 +1056,8 @@ __global__ void __launch_bounds__(kThreads, 2)
           softmax_jacobian_row(p, U + i * L.ldz, int64_t(d_out), scale, U + i * L.ldz);
         }
       } else {
-        float* gy = grad_y ? grad_y + b * grad_y_rows * d_out + t * grad_y_step + c0 : nullptr;
+        float* gy =
+            io.grad_y ? io.grad_y + b * grad_y_rows * d_out + t * grad_y_step + c0 : nullptr;
         for (int idx = threadIdx.x; idx < n * dc; idx += blockDim.x) {
           const int i = idx / dc, c = idx - i * dc;
           const float z_adj = U[i * L.ldz + c] * scale;
@@ -1078,9 +1068,9 @@ __global__ void __launch_bounds__(kThreads, 2)
       __syncthreads();
 
       // X̂_t += −η E_t Dᵀ + Ẑ W_tᵀ (one split).
-      if (grad_x) {
-        float* gx = grad_x + b * grad_x_task + t * grad_x_step;
-        const float* w_t = states + bt * w_size;
+      if (io.grad_x) {
+        float* gx = io.grad_x + b * grad_x_task + t * grad_x_step;
+        const float* w_t = io.states + bt * w_size;
         gemm_nt_warp(n, d_in, d_out,
                      [&](int i, int k, int j) {
                        return -lr * residual[i * d_out + j] * Wa[k * L.ldw + j] +
@@ -1101,9 +1091,9 @@ __global__ void __launch_bounds__(kThreads, 2)
       __syncthreads();
     }
 
-    if (grad_weight) unstage_rows(grad_weight + b * w_size + c0, d_out, Wa, L.ldw, d_in, dc);
-    if (grad_bias)
-      for (int c = threadIdx.x; c < dc; c += blockDim.x) grad_bias[b * d_out + c0 + c] = ba[c];
+    if (io.grad_weight) unstage_rows(io.grad_weight + b * w_size + c0, d_out, Wa, L.ldw, d_in, dc);
+    if (io.grad_bias)
+      for (int c = threadIdx.x; c < dc; c += blockDim.x) io.grad_bias[b * d_out + c0 + c] = ba[c];
     __syncthreads();  // before the next task overwrites Ŵ, b̂ and X
   }
 }

@@ -7,12 +7,43 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstring>
 #include <limits>
 #include <random>
 #include <string>
 #include <vector>
 
 namespace mk_test {
+
+// float32 ↔ bfloat16 bit patterns on the host, like __float2bfloat16_rn (round to nearest even;
+// a NaN stays a quiet NaN) and __bfloat162float: shared by the emulation layer
+// (cuda_emulation.h) and the tile-math tests.
+inline uint16_t bfloat16_bits_rn(float v) {
+  uint32_t b;
+  std::memcpy(&b, &v, sizeof(b));
+  if ((b & 0x7fffffffu) > 0x7f800000u) return uint16_t((b >> 16) | 0x40u);  // quiet NaN
+  return uint16_t((b + 0x7fffu + ((b >> 16) & 1u)) >> 16);
+}
+inline float bfloat16_bits_to_float(uint16_t h) {
+  const uint32_t b = uint32_t(h) << 16;
+  float v;
+  std::memcpy(&v, &b, sizeof(v));
+  return v;
+}
+
+// The mse row naively in double: expected_e[j] = (z[j] − y[j]) / n, returns Σ_j ½ (z[j] − y[j])².
+template <typename Z, typename Y>
+double naive_mse_row(const Z& z, const Y& y, int64_t d_out, double n,
+                     std::vector<double>& expected_e) {
+  double half_sq = 0.0;
+  expected_e.assign(static_cast<size_t>(d_out), 0.0);
+  for (int64_t j = 0; j < d_out; ++j) {
+    const double diff = double(z[j]) - double(y[j]);
+    half_sq += 0.5 * diff * diff;
+    expected_e[j] = diff / n;
+  }
+  return half_sq;
+}
 
 inline int& passed_count() {
   static int count = 0;

@@ -43,6 +43,8 @@
 #include <utility>
 #include <vector>
 
+#include "check.h"
+
 #define MK_CUDA_EMULATION 1
 
 // ---- qualifiers -------------------------------------------------------------------------------
@@ -99,12 +101,8 @@ inline float bits_float(uint32_t b) {
 }
 }  // namespace mk_emu
 
-inline float __bfloat162float(__nv_bfloat16 h) { return mk_emu::bits_float(uint32_t(h.bits) << 16); }
-inline __nv_bfloat16 __float2bfloat16_rn(float v) {
-  const uint32_t b = mk_emu::float_bits(v);
-  if ((b & 0x7fffffffu) > 0x7f800000u) return {uint16_t((b >> 16) | 0x40u)};  // quiet NaN
-  return {uint16_t((b + 0x7fffu + ((b >> 16) & 1u)) >> 16)};
-}
+inline float __bfloat162float(__nv_bfloat16 h) { return mk_test::bfloat16_bits_to_float(h.bits); }
+inline __nv_bfloat16 __float2bfloat16_rn(float v) { return {mk_test::bfloat16_bits_rn(v)}; }
 inline float __half2float(__half h) {
   const uint32_t sign = uint32_t(h.bits & 0x8000u) << 16, e = (h.bits >> 10) & 0x1fu,
                  m = h.bits & 0x3ffu;

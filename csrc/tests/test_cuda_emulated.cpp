@@ -11,6 +11,7 @@
 
 #include "../cuda/fast_weight_unroll.cu"
 
+#include <array>
 #include <cstring>
 #include <string>
 #include <vector>
@@ -99,6 +100,21 @@ const char* dtype_name(DType d) {
 // Gradients of the backward, as bits of Case::wanted.
 enum Grad { kGW = 1, kGB = 2, kGX = 4, kGY = 8, kGLr = 16, kGLrScale = 32, kGBLrScale = 64, kGQ = 128 };
 constexpr unsigned kAllGrads = 255;
+
+// Points a backward's gradient outputs (the CPU reference's or the emulated kernels') at outs,
+// given in the order of the Grad bits, each one only where `wanted` has its bit (else null).
+template <typename P, typename Args>
+void set_grad_outputs(Args& a, unsigned wanted, const std::array<P, 8>& outs) {
+  const auto pick = [&](Grad g, size_t i) -> P { return (wanted & g) ? outs[i] : nullptr; };
+  a.grad_weight = pick(kGW, 0);
+  a.grad_bias = pick(kGB, 1);
+  a.grad_x = pick(kGX, 2);
+  a.grad_y = pick(kGY, 3);
+  a.grad_lr = pick(kGLr, 4);
+  a.grad_lr_scale = pick(kGLrScale, 5);
+  a.grad_bias_lr_scale = pick(kGBLrScale, 6);
+  a.grad_queries = pick(kGQ, 7);
+}
 
 struct Case {
   std::string name;
@@ -268,14 +284,8 @@ void run_case(const Case& c) {
   hargs.grad_bias_final = c.has_bias && c.grad_bias_final ? gb_final.host.data() : nullptr;
   hargs.grad_readout = queries && c.grad_readout ? g_readout.host.data() : nullptr;
   hargs.first_order = c.first_order;
-  hargs.grad_weight = (wanted & kGW) ? hg_w.data() : nullptr;
-  hargs.grad_bias = (wanted & kGB) ? hg_b.data() : nullptr;
-  hargs.grad_x = (wanted & kGX) ? hg_x.data() : nullptr;
-  hargs.grad_y = (wanted & kGY) ? hg_y.data() : nullptr;
-  hargs.grad_lr = (wanted & kGLr) ? hg_lr.data() : nullptr;
-  hargs.grad_lr_scale = (wanted & kGLrScale) ? hg_lrs.data() : nullptr;
-  hargs.grad_bias_lr_scale = (wanted & kGBLrScale) ? hg_blrs.data() : nullptr;
-  hargs.grad_queries = (wanted & kGQ) ? hg_q.data() : nullptr;
+  set_grad_outputs<double*>(hargs, wanted, {hg_w.data(), hg_b.data(), hg_x.data(), hg_y.data(),
+                                            hg_lr.data(), hg_lrs.data(), hg_blrs.data(), hg_q.data()});
   metakernels::fast_weight_unroll_backward<double>(dims, hin, hargs, 0, B);
 
   const DType f32 = DType::kFloat32;
@@ -289,14 +299,8 @@ void run_case(const Case& c) {
   args.grad_bias_final = c.has_bias && c.grad_bias_final ? gb_final.device.data() : nullptr;
   args.grad_readout = queries && c.grad_readout ? g_readout.device.data() : nullptr;
   args.first_order = c.first_order;
-  args.grad_weight = (wanted & kGW) ? g_w.data() : nullptr;
-  args.grad_bias = (wanted & kGB) ? g_b.data() : nullptr;
-  args.grad_x = (wanted & kGX) ? g_x.data() : nullptr;
-  args.grad_y = (wanted & kGY) ? g_y.data() : nullptr;
-  args.grad_lr = (wanted & kGLr) ? g_lr.data() : nullptr;
-  args.grad_lr_scale = (wanted & kGLrScale) ? g_lrs.data() : nullptr;
-  args.grad_bias_lr_scale = (wanted & kGBLrScale) ? g_blrs.data() : nullptr;
-  args.grad_queries = (wanted & kGQ) ? g_q.data() : nullptr;
+  set_grad_outputs<void*>(args, wanted, {g_w.data(), g_b.data(), g_x.data(), g_y.data(), g_lr.data(),
+                                         g_lrs.data(), g_blrs.data(), g_q.data()});
 
   mma_before = mkc::mma_launches();
   mkc::unroll_backward(dt, dims, in, args, nullptr);

@@ -7,7 +7,6 @@
 //     Jacobian applied in place to U (Ẑ = −η/n · J U), as the kernel does in shared memory.
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <vector>
 
 #include "check.h"
@@ -17,26 +16,10 @@ namespace {
 
 using namespace metakernels;
 
-// A 16-bit float emulated on the host: bfloat16 keeps float32's top 16 bits.
-float round_to_bfloat16(float v) {
-  uint32_t bits;
-  std::memcpy(&bits, &v, sizeof(bits));
-  bits += 0x7fffu + ((bits >> 16) & 1u);  // round to nearest even
-  bits &= 0xffff0000u;
-  float out;
-  std::memcpy(&out, &bits, sizeof(out));
-  return out;
-}
-
-// Like the kernels' RowLoader: y[j] widens a stored 16-bit value to float32.
+// Like the kernels' RowLoader: y[j] widens a stored bfloat16 value to float32.
 struct Bfloat16Row {
   const uint16_t* row;
-  float operator[](int64_t j) const {
-    const uint32_t bits = uint32_t(row[j]) << 16;
-    float out;
-    std::memcpy(&out, &bits, sizeof(out));
-    return out;
-  }
+  float operator[](int64_t j) const { return mk_test::bfloat16_bits_to_float(row[j]); }
 };
 
 void test_mse_row_widening_loader() {
@@ -47,21 +30,14 @@ void test_mse_row_widening_loader() {
     std::vector<uint16_t> y_bits(d_out);
     std::vector<float> y_rounded(d_out);
     for (int64_t j = 0; j < d_out; ++j) {
-      y_rounded[j] = round_to_bfloat16(y_full[j]);
-      uint32_t bits;
-      std::memcpy(&bits, &y_rounded[j], sizeof(bits));
-      y_bits[j] = uint16_t(bits >> 16);
+      y_bits[j] = mk_test::bfloat16_bits_rn(y_full[j]);
+      y_rounded[j] = mk_test::bfloat16_bits_to_float(y_bits[j]);
     }
     const float inv_n = 1.f / 7.f;
     std::vector<float> e = z;
     const float half_sq = mse_row_residual(e.data(), Bfloat16Row{y_bits.data()}, d_out, inv_n);
-    double expected_half_sq = 0.0;
-    std::vector<double> expected_e(d_out);
-    for (int64_t j = 0; j < d_out; ++j) {
-      const double diff = double(z[j]) - double(y_rounded[j]);
-      expected_half_sq += 0.5 * diff * diff;
-      expected_e[j] = diff / 7.0;
-    }
+    std::vector<double> expected_e;
+    const double expected_half_sq = mk_test::naive_mse_row(z, y_rounded, d_out, 7.0, expected_e);
     CHECK_NEAR(half_sq, expected_half_sq, 2e-6, 0.0);
     CHECK_ALLCLOSE(e, expected_e, 2e-6);
     // The same targets through a plain pointer give the same bits.

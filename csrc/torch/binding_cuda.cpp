@@ -76,11 +76,13 @@ void check_cuda(const Tensor& t, const char* name) {
               ", expected a CUDA tensor");
 }
 
-// Runs a kernel entry point, turning its std::runtime_error into a torch RuntimeError.
+// Runs kernel(stream) on the current stream of on's device, turning its std::runtime_error into a
+// torch RuntimeError.
 template <typename F>
-void run_kernel(F&& kernel) {
+void run_kernel(const Tensor& on, F&& kernel) {
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(on.device().index()).stream();
   try {
-    kernel();
+    kernel(stream);
   } catch (const std::runtime_error& error) {
     TORCH_CHECK(false, error.what());
   }
@@ -186,8 +188,9 @@ std::vector<Tensor> unroll_forward(const Tensor& weight, const Tensor& x, const 
   out.residual = out_ptr_or_null(residual);
   out.states = out_ptr_or_null(states);
   const auto in = u.inputs();
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(weight.device().index()).stream();
-  run_kernel([&] { metakernels::cuda::unroll_forward(dtype_of(u.weight), d, in, out, stream); });
+  run_kernel(weight, [&](cudaStream_t stream) {
+    metakernels::cuda::unroll_forward(dtype_of(u.weight), d, in, out, stream);
+  });
   return {weight_out, bias_out, losses, readout, residual, states};
 }
 
@@ -252,8 +255,9 @@ std::vector<Tensor> unroll_backward(const Tensor& weight, const Tensor& x, const
   args.grad_bias_lr_scale = out_ptr_or_null(grad_bias_lr_scale);
   args.grad_queries = out_ptr_or_null(grad_queries);
   const auto in = u.inputs();
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(weight.device().index()).stream();
-  run_kernel([&] { metakernels::cuda::unroll_backward(dtype_of(u.weight), d, in, args, stream); });
+  run_kernel(weight, [&](cudaStream_t stream) {
+    metakernels::cuda::unroll_backward(dtype_of(u.weight), d, in, args, stream);
+  });
 
   // Shared inputs get the sum over tasks of their per-task gradients (in float32), then every
   // gradient takes weight's dtype.
@@ -297,8 +301,9 @@ std::vector<Tensor> linear_hvp(const Tensor& weight_, const Tensor& x_, const Te
   args.v_bias_task_stride = v_bias.has_value() ? task_stride(*v_bias, 2) : 0;
   args.hv_weight = out_ptr_or_null(hv_weight);
   args.hv_bias = out_ptr_or_null(hv_bias);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(weight.device().index()).stream();
-  run_kernel([&] { metakernels::cuda::linear_hvp(dtype_of(weight), args, stream); });
+  run_kernel(weight, [&](cudaStream_t stream) {
+    metakernels::cuda::linear_hvp(dtype_of(weight), args, stream);
+  });
   return {hv_weight, hv_bias};
 }
 

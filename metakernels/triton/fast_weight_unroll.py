@@ -46,6 +46,22 @@ def _ce_hessian(b_p, b_u, n):
 
 
 @triton.jit
+def _column_tile(i_v, n, d_in, d_out, BN: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    """The offsets and masks of column tile i_v that every kernel starts from: the support rows
+    o_n < n, the inputs o_k < d_in, the tile's columns o_v < d_out, and W's [d_in, BV] offsets."""
+    o_n = tl.arange(0, BN)
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_n = o_n < n
+    m_k = o_k < d_in
+    m_v = o_v < d_out
+    m_nv = m_n[:, None] & m_v[None, :]
+    m_kv = m_k[:, None] & m_v[None, :]
+    o_kv = o_k[:, None] * d_out + o_v[None, :]
+    return o_n, o_k, o_v, m_n, m_k, m_v, m_nv, m_kv, o_kv
+
+
+@triton.jit
 def fast_weight_unroll_fwd_kernel(
     p_weight, p_bias, p_x, p_y, p_lr, p_lr_scale, p_bias_lr_scale, p_queries,
     p_weight_out, p_bias_out, p_losses, p_readout, p_residual, p_states,
@@ -59,17 +75,9 @@ def fast_weight_unroll_fwd_kernel(
     # int64 task and tile indices: B·T·d_in·d_out offsets pass 2^31 at realistic sizes.
     i_b = tl.program_id(0).to(tl.int64)
     i_v = tl.program_id(1).to(tl.int64)
-    o_n = tl.arange(0, BN)
-    o_k = tl.arange(0, BK)
-    o_v = i_v * BV + tl.arange(0, BV)
+    o_n, o_k, o_v, m_n, m_k, m_v, m_nv, m_kv, o_kv = _column_tile(i_v, n, d_in, d_out, BN, BK, BV)
     o_m = tl.arange(0, BM)
-    m_n = o_n < n
-    m_k = o_k < d_in
-    m_v = o_v < d_out
-    m_nv = m_n[:, None] & m_v[None, :]
     m_nk = m_n[:, None] & m_k[None, :]
-    m_kv = m_k[:, None] & m_v[None, :]
-    o_kv = o_k[:, None] * d_out + o_v[None, :]
 
     b_w = tl.load(p_weight + i_b * s_w_b + o_kv, mask=m_kv, other=0.0).to(tl.float32)
     if HAS_BIAS:
@@ -151,18 +159,10 @@ def fast_weight_unroll_bwd_kernel(
 ):
     i_b = tl.program_id(0).to(tl.int64)
     i_v = tl.program_id(1).to(tl.int64)
-    o_n = tl.arange(0, BN)
-    o_k = tl.arange(0, BK)
-    o_v = i_v * BV + tl.arange(0, BV)
+    o_n, o_k, o_v, m_n, m_k, m_v, m_nv, m_kv, o_kv = _column_tile(i_v, n, d_in, d_out, BN, BK, BV)
     o_m = tl.arange(0, BM)
-    m_n = o_n < n
-    m_k = o_k < d_in
-    m_v = o_v < d_out
-    m_nv = m_n[:, None] & m_v[None, :]
     m_nk = m_n[:, None] & m_k[None, :]
-    m_kv = m_k[:, None] & m_v[None, :]
     m_mk = (o_m < m)[:, None] & m_k[None, :]
-    o_kv = o_k[:, None] * d_out + o_v[None, :]
     o_nv = o_n[:, None] * d_out + o_v[None, :]
     o_nk = o_n[:, None] * d_in + o_k[None, :]
 

@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 
 from metakernels.triton import _launch
-from metakernels.triton.fast_weight_unroll import _ce_hessian, _softmax_rows
+from metakernels.triton.fast_weight_unroll import _ce_hessian, _column_tile, _softmax_rows
 
 
 @triton.jit
@@ -23,15 +23,7 @@ def linear_hvp_fwd_kernel(
 ):
     i_b = tl.program_id(0).to(tl.int64)
     i_v = tl.program_id(1).to(tl.int64)
-    o_n = tl.arange(0, BN)
-    o_k = tl.arange(0, BK)
-    o_v = i_v * BV + tl.arange(0, BV)
-    m_n = o_n < n
-    m_k = o_k < d_in
-    m_v = o_v < d_out
-    m_nv = m_n[:, None] & m_v[None, :]
-    m_kv = m_k[:, None] & m_v[None, :]
-    o_kv = o_k[:, None] * d_out + o_v[None, :]
+    o_n, o_k, o_v, m_n, m_k, m_v, m_nv, m_kv, o_kv = _column_tile(i_v, n, d_in, d_out, BN, BK, BV)
 
     b_x = tl.load(p_x + i_b * n * d_in + o_n[:, None] * d_in + o_k[None, :],
                   mask=m_n[:, None] & m_k[None, :], other=0.0).to(tl.float32)
