@@ -115,6 +115,19 @@ def test_weight_only_gradient(loss):
 
 
 @interpreter
+@pytest.mark.parametrize("case", [
+    Case(per_step=True, steps=7, weight="task", bias="task", lr_form="full", queries=2),
+    Case(loss="ce", steps=7, bias="shared", lr_form="steps", lr_scale=True, bias_lr_scale=True),
+], ids=["mse-4d-readout", "ce-3d-scales"])
+def test_checkpointed_backward(case):
+    """checkpoint=True drives the Triton kernels segment by segment (T = 7: segments of 3, 3, 1),
+    chaining the adjoints of the segment starts; the answer is the unsegmented one."""
+    inputs = make_inputs(case, torch.float64, seed=4)
+    low, expected = rounded_reference(inputs, torch.float32, "cpu")
+    result = run_unroll(dict(low, checkpoint=True), "triton")
+    assert_close(result, expected, TOLERANCE[torch.float32], label=f"{case} checkpointed")
+
+
 def test_forward_without_grad():
     case = Case(per_step=True, queries=2, bias="task")
     inputs = cast_inputs(make_inputs(case), torch.float32)
