@@ -128,6 +128,7 @@ def test_checkpointed_backward(case):
     assert_close(result, expected, TOLERANCE[torch.float32], label=f"{case} checkpointed")
 
 
+@interpreter
 def test_forward_without_grad():
     case = Case(per_step=True, queries=2, bias="task")
     inputs = cast_inputs(make_inputs(case), torch.float32)
