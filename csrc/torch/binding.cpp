@@ -8,111 +8,20 @@
 
 #include <ATen/Parallel.h>
 
-#include <limits>
 #include <string>
 #include <vector>
 
 #include "metakernels/fast_weight.h"
+#include "unroll_tensors.h"
 
 namespace {
 
 using at::Tensor;
 using c10::optional;
 using metakernels::Loss;
+using namespace metakernels_torch;
 
 constexpr int64_t kGrainTasks = 1;
-
-// Tests set this so every output starts as NaN: an element a kernel forgets to write shows up.
-bool g_poison_outputs = false;
-
-Tensor new_output(at::IntArrayRef shape, const at::TensorOptions& options) {
-  return g_poison_outputs ? at::full(shape, std::numeric_limits<double>::quiet_NaN(), options)
-                          : at::empty(shape, options);
-}
-
-template <typename T>
-const T* ptr_or_null(const optional<Tensor>& t) {
-  return t.has_value() ? t->data_ptr<T>() : nullptr;
-}
-
-template <typename T>
-T* out_ptr_or_null(const Tensor& t) {
-  return t.defined() && t.numel() > 0 ? t.data_ptr<T>() : nullptr;
-}
-
-optional<Tensor> contiguous_or_none(const optional<Tensor>& t) {
-  if (!t.has_value()) return c10::nullopt;
-  return t->contiguous();
-}
-
-// x and y as the kernels read them: each task's block dense, the tasks at any stride (their
-// stride is passed on), so that a slice of steps x[:, start:stop] (checkpointed segments) is
-// read in place instead of copied.
-Tensor tasks_strided(const Tensor& t) {
-  if (t.dim() >= 2 && t.size(0) > 0 && t.select(0, 0).is_contiguous()) return t;
-  return t.contiguous();
-}
-
-Tensor no_output(const Tensor& like) { return at::empty({0}, like.options()); }
-
-// A shared [d_in, d_out] / [d_out] tensor has task stride 0; a per-task one, its matrix size.
-int64_t task_stride(const Tensor& t, int64_t per_task_dim) {
-  return t.dim() == per_task_dim ? t.stride(0) : 0;
-}
-
-struct Unroll {
-  metakernels::UnrollDims dims;
-  Tensor weight, x, targets, lr;
-  optional<Tensor> bias, lr_scale, bias_lr_scale, queries;
-  bool x_per_step = false;
-
-  Unroll(const Tensor& weight_, const Tensor& x_, const Tensor& targets_, const Tensor& lr_,
-         const optional<Tensor>& bias_, const optional<Tensor>& lr_scale_,
-         const optional<Tensor>& bias_lr_scale_, const optional<Tensor>& queries_, int64_t loss)
-      : weight(weight_.contiguous()),
-        x(tasks_strided(x_)),
-        targets(tasks_strided(targets_)),
-        lr(lr_.contiguous()),
-        bias(contiguous_or_none(bias_)),
-        lr_scale(contiguous_or_none(lr_scale_)),
-        bias_lr_scale(contiguous_or_none(bias_lr_scale_)),
-        queries(contiguous_or_none(queries_)) {
-    x_per_step = x.dim() == 4;
-    dims.tasks = x.size(0);
-    dims.steps = lr.size(1);
-    dims.support = x.size(-2);
-    dims.d_in = weight.size(-2);
-    dims.d_out = weight.size(-1);
-    dims.queries = queries.has_value() ? queries->size(2) : 0;
-    dims.loss = loss == 1 ? Loss::kCrossEntropy : Loss::kMse;
-  }
-
-  template <typename T>
-  metakernels::UnrollInputs<T> inputs() const {
-    metakernels::UnrollInputs<T> in;
-    in.weight = weight.data_ptr<T>();
-    in.weight_task_stride = task_stride(weight, 3);
-    in.bias = ptr_or_null<T>(bias);
-    in.bias_task_stride = bias.has_value() ? task_stride(*bias, 2) : 0;
-    in.x = x.data_ptr<T>();
-    in.x_task_stride = x.stride(0);
-    in.x_step_stride = x_per_step ? x.stride(1) : 0;
-    if (dims.loss == Loss::kMse) {
-      in.y = targets.data_ptr<T>();
-      in.y_task_stride = targets.stride(0);
-      in.y_step_stride = x_per_step ? targets.stride(1) : 0;
-    } else {
-      in.labels = targets.data_ptr<int64_t>();
-      in.labels_task_stride = targets.stride(0);
-      in.labels_step_stride = x_per_step ? targets.stride(1) : 0;
-    }
-    in.lr = lr.data_ptr<T>();
-    in.lr_scale = ptr_or_null<T>(lr_scale);
-    in.bias_lr_scale = ptr_or_null<T>(bias_lr_scale);
-    in.queries = ptr_or_null<T>(queries);
-    return in;
-  }
-};
 
 // Which algorithm runs (the decision is here, not in Python: the Gram path's condition on
 // bias_lr_scale reads its values, which metakernels/ops does not do so that torch.compile traces
@@ -138,7 +47,8 @@ std::string unroll_path(const Tensor& weight, const Tensor& x, const Tensor& tar
                         const optional<Tensor>& lr_scale, const optional<Tensor>& bias_lr_scale,
                         const optional<Tensor>& queries, int64_t loss, bool store_states,
                         bool grad_bias_lr_scale) {
-  const Unroll u(weight, x, targets, lr, bias, lr_scale, bias_lr_scale, queries, loss);
+  const Unroll u(weight, x, targets, lr, bias, lr_scale, bias_lr_scale, queries, loss,
+                 /*strided_tasks=*/true);
   std::string forward, backward;
   AT_DISPATCH_FLOATING_TYPES(u.weight.scalar_type(), "unroll_path", [&] {
     const auto in = u.inputs<scalar_t>();
@@ -154,7 +64,8 @@ std::vector<Tensor> unroll_forward(const Tensor& weight, const Tensor& x, const 
                                    const optional<Tensor>& bias_lr_scale,
                                    const optional<Tensor>& queries, int64_t loss,
                                    bool store_states) {
-  const Unroll u(weight, x, targets, lr, bias, lr_scale, bias_lr_scale, queries, loss);
+  const Unroll u(weight, x, targets, lr, bias, lr_scale, bias_lr_scale, queries, loss,
+                 /*strided_tasks=*/true);
   const auto& d = u.dims;
   const auto opts = u.weight.options();
   Tensor weight_out = new_output({d.tasks, d.d_in, d.d_out}, opts);
@@ -200,7 +111,8 @@ std::vector<Tensor> unroll_backward(const Tensor& weight, const Tensor& x, const
                                     const optional<Tensor>& grad_readout, int64_t loss,
                                     bool first_order, std::vector<bool> wanted) {
   TORCH_CHECK(wanted.size() == 8, "metakernels internal error: unroll_backward takes 8 flags");
-  const Unroll u(weight, x, targets, lr, bias, lr_scale, bias_lr_scale, queries, loss);
+  const Unroll u(weight, x, targets, lr, bias, lr_scale, bias_lr_scale, queries, loss,
+                 /*strided_tasks=*/true);
   const auto& d = u.dims;
   const auto opts = u.weight.options();
   TORCH_CHECK(!((wanted[1] && !first_order) || wanted[7]) || states.dim() == 4,
@@ -316,6 +228,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("unroll_path", &unroll_path,
         "Which algorithm unroll_forward/_backward run for these arguments: 'gram' (the Gram-space "
         "path of mse with 3-D x), 'steps' (the step loop), or 'steps/gram' (forward/backward).");
-  m.def("set_poison_outputs", [](bool poison) { g_poison_outputs = poison; },
+  m.def("set_poison_outputs", [](bool poison) { poison_outputs() = poison; },
         "Fill every output with NaN before the kernels write it (for tests).");
 }

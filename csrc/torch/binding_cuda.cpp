@@ -14,12 +14,12 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
-#include <limits>
 #include <stdexcept>
 #include <vector>
 
 #include "metakernels/cuda_kernels.h"
 #include "metakernels/fast_weight.h"
+#include "unroll_tensors.h"
 
 namespace {
 
@@ -27,34 +27,7 @@ using at::Tensor;
 using c10::optional;
 using metakernels::Loss;
 using metakernels::cuda::DType;
-
-// Tests set this so every output starts as NaN: an element a kernel forgets to write shows up.
-bool g_poison_outputs = false;
-
-Tensor new_output(at::IntArrayRef shape, const at::TensorOptions& options) {
-  return g_poison_outputs ? at::full(shape, std::numeric_limits<double>::quiet_NaN(), options)
-                          : at::empty(shape, options);
-}
-
-const void* ptr_or_null(const optional<Tensor>& t) {
-  return t.has_value() ? t->data_ptr() : nullptr;
-}
-
-void* out_ptr_or_null(const Tensor& t) {
-  return t.defined() && t.numel() > 0 ? t.data_ptr() : nullptr;
-}
-
-optional<Tensor> contiguous_or_none(const optional<Tensor>& t) {
-  if (!t.has_value()) return c10::nullopt;
-  return t->contiguous();
-}
-
-Tensor no_output(const Tensor& like) { return at::empty({0}, like.options()); }
-
-// A shared [d_in, d_out] / [d_out] tensor has task stride 0; a per-task one, its matrix size.
-int64_t task_stride(const Tensor& t, int64_t per_task_dim) {
-  return t.dim() == per_task_dim ? t.stride(0) : 0;
-}
+using namespace metakernels_torch;
 
 DType dtype_of(const Tensor& t) {
   switch (t.scalar_type()) {
@@ -88,35 +61,19 @@ void run_kernel(const Tensor& on, F&& kernel) {
   }
 }
 
-struct Unroll {
-  metakernels::UnrollDims dims;
-  Tensor weight, x, targets, lr;
-  optional<Tensor> bias, lr_scale, bias_lr_scale, queries;
-  bool x_per_step = false;
-
-  Unroll(const Tensor& weight_, const Tensor& x_, const Tensor& targets_, const Tensor& lr_,
-         const optional<Tensor>& bias_, const optional<Tensor>& lr_scale_,
-         const optional<Tensor>& bias_lr_scale_, const optional<Tensor>& queries_, int64_t loss)
-      : weight(weight_.contiguous()),
-        x(x_.contiguous()),
-        targets(targets_.contiguous()),
-        lr(lr_.contiguous()),
-        bias(contiguous_or_none(bias_)),
-        lr_scale(contiguous_or_none(lr_scale_)),
-        bias_lr_scale(contiguous_or_none(bias_lr_scale_)),
-        queries(contiguous_or_none(queries_)) {
+// The shared Unroll (unroll_tensors.h), with x and y made contiguous and the CUDA backend's own
+// device and dtype checks.
+struct CudaUnroll : Unroll {
+  CudaUnroll(const Tensor& weight_, const Tensor& x_, const Tensor& targets_, const Tensor& lr_,
+             const optional<Tensor>& bias_, const optional<Tensor>& lr_scale_,
+             const optional<Tensor>& bias_lr_scale_, const optional<Tensor>& queries_,
+             int64_t loss)
+      : Unroll(weight_, x_, targets_, lr_, bias_, lr_scale_, bias_lr_scale_, queries_, loss,
+               /*strided_tasks=*/false) {
     check_cuda(weight, "weight");
     check_cuda(x, "x");
     check_cuda(targets, "y");
     check_cuda(lr, "lr");
-    x_per_step = x.dim() == 4;
-    dims.tasks = x.size(0);
-    dims.steps = lr.size(1);
-    dims.support = x.size(-2);
-    dims.d_in = weight.size(-2);
-    dims.d_out = weight.size(-1);
-    dims.queries = queries.has_value() ? queries->size(2) : 0;
-    dims.loss = loss == 1 ? Loss::kCrossEntropy : Loss::kMse;
     if (dims.loss == Loss::kCrossEntropy) {
       TORCH_CHECK(targets.scalar_type() == at::kLong,
                   "metakernels CUDA backend: ce labels must be int64");
@@ -126,31 +83,6 @@ struct Unroll {
     }
     TORCH_CHECK(lr.scalar_type() == weight.scalar_type(),
                 "metakernels CUDA backend: lr must have weight's dtype");
-  }
-
-  metakernels::UnrollInputs<void> inputs() const {
-    metakernels::UnrollInputs<void> in;
-    in.weight = weight.data_ptr();
-    in.weight_task_stride = task_stride(weight, 3);
-    in.bias = ptr_or_null(bias);
-    in.bias_task_stride = bias.has_value() ? task_stride(*bias, 2) : 0;
-    in.x = x.data_ptr();
-    in.x_task_stride = x.stride(0);
-    in.x_step_stride = x_per_step ? x.stride(1) : 0;
-    if (dims.loss == Loss::kMse) {
-      in.y = targets.data_ptr();
-      in.y_task_stride = targets.stride(0);
-      in.y_step_stride = x_per_step ? targets.stride(1) : 0;
-    } else {
-      in.labels = targets.data_ptr<int64_t>();
-      in.labels_task_stride = targets.stride(0);
-      in.labels_step_stride = x_per_step ? targets.stride(1) : 0;
-    }
-    in.lr = lr.data_ptr();
-    in.lr_scale = ptr_or_null(lr_scale);
-    in.bias_lr_scale = ptr_or_null(bias_lr_scale);
-    in.queries = ptr_or_null(queries);
-    return in;
   }
 };
 
@@ -168,7 +100,7 @@ std::vector<Tensor> unroll_forward(const Tensor& weight, const Tensor& x, const 
                                    bool store_states) {
   check_cuda(weight, "weight");
   const c10::cuda::CUDAGuard guard(weight.device());
-  const Unroll u(weight, x, targets, lr, bias, lr_scale, bias_lr_scale, queries, loss);
+  const CudaUnroll u(weight, x, targets, lr, bias, lr_scale, bias_lr_scale, queries, loss);
   const auto& d = u.dims;
   const auto opts = u.weight.options();
   const auto state = state_options(u.weight);
@@ -181,13 +113,13 @@ std::vector<Tensor> unroll_forward(const Tensor& weight, const Tensor& x, const 
   Tensor states = store_states ? new_output({d.tasks, d.steps, d.d_in, d.d_out}, state)
                                : at::empty({0}, state);
   metakernels::UnrollForwardOutputs<void> out;
-  out.weight = out_ptr_or_null(weight_out);
-  out.bias = out_ptr_or_null(bias_out);
-  out.losses = out_ptr_or_null(losses);
-  out.readout = out_ptr_or_null(readout);
-  out.residual = out_ptr_or_null(residual);
-  out.states = out_ptr_or_null(states);
-  const auto in = u.inputs();
+  out.weight = out_ptr_or_null<void>(weight_out);
+  out.bias = out_ptr_or_null<void>(bias_out);
+  out.losses = out_ptr_or_null<void>(losses);
+  out.readout = out_ptr_or_null<void>(readout);
+  out.residual = out_ptr_or_null<void>(residual);
+  out.states = out_ptr_or_null<void>(states);
+  const auto in = u.inputs<void>();
   run_kernel(weight, [&](cudaStream_t stream) {
     metakernels::cuda::unroll_forward(dtype_of(u.weight), d, in, out, stream);
   });
@@ -210,7 +142,7 @@ std::vector<Tensor> unroll_backward(const Tensor& weight, const Tensor& x, const
   TORCH_CHECK(wanted.size() == 8, "metakernels internal error: unroll_backward takes 8 flags");
   check_cuda(weight, "weight");
   const c10::cuda::CUDAGuard guard(weight.device());
-  const Unroll u(weight, x, targets, lr, bias, lr_scale, bias_lr_scale, queries, loss);
+  const CudaUnroll u(weight, x, targets, lr, bias, lr_scale, bias_lr_scale, queries, loss);
   const auto& d = u.dims;
   const auto acc = state_options(u.weight);  // float32 accumulators, cast at the end
   TORCH_CHECK(!((wanted[1] && !first_order) || wanted[7]) || states.dim() == 4,
@@ -243,18 +175,18 @@ std::vector<Tensor> unroll_backward(const Tensor& weight, const Tensor& x, const
   args.states = states_c.dim() == 4 ? states_c.data_ptr() : nullptr;
   args.weight_final = weight_final_c.data_ptr();
   args.grad_weight_final = grad_weight_final_c.data_ptr();
-  args.grad_bias_final = ptr_or_null(grad_bias_final_c);
-  args.grad_readout = ptr_or_null(grad_readout_c);
+  args.grad_bias_final = ptr_or_null<void>(grad_bias_final_c);
+  args.grad_readout = ptr_or_null<void>(grad_readout_c);
   args.first_order = first_order;
-  args.grad_weight = out_ptr_or_null(grad_weight);
-  args.grad_bias = out_ptr_or_null(grad_bias);
-  args.grad_x = out_ptr_or_null(grad_x);
-  args.grad_y = out_ptr_or_null(grad_y);
-  args.grad_lr = out_ptr_or_null(grad_lr);
-  args.grad_lr_scale = out_ptr_or_null(grad_lr_scale);
-  args.grad_bias_lr_scale = out_ptr_or_null(grad_bias_lr_scale);
-  args.grad_queries = out_ptr_or_null(grad_queries);
-  const auto in = u.inputs();
+  args.grad_weight = out_ptr_or_null<void>(grad_weight);
+  args.grad_bias = out_ptr_or_null<void>(grad_bias);
+  args.grad_x = out_ptr_or_null<void>(grad_x);
+  args.grad_y = out_ptr_or_null<void>(grad_y);
+  args.grad_lr = out_ptr_or_null<void>(grad_lr);
+  args.grad_lr_scale = out_ptr_or_null<void>(grad_lr_scale);
+  args.grad_bias_lr_scale = out_ptr_or_null<void>(grad_bias_lr_scale);
+  args.grad_queries = out_ptr_or_null<void>(grad_queries);
+  const auto in = u.inputs<void>();
   run_kernel(weight, [&](cudaStream_t stream) {
     metakernels::cuda::unroll_backward(dtype_of(u.weight), d, in, args, stream);
   });
@@ -293,14 +225,14 @@ std::vector<Tensor> linear_hvp(const Tensor& weight_, const Tensor& x_, const Te
   args.loss = loss == 1 ? Loss::kCrossEntropy : Loss::kMse;
   args.weight = weight.data_ptr();
   args.weight_task_stride = task_stride(weight, 3);
-  args.bias = ptr_or_null(bias);
+  args.bias = ptr_or_null<void>(bias);
   args.bias_task_stride = bias.has_value() ? task_stride(*bias, 2) : 0;
   args.x = x.data_ptr();
   args.v = v.data_ptr();
-  args.v_bias = ptr_or_null(v_bias);
+  args.v_bias = ptr_or_null<void>(v_bias);
   args.v_bias_task_stride = v_bias.has_value() ? task_stride(*v_bias, 2) : 0;
-  args.hv_weight = out_ptr_or_null(hv_weight);
-  args.hv_bias = out_ptr_or_null(hv_bias);
+  args.hv_weight = out_ptr_or_null<void>(hv_weight);
+  args.hv_bias = out_ptr_or_null<void>(hv_bias);
   run_kernel(weight, [&](cudaStream_t stream) {
     metakernels::cuda::linear_hvp(dtype_of(weight), args, stream);
   });
@@ -322,6 +254,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "CTAs per task over d_out on the tensor-core path (0: automatic); for tuning.");
   m.def("mma_launches", &metakernels::cuda::mma_launches,
         "How many tensor-core kernels this process has launched (tests check the path taken).");
-  m.def("set_poison_outputs", [](bool poison) { g_poison_outputs = poison; },
+  m.def("set_poison_outputs", [](bool poison) { poison_outputs() = poison; },
         "Fill every output with NaN before the kernels write it (for tests).");
 }
