@@ -372,13 +372,19 @@ def _unroll_bwd(weight: Tensor, x: Tensor, y: Tensor, lr: Tensor, bias: Optional
         grad_weight_t, grad_bias_t, grad_readout, loss, first_order, wanted))
 
 
+def _grads_fake(inputs, wanted):
+    """The meta outputs of a backward op: each wanted input's gradient shaped like it, in
+    weight's (the first input's) dtype; an empty tensor where not wanted."""
+    weight = inputs[0]
+    return tuple(t.new_empty(t.shape, dtype=weight.dtype) if want else weight.new_empty(0)
+                 for t, want in zip(inputs, wanted))
+
+
 @_unroll_bwd.register_fake
 def _unroll_bwd_fake(weight, x, y, lr, bias, lr_scale, bias_lr_scale, queries, residual, states,
                      weight_t, grad_weight_t, grad_bias_t, grad_readout, loss, first_order, wanted,
                      backend):
-    inputs = (weight, x, y, lr, bias, lr_scale, bias_lr_scale, queries)
-    return tuple(t.new_empty(t.shape, dtype=weight.dtype) if want else weight.new_empty(0)
-                 for t, want in zip(inputs, wanted))
+    return _grads_fake((weight, x, y, lr, bias, lr_scale, bias_lr_scale, queries), wanted)
 
 
 def _no_double_backward(ctx, *grads):
@@ -599,9 +605,7 @@ def _backward_by_segments(kernels, starts, x, y, lr, lr_scale, bias_lr_scale, qu
 def _ckpt_bwd_fake(weight, x, y, lr, bias, lr_scale, bias_lr_scale, queries, starts_w, starts_b,
                    grad_weight_t, grad_bias_t, grad_readout, loss, first_order, wanted, segment,
                    backend):
-    inputs = (weight, x, y, lr, bias, lr_scale, bias_lr_scale, queries)
-    return tuple(t.new_empty(t.shape, dtype=weight.dtype) if want else weight.new_empty(0)
-                 for t, want in zip(inputs, wanted))
+    return _grads_fake((weight, x, y, lr, bias, lr_scale, bias_lr_scale, queries), wanted)
 
 
 _ckpt_bwd.register_autograd(_no_double_backward)
