@@ -1,7 +1,8 @@
 # Two commands do all set-up on a fresh machine (README, Quickstart):
 #   make run    virtual environment + CPU torch + build, then `metakernels demo` and a short
 #               meta-training run (`metakernels train`)
-#   make test   the same set-up, then every test: the C++ kernel tests (ctest) and pytest
+#   make test   the same set-up, then every test: the C++ kernel tests (ctest, and again built
+#               with AddressSanitizer + UndefinedBehaviorSanitizer) and pytest
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -15,7 +16,7 @@ CMAKE_BUILD ?= build/cmake
 CUDA_HOME ?= $(firstword $(wildcard /usr/local/cuda-13.0 /usr/local/cuda))
 export CUDA_HOME
 
-.PHONY: setup run test test-cpp test-python test-triton clean
+.PHONY: setup run test test-cpp test-sanitize test-python test-triton clean
 
 $(STAMP): $(SOURCES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,12 +31,37 @@ run: setup
 	rm -rf build/train-demo
 	$(VENV)/bin/metakernels train --task sinusoid --algo maml --steps 300 --out build/train-demo
 
-test: test-cpp test-python test-triton
+test: test-cpp test-sanitize test-python test-triton
 
 test-cpp:
 	cmake -S . -B $(CMAKE_BUILD) -DCMAKE_BUILD_TYPE=Release
 	cmake --build $(CMAKE_BUILD) -j 2
 	ctest --test-dir $(CMAKE_BUILD) --output-on-failure
+
+# The same C++ kernels and ctest programs under ASan + UBSan (METAKERNELS_SANITIZE in
+# CMakeLists.txt): any out-of-bounds access, use-after-free, leak or undefined behaviour fails the
+# run. The CUDA kernels take part through their CPU emulation (test_cuda_emulated); nvcc itself is
+# not needed here, test-cpp already compiles them. Then metakernels._C itself, built with both
+# sanitizers (METAKERNELS_SANITIZE=1 in setup.py) into a build tree of its own, runs the pytest
+# files that drive the cpu backend (every shape, stride and input form they hold) with libasan
+# preloaded (libstdc++ too, or ASan cannot intercept C++ exceptions thrown through torch).
+SANITIZE_LIB := build/sanitize-py/lib
+SANITIZE_TESTS ?= test_fast_weight_unroll.py test_gram.py test_checkpoint.py test_linear_hvp.py \
+	test_checks.py test_judges.py
+test-sanitize: setup
+	cmake -S . -B $(CMAKE_BUILD)-sanitize -DCMAKE_BUILD_TYPE=Release -DMETAKERNELS_SANITIZE=ON \
+		-DMETAKERNELS_BUILD_CUDA=OFF
+	cmake --build $(CMAKE_BUILD)-sanitize -j 2
+	ASAN_OPTIONS=detect_leaks=1:abort_on_error=1:strict_string_checks=1:detect_stack_use_after_return=1 \
+	UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+		ctest --test-dir $(CMAKE_BUILD)-sanitize --output-on-failure
+	METAKERNELS_SANITIZE=1 METAKERNELS_BUILD_CUDA=0 $(PY) setup.py --quiet build \
+		--build-base build/sanitize-py/tmp --build-lib $(SANITIZE_LIB)
+	cd tests && export LD_PRELOAD="$$(c++ -print-file-name=libasan.so) $$(c++ -print-file-name=libstdc++.so)" \
+		ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+		PYTHONPATH=$(abspath $(SANITIZE_LIB)) && \
+		$(abspath $(PY)) -c "import metakernels._C as C; assert '$(SANITIZE_LIB)' in C.__file__, C.__file__" && \
+		$(abspath $(PY)) -m pytest -q -p no:cacheprovider $(SANITIZE_TESTS)
 
 test-python: setup
 	$(PY) -m pytest -q

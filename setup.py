@@ -13,6 +13,9 @@ Environment:
     METAKERNELS_CPU_ARCH=...   the -march (-mcpu on Arm) of the CPU kernels (default: native, the
                                machine that builds; e.g. x86-64-v3 for a binary that other
                                machines run; empty for the compiler's default).
+    METAKERNELS_SANITIZE=1     build metakernels._C with AddressSanitizer and
+                               UndefinedBehaviorSanitizer, for tests only (`make test-sanitize`
+                               runs pytest on it with libasan preloaded).
 """
 
 import glob
@@ -46,6 +49,11 @@ def _cpu_flags():
         # GCC and Clang on Arm spell "this machine" -mcpu.
         arm = platform.machine().lower() in ("arm64", "aarch64")
         compile_flags.append(f"-mcpu={cpu_arch}" if arm else f"-march={cpu_arch}")
+    if os.environ.get("METAKERNELS_SANITIZE", "0") == "1":
+        # -g after -g0 so that reports carry line numbers; UB aborts so that the test fails.
+        sanitize = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer"]
+        compile_flags += sanitize + ["-fno-sanitize-recover=undefined", "-g"]
+        link_flags += sanitize
     if sys.platform.startswith("linux"):
         # at::parallel_for is inline OpenMP code: without -fopenmp it runs on one thread. The
         # extension binds to the libgomp.so.1 that torch ships and has already loaded, so one

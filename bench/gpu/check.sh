@@ -6,11 +6,12 @@
 #   4. the benchmark: SPEC.md maml-small, maml-ce, trajectory, delta-rule (float32 and bfloat16,
 #      with flash-linear-attention's chunk_delta_rule) and large, at full size, every GPU backend
 #      against the reference and torch.func, with the roofline floor measured on this card;
-#   5. compute-sanitizer memcheck and racecheck on bench/gpu/sanitize_case.py, where it exists.
+#   5. compute-sanitizer memcheck (CUDA and Triton kernels) and racecheck (CUDA kernels) on
+#      bench/gpu/sanitize_case.py, after checking that its cases launch every GPU kernel.
 # Every stage has a time limit, goes on after a failure, and prints one summary line; the whole
-# script stays under about 8 minutes (MK_CHECK_BUDGET seconds, default 480). Logs and results go to $OUT
+# script stays under about 9 minutes (MK_CHECK_BUDGET seconds, default 540). Logs and results go to $OUT
 # (default ./gpu-out): summary.txt, build.log, pytest.log, bench.log, gpu-results.md,
-# gpu-results.json, memcheck.log, racecheck.log.
+# gpu-results.json, coverage.log, memcheck.log, memcheck-triton.log, racecheck.log.
 #
 #   bash bench/gpu/check.sh
 set -u
@@ -19,7 +20,7 @@ ROOT=$PWD
 OUT=${OUT:-$ROOT/gpu-out}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
-BUDGET=${MK_CHECK_BUDGET:-480}
+BUDGET=${MK_CHECK_BUDGET:-540}
 START=$SECONDS
 SUMMARY=$OUT/summary.txt
 : > "$SUMMARY"
@@ -81,13 +82,13 @@ fi
 say "fla: $($PY -c 'import fla; print(fla.__version__)' 2>&1 | tail -n 1)"
 
 # 2. Build in place: setup.py compiles csrc/cuda/*.cu when there are any and CUDA_HOME is set.
-stage build "${MK_BUILD_CAP:-210}" "${MK_BUILD_RESERVE:-190}" "$OUT/build.log" \
+stage build "${MK_BUILD_CAP:-210}" "${MK_BUILD_RESERVE:-300}" "$OUT/build.log" \
     env TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 METAKERNELS_CPU_ARCH=native \
     "$PY" setup.py build_ext --inplace
 say "backends: $($PY -c 'import metakernels as mk; print("cuda:", mk.available_backends("cuda"), "cpu:", mk.available_backends("cpu"))' 2>&1 | tail -n 1)"
 
 # 3. The GPU tests. Modules that need packages this machine lacks fail to collect; the rest run.
-stage pytest "${MK_PYTEST_CAP:-150}" "${MK_PYTEST_RESERVE:-160}" "$OUT/pytest.log" \
+stage pytest "${MK_PYTEST_CAP:-150}" "${MK_PYTEST_RESERVE:-250}" "$OUT/pytest.log" \
     "$PY" -m pytest -m gpu -q -p no:cacheprovider --continue-on-collection-errors -rs \
         ${MK_PYTEST_ARGS:-tests/}
 grep -E "passed|failed|error|skipped|deselected" "$OUT/pytest.log" | tail -n 1 | sed 's/^/  pytest: /' | tee -a "$SUMMARY"
@@ -95,7 +96,7 @@ grep -E "passed|failed|error|skipped|deselected" "$OUT/pytest.log" | tail -n 1 |
 # 4. The benchmark; the delta rule (T = 1024 steps of Python-driven baselines) last. The results
 #    are rewritten after each configuration, so a run cut short keeps what it measured.
 SANITIZE_RESERVE=0
-[[ -f bench/gpu/sanitize_case.py ]] && SANITIZE_RESERVE=85
+[[ -f bench/gpu/sanitize_case.py ]] && SANITIZE_RESERVE=170
 stage bench "${MK_BENCH_CAP:-210}" "$SANITIZE_RESERVE" "$OUT/bench.log" \
     "$PY" -m metakernels bench --device cuda \
         --config large --config trajectory --config maml-small --config maml-ce \
@@ -104,12 +105,20 @@ stage bench "${MK_BENCH_CAP:-210}" "$SANITIZE_RESERVE" "$OUT/bench.log" \
         --json "$OUT/gpu-results.json" --markdown "$OUT/gpu-results.md"
 grep -E "^(PASS|FAIL)" "$OUT/bench.log" | tail -n 1 | sed 's/^/  bench: /' | tee -a "$SUMMARY"
 
-# 5. compute-sanitizer on a small case (written by the CUDA backend's issue).
+# 5. compute-sanitizer on small cases that launch every GPU kernel: first (without the sanitizer)
+#    the check that they do, then memcheck on the CUDA and the Triton kernels, racecheck on the
+#    CUDA kernels (their shared-memory tiles are written by hand; Triton's are the compiler's).
 if [[ -f bench/gpu/sanitize_case.py ]]; then
     SANITIZER=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/nonexistent}/bin/compute-sanitizer")
-    stage memcheck 45 40 "$OUT/memcheck.log" \
+    stage kernel-coverage 40 130 "$OUT/coverage.log" \
+        "$PY" bench/gpu/sanitize_case.py --backend cuda --backend triton --coverage
+    grep -E "kernels launched" "$OUT/coverage.log" | sed 's/^/  coverage: /' | tee -a "$SUMMARY"
+    stage memcheck 40 90 "$OUT/memcheck.log" \
         "$SANITIZER" --tool memcheck --error-exitcode 1 "$PY" bench/gpu/sanitize_case.py
     grep -E "ERROR SUMMARY" "$OUT/memcheck.log" | tail -n 1 | sed 's/^/  memcheck: /' | tee -a "$SUMMARY"
+    stage memcheck-triton 45 45 "$OUT/memcheck-triton.log" \
+        "$SANITIZER" --tool memcheck --error-exitcode 1 "$PY" bench/gpu/sanitize_case.py --backend triton
+    grep -E "ERROR SUMMARY" "$OUT/memcheck-triton.log" | tail -n 1 | sed 's/^/  memcheck-triton: /' | tee -a "$SUMMARY"
     stage racecheck 45 0 "$OUT/racecheck.log" \
         "$SANITIZER" --tool racecheck --error-exitcode 1 "$PY" bench/gpu/sanitize_case.py
     grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$OUT/racecheck.log" | tail -n 1 | sed 's/^/  racecheck: /' | tee -a "$SUMMARY"
