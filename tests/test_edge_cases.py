@@ -28,6 +28,7 @@ import dataclasses
 import pytest
 import torch
 
+import metakernels as mk
 from conftest import (COMPILED_BACKENDS, TOLERANCE, Case, assert_close, cast_inputs,
                       make_inputs, rel_err, run_unroll)
 
@@ -256,3 +257,50 @@ def test_huge_logits(backend, dtype, per_step, mode, scale):
                            if expected[k] is not None and torch.isfinite(expected[k]).all()
                            and torch.isfinite(own[k]).all()])
     assert_non_finite_match(result, expected, dtype, f"{backend} {mode} x{scale:g}", tol)
+
+
+# --- linear_hvp ----------------------------------------------------------------------------------
+
+def hvp_inputs(dtype, d_out: int = 5, scale: float = 1.0, seed: int = 8) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    shapes = {"weight": (3, 7, d_out), "x": (3, 6, 7), "v": (3, 7, d_out), "bias": (d_out,),
+              "v_bias": (3, d_out)}
+    inputs = {k: torch.randn(s, generator=gen, dtype=torch.float64) for k, s in shapes.items()}
+    inputs["weight"] *= scale
+    return {k: t.to(dtype).requires_grad_() for k, t in inputs.items()}
+
+
+def run_hvp(inputs: dict, loss: str, backend: str) -> dict:
+    """Hv and the gradients of <Hv, random> in every input."""
+    hv_weight, hv_bias = mk.linear_hvp(**inputs, loss=loss, backend=backend)
+    gen = torch.Generator().manual_seed(1)
+    adjoints = [torch.randn(t.shape, generator=gen, dtype=torch.float64).to(t.dtype)
+                for t in (hv_weight, hv_bias)]
+    grads = torch.autograd.grad((hv_weight, hv_bias), list(inputs.values()), adjoints,
+                                allow_unused=True)
+    return dict(hv_weight=hv_weight, hv_bias=hv_bias,
+                **{f"grad_{k}": g for k, g in zip(inputs, grads)})
+
+
+@pytest.mark.parametrize("backend,dtype", BACKEND_DTYPES)
+@pytest.mark.parametrize("what", ["logits1e30", "logits-1e30", "one-class", "inf-x", "nan-x"])
+def test_linear_hvp_edge_cases(backend, dtype, what):
+    """ce with saturated softmax (Hv exactly 0 where p is one-hot), d_out = 1 (H_E = 0), and
+    non-finite x in one task (that task's Hv non-finite, the others untouched)."""
+    loss = "ce"
+    if what.startswith("logits"):
+        inputs = hvp_inputs(dtype, scale=float(what[len("logits"):]))
+    elif what == "one-class":
+        inputs = hvp_inputs(dtype, d_out=1)
+    else:
+        inputs = hvp_inputs(dtype)
+        with torch.no_grad():
+            inputs["x"][1, 2, 3] = float("inf") if what == "inf-x" else float("nan")
+    expected = run_hvp(cast_inputs(inputs, torch.float64), loss, "reference")
+    result = run_hvp(inputs, loss, backend)
+    assert_non_finite_match(result, expected, dtype, f"{backend} linear_hvp {what}")
+    if what in ("logits1e30", "logits-1e30", "one-class"):
+        assert torch.equal(result["hv_weight"], torch.zeros_like(result["hv_weight"]))
+    elif what.endswith("-x"):
+        assert not torch.isfinite(result["hv_weight"][1]).all()
+        assert torch.isfinite(result["hv_weight"][[0, 2]]).all()
