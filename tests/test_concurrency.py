@@ -5,6 +5,10 @@ available here, with one and with two intra-op threads (the CPU kernels split ta
 at::parallel_for). The compiled backends are deterministic, so the results must be bitwise
 equal; so must the reference's (plain PyTorch on CPU).
 
+The CPU kernels run without the GIL (csrc/torch/binding.cpp), so the threads really are inside
+them at once; with the GIL held they ran one at a time and no race there could show. Making the
+thread_local scratch of small_gemm.h static fails every cpu workload here.
+
 What could race, and what each test here would catch: the outputs are allocated per call; the
 CPU kernels keep their scratch in thread_local vectors (small_gemm.h) and per-call locals; the
 Gram backward of a shared init sums into one [d_in, d_out] slot per intra-op thread of its own
