@@ -222,9 +222,12 @@ std::vector<Tensor> linear_hvp(const Tensor& weight_, const Tensor& x_, const Te
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "metakernels fused CPU kernels (eager bodies of the metakernels:: custom ops)";
-  m.def("unroll_forward", &unroll_forward);
-  m.def("unroll_backward", &unroll_backward);
-  m.def("linear_hvp", &linear_hvp);
+  // The kernels touch no Python object: they run without the GIL, so that calls from several
+  // Python threads run at once (tests/test_concurrency.py) instead of one after another.
+  const auto without_gil = pybind11::call_guard<pybind11::gil_scoped_release>();
+  m.def("unroll_forward", &unroll_forward, without_gil);
+  m.def("unroll_backward", &unroll_backward, without_gil);
+  m.def("linear_hvp", &linear_hvp, without_gil);
   m.def("unroll_path", &unroll_path,
         "Which algorithm unroll_forward/_backward run for these arguments: 'gram' (the Gram-space "
         "path of mse with 3-D x), 'steps' (the step loop), or 'steps/gram' (forward/backward).");

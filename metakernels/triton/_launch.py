@@ -4,6 +4,7 @@ the on-chip limits. Nothing here knows the maths; see the kernels' modules."""
 from __future__ import annotations
 
 import contextlib
+import threading
 
 import torch
 import triton
@@ -65,6 +66,13 @@ def check_fits(**tiles) -> None:
                 "'cpu' or 'reference' for this shape")
 
 
+# CPU tensors run in Triton's interpreter, which is not thread-safe: one global builder holds the
+# program id of the running program, and every launch patches triton.language and restores it at
+# the end. Launches from several threads at once gave wrong values or raised ("Did you forget to
+# add @triton.jit ?"), so they take turns.
+_INTERPRETER_LOCK = threading.Lock()
+
+
 def launch(kernel, grid, *args, **kwargs) -> None:
     """``kernel[grid](*args, **kwargs)`` on the device of the first tensor argument (Triton
     launches on the current device); a kernel too large for the card raises RuntimeError.
@@ -78,7 +86,8 @@ def launch(kernel, grid, *args, **kwargs) -> None:
             with torch.cuda.device(device):
                 kernel[grid](*args, **kwargs)
         else:
-            kernel[grid](*args, **kwargs)
+            with _INTERPRETER_LOCK:
+                kernel[grid](*args, **kwargs)
     except OutOfResources as error:
         raise RuntimeError(
             f"the triton backend keeps a task on-chip and {getattr(kernel, '__name__', 'a kernel')} "

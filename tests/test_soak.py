@@ -1,0 +1,157 @@
+"""Soak: every CPU op, forward and backward, called thousands of times, keeps its resident memory
+flat (issue 8). A leak of even the smallest output of every call fails the test;
+test_soak_catches_a_leak proves it by leaking that output on purpose.
+
+Resident memory is the current RSS (/proc/self/statm), read after gc.collect() and glibc's
+malloc_trim(0), so that freed memory that malloc holds back in its arenas does not count. Each op
+first runs WARMUP calls (allocator caches, thread-local scratch, first-call costs), then BATCHES
+batches of CALLS calls with a reading after each; the growth from the first reading to the last
+(over (BATCHES − 1) × CALLS calls) must stay under BOUND. A leak of the smallest output, the
+detached ``losses`` [3, 4] (48 bytes of data, about 500 bytes with its tensor and storage), over
+those calls is 3 × 400 × ~500 B ≈ 600 KiB, over twice BOUND.
+
+The default run uses one intra-op thread: on a busy 2-core machine OpenMP's barriers make a call
+with two threads 10-30 times slower, and the kernels allocate the same way either way. The slow
+variant keeps torch's thread count and runs ten times as many calls.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import gc
+import os
+
+import pytest
+import torch
+
+import metakernels as mk
+from conftest import Case, differentiable, make_inputs
+from metakernels.ops import unroll_path
+
+pytestmark = [
+    pytest.mark.skipif("cpu" not in mk.available_backends("cpu"), reason="no cpu backend built"),
+    pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs Linux /proc"),
+]
+
+WARMUP, CALLS, BATCHES = 200, 400, 4
+BOUND = 256 * 1024  # bytes of RSS growth allowed over (BATCHES - 1) * CALLS calls
+
+_LIBC = ctypes.CDLL(ctypes.util.find_library("c") or None)
+_MALLOC_TRIM = getattr(_LIBC, "malloc_trim", None)  # glibc only
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def resident_bytes() -> int:
+    """Current resident memory of this process, after collecting garbage and returning malloc's
+    free memory to the system."""
+    gc.collect()
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * _PAGE
+
+
+def soak(call, warmup: int = WARMUP, calls: int = CALLS, batches: int = BATCHES) -> list[int]:
+    """RSS after each of ``batches`` batches of ``calls`` calls, after ``warmup`` calls."""
+    for _ in range(warmup):
+        call()
+    readings = []
+    for _ in range(batches):
+        for _ in range(calls):
+            call()
+        readings.append(resident_bytes())
+    return readings
+
+
+def assert_flat(readings: list[int], label: str, calls: int = CALLS) -> None:
+    growth = readings[-1] - readings[0]
+    assert growth < BOUND, (f"{label}: resident memory grew {growth / 1024:.0f} KiB over "
+                            f"{(len(readings) - 1) * calls} calls (readings, KiB: "
+                            f"{[r // 1024 for r in readings]})")
+
+
+def unroll_call(case: Case, *, checkpoint=None, x_grad: bool = True, path: str):
+    """One forward and backward of fast_weight_unroll on the cpu backend; returns its losses."""
+    inputs = make_inputs(case, torch.float32, seed=7)
+    if not x_grad:
+        inputs["x"].requires_grad_(False)
+    assert unroll_path(**inputs, backend="cpu", checkpoint=checkpoint) == path
+    leaves = list(differentiable(inputs).values())
+
+    def call():
+        out = mk.fast_weight_unroll(**inputs, backend="cpu", checkpoint=checkpoint)
+        outputs = [t for t in (out.weight, out.bias, out.readout) if t is not None]
+        torch.autograd.grad(outputs, leaves, [torch.ones_like(t) for t in outputs],
+                            allow_unused=True)
+        return out.losses
+
+    return call
+
+
+def hvp_call(loss: str):
+    """One forward and backward of linear_hvp on the cpu backend; returns Hv_bias [3, 4]."""
+    gen = torch.Generator().manual_seed(3)
+    weight, x, v = (torch.randn(shape, generator=gen).requires_grad_()
+                    for shape in ((3, 5, 4), (3, 6, 5), (3, 5, 4)))
+    bias = torch.randn(4, generator=gen)
+
+    def call():
+        hv_weight, hv_bias = mk.linear_hvp(weight, x, v, loss=loss, bias=bias, backend="cpu")
+        torch.autograd.grad((hv_weight, hv_bias), (weight, x, v),
+                            (torch.ones_like(hv_weight), torch.ones_like(hv_bias)))
+        return hv_bias
+
+    return call
+
+
+SMALL = dict(tasks=3, steps=4, support=3, d_in=16, d_out=8)
+WORKLOADS = {
+    # mse, 3-D x, no x gradient: the Gram-space forward and backward.
+    "gram": lambda: unroll_call(Case(**SMALL), x_grad=False, path="gram"),
+    # ... with x's gradient: the step-loop forward storing W_t, then the Gram-space backward.
+    "steps/gram": lambda: unroll_call(Case(bias="shared", **SMALL), path="steps/gram"),
+    # ce, 4-D x, readout, lr_scale, per-step lr: the step loop, second order.
+    "steps-ce": lambda: unroll_call(
+        Case(loss="ce", per_step=True, queries=2, bias="task", lr_scale=True, lr_form="full"),
+        path="steps"),
+    "steps-mse-first-order": lambda: unroll_call(
+        Case(per_step=True, queries=2, bias="shared", first_order=True), path="steps"),
+    # The checkpointed custom ops: segments of 3 steps, the backward nested.
+    "checkpoint-ce": lambda: unroll_call(
+        Case(loss="ce", per_step=True, steps=9, queries=2, bias="task"), checkpoint=True,
+        path="steps + checkpoint(3)"),
+    "checkpoint-gram": lambda: unroll_call(Case(**dict(SMALL, steps=9)), checkpoint=True,
+                                           path="gram + checkpoint(3)"),
+    "linear_hvp-mse": lambda: hvp_call("mse"),
+    "linear_hvp-ce": lambda: hvp_call("ce"),
+}
+
+
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("workload", WORKLOADS)
+def test_resident_memory_stays_flat(workload, one_thread):
+    assert_flat(soak(WORKLOADS[workload]()), workload)
+
+
+def test_soak_catches_a_leak(one_thread):
+    """The detector itself: keeping the smallest output of every call (the losses, [3, 4]
+    float32) is a leak that assert_flat reports."""
+    call, kept = WORKLOADS["gram"](), []
+    readings = soak(lambda: kept.append(call()))
+    with pytest.raises(AssertionError, match="resident memory grew"):
+        assert_flat(readings, "gram, leaking its losses")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workload", WORKLOADS)
+def test_resident_memory_stays_flat_long(workload):
+    """Ten times as many calls: the same bound catches a leak of ~50 bytes per call."""
+    assert_flat(soak(WORKLOADS[workload](), calls=10 * CALLS), workload, calls=10 * CALLS)
