@@ -243,9 +243,11 @@ std::vector<Tensor> linear_hvp(const Tensor& weight_, const Tensor& x_, const Te
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "metakernels CUDA kernels (eager bodies of the metakernels:: custom ops, backend='cuda')";
-  m.def("unroll_forward", &unroll_forward);
-  m.def("unroll_backward", &unroll_backward);
-  m.def("linear_hvp", &linear_hvp);
+  // As in binding.cpp: no Python object is touched, so other Python threads run meanwhile.
+  const auto without_gil = pybind11::call_guard<pybind11::gil_scoped_release>();
+  m.def("unroll_forward", &unroll_forward, without_gil);
+  m.def("unroll_backward", &unroll_backward, without_gil);
+  m.def("linear_hvp", &linear_hvp, without_gil);
   m.def("set_mma_enabled", &metakernels::cuda::set_mma_enabled,
         "Use the tensor-core kernels where the shape allows (True, the default unless "
         "METAKERNELS_CUDA_MMA=0) or always the FMA kernels (False).");
