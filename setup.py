@@ -164,6 +164,7 @@ setup(
     ext_modules=_extensions(),
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     # The compiled extensions work beside the torch release they were built against only
-    # (metakernels/_compat.py).
-    install_requires=[_compat.torch_requirement(torch.__version__), "numpy"],
+    # (metakernels/_compat.py). tqdm: the trainer's progress, imported by every `metakernels`
+    # command.
+    install_requires=[_compat.torch_requirement(torch.__version__), "numpy", "tqdm"],
 )

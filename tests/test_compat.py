@@ -237,8 +237,8 @@ def test_no_build_info_is_not_checked(tmp_path):
     assert "'cpu'" in result.stdout
 
 
-def test_version_command_says_what_was_built_against():
-    from metakernels.cli import version_text
+def test_version_command_says_what_was_built_against(capsys):
+    from metakernels.cli import main, version_text
     text = version_text()
     assert text.startswith(f"metakernels {metakernels.__version__}\n")
     assert f"torch {torch.__version__}" in text
@@ -246,6 +246,6 @@ def test_version_command_says_what_was_built_against():
     if info is not None:
         assert f"built against torch {info.TORCH_VERSION}" in text
     with pytest.raises(SystemExit) as exit_code:
-        from metakernels.cli import main
         main(["--version"])
     assert exit_code.value.code == 0
+    assert capsys.readouterr().out == text + "\n"
