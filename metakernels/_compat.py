@@ -5,9 +5,11 @@ it built (the functions here compute them; setup.py loads this file by path, so 
 the standard library). Before any compiled code is loaded, ``ops/_backends.py`` asks:
 
 - :func:`check_torch`: another torch release than the build's raises ImportError at
-  ``import metakernels``. Every extension links libtorch's C++ ABI, which changes between
-  releases: loading one beside another torch fails with an undefined symbol, or loads and
-  misbehaves.
+  ``import metakernels``. Every extension is compiled against libtorch's C++ headers and ABI,
+  which torch does not keep between releases: beside another torch one may fail to load (an
+  undefined symbol) or load and misbehave. (The _C built against 2.13.0+cpu happens to load and
+  agree beside 2.14.1+cu130; nothing promises that of the next pair, so the check is on the
+  release, not on what happens to load.)
 - :func:`cpu_problem`: a CPU without an instruction set that the CPU kernels were compiled for
   (``METAKERNELS_CPU_ARCH``, default ``native``) leaves the cpu backend unavailable with the
   reason, instead of dying of SIGILL in the first call. The rest of metakernels (the reference,
@@ -32,11 +34,11 @@ BUILD_INFO_MODULE = "metakernels._build_info"
 DISABLE_ENV = "METAKERNELS_DISABLE_EXTENSIONS"
 
 # A local version label that names the compute platform of one torch release (2.13.0+cpu,
-# 2.13.0+cu130, +rocm6.4, +xpu). The platform builds of a release share the C++ ABI of
-# libtorch_cpu and libc10 (same sources, same compiler and _GLIBCXX_USE_CXX11_ABI), which is why
-# torchvision and torchaudio pin `torch==X.Y.Z` without it; the CUDA extension's own needs are
-# checked by cuda_problem. Any other label (a source build's +git<sha>, the old
-# +cpu.cxx11.abi) is part of the identity.
+# 2.13.0+cu130, +rocm6.4, +xpu). The platform builds of a release are built from the same
+# sources with the same _GLIBCXX_USE_CXX11_ABI, so the CPU extension's libtorch_cpu and libc10
+# symbols do not depend on the label; the CUDA extension's own needs are checked by
+# cuda_problem. Any other label (a source build's +git<sha>, the old +cpu.cxx11.abi, whose ABI
+# differs) is part of the identity.
 _PLATFORM_LABEL = re.compile(r"cpu|cu\d+|rocm[\d.]+|xpu")
 
 # The compiler's predefined macro of each instruction set it may emit in the CPU kernels, and
@@ -122,8 +124,9 @@ def check_torch(info, torch_version: str) -> None:
         return
     raise ImportError(
         f"metakernels {info.VERSION} was built against torch {info.TORCH_VERSION}, but torch "
-        f"{torch_version} is installed. Its compiled kernels link the C++ library of the torch "
-        f"they were built against and cannot load beside another. Either install that torch "
+        f"{torch_version} is installed. Its compiled kernels are built for the C++ ABI of that "
+        f"torch, which torch does not keep between releases: beside another they may fail to "
+        f"load (an undefined symbol) or load and misbehave. Either install that torch "
         f"(pip install {torch_requirement(info.TORCH_VERSION)}) or rebuild metakernels against "
         f"this one (pip install --no-build-isolation . in its source; -e . for a checkout you "
         f"work in). To run without the compiled kernels (the reference and Triton backends "
