@@ -38,12 +38,45 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def version_text() -> str:
+    """What ``metakernels --version`` prints: the version, what the compiled extensions were built
+    against (metakernels/_build_info.py), and what runs here."""
+    from metakernels import _compat
+
+    info = _compat.load_build_info()
+    if info is None:
+        built = "build: unknown (no metakernels/_build_info.py: a source tree without a build)"
+    else:
+        arch = f"-march={info.CPU_ARCH}" if info.CPU_ARCH else "the compiler's default target"
+        built = (f"built against torch {info.TORCH_VERSION} (CUDA {info.TORCH_CUDA_VERSION or 'none'}"
+                 f"), CPU kernels for {arch} on {info.MACHINE}, CUDA extension "
+                 f"{'built' if info.CUDA_EXTENSION else 'not built'}")
+    lines = [f"metakernels {metakernels.__version__}", built,
+             f"torch {torch.__version__} (CUDA {torch.version.cuda or 'none'}); backends here: "
+             f"cpu tensors: {', '.join(metakernels.available_backends('cpu'))}"]
+    if torch.cuda.is_available():
+        lines[-1] += f"; cuda tensors: {', '.join(metakernels.available_backends('cuda'))}"
+    return "\n".join(lines)
+
+
+class _VersionAction(argparse.Action):
+    """--version, with the text made only when asked for (it looks at the backends)."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS,
+                 help="print the version, the torch it was built against and the backends"):
+        super().__init__(option_strings, dest, nargs=0, default=default, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(version_text())
+        parser.exit()
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="metakernels",
         description="Fused batched inner loops for meta-learning with exact second-order "
                     "meta-gradients.")
-    parser.add_argument("--version", action="version", version=metakernels.__version__)
+    parser.add_argument("--version", action=_VersionAction)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     demo = commands.add_parser(
         "demo", help="check the backends, then time them beside the baselines",

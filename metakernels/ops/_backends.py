@@ -9,10 +9,13 @@ backend means adding a module and a line to :data:`_LOADERS`, never touching an 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 import warnings
 
 import torch
+
+from metakernels import _compat
 
 BACKENDS = ("auto", "reference", "cpu", "triton", "cuda")
 # Fastest first on each device type; ``auto`` takes the first that can run the call.
@@ -38,11 +41,20 @@ BACKEND_DTYPES = {
 }
 
 
+class Refused(str):
+    """Why metakernels chose not to load a compiled extension (metakernels/_compat.py): a whole
+    sentence, where an import error's text is only the cause."""
+
+
 def _import(name: str):
     try:
         return importlib.import_module(name), ""
     except ImportError as error:
-        return None, str(error)
+        text = str(error)
+        if "undefined symbol" in text:
+            text += (" (it was probably built against another torch: rebuild metakernels with "
+                     "`pip install --no-build-isolation -e .`)")
+        return None, text
 
 
 def _load_triton():
@@ -53,10 +65,37 @@ def _load_triton():
     return _import("metakernels.triton")
 
 
+def _load_compiled(name: str, problem: str | None):
+    """(extension ``name`` or None, why not); it is not loaded where ``problem`` says why not."""
+    if _compat.extensions_disabled():
+        return None, Refused(f"{_compat.DISABLE_ENV}=1 is set")
+    if problem is not None:
+        return None, Refused(problem)
+    return _import(name)
+
+
+def _load_cpu():
+    problem = _compat.cpu_problem(_BUILD_INFO, _compat.host_cpu_features())
+    if problem is not None and not _compat.extensions_disabled():
+        warnings.warn(f"{problem}. The cpu backend is unavailable; backend='auto' runs the "
+                      f"reference on CPU tensors.", RuntimeWarning, stacklevel=2)
+    return _load_compiled("metakernels._C", problem)
+
+
+def _load_cuda():
+    return _load_compiled("metakernels._C_cuda",
+                          _compat.cuda_problem(_BUILD_INFO, torch.version.cuda))
+
+
+# Before any compiled code loads: beside another torch than the build's, `import metakernels`
+# fails here with the reason, not with an undefined symbol.
+_BUILD_INFO = _compat.load_build_info()
+if importlib.util.find_spec("metakernels._C") is not None and not _compat.extensions_disabled():
+    _compat.check_torch(_BUILD_INFO, torch.__version__)
 # Loaded once at import, not behind a cache decorator, so torch.compile traces a plain read.
 # Each entry: (module or None, why it is missing).
-_EXTENSION = _import("metakernels._C")
-_LOADERS = {"triton": _load_triton, "cuda": lambda: _import("metakernels._C_cuda")}
+_EXTENSION = _load_cpu()
+_LOADERS = {"triton": _load_triton, "cuda": _load_cuda}
 _LOADED: dict = {}
 
 
@@ -68,6 +107,9 @@ def _extension():
 def extension():
     """The compiled module; raises RuntimeError saying why it is missing."""
     module, error = _extension()
+    if isinstance(error, Refused):
+        raise RuntimeError(f"metakernels' C++ extension is not loaded: {error}. Pass "
+                           "backend='reference'.")
     if module is None:
         raise RuntimeError(
             "metakernels was built without its C++ extension (importing metakernels._C failed: "
@@ -95,6 +137,8 @@ def _unavailable(name: str, device: torch.device, dtype: torch.dtype | None) -> 
     if name == "reference":
         return None
     module, error = _module(name)
+    if isinstance(error, Refused):
+        return error
     if module is None:
         if name == "cpu":
             return f"metakernels was built without its C++ extension ({error})"
