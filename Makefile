@@ -1,8 +1,9 @@
 # Two commands do all set-up on a fresh machine (README, Quickstart):
 #   make run    virtual environment + CPU torch + build, then `metakernels demo` and a short
 #               meta-training run (`metakernels train`)
-#   make test   the same set-up, then every test: the C++ kernel tests (ctest, and again built
-#               with AddressSanitizer + UndefinedBehaviorSanitizer) and pytest
+#   make test   the same set-up, then every test: the C++ kernel tests (ctest), the same and the
+#               cpu backend's pytest files again under AddressSanitizer + UBSan, pytest, the
+#               Triton kernels in Triton's interpreter, and the wheel in a fresh environment
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -16,7 +17,7 @@ CMAKE_BUILD ?= build/cmake
 CUDA_HOME ?= $(firstword $(wildcard /usr/local/cuda-13.0 /usr/local/cuda))
 export CUDA_HOME
 
-.PHONY: setup run test test-cpp test-sanitize test-python test-triton clean
+.PHONY: setup run test test-cpp test-sanitize test-python test-triton test-wheel clean
 
 $(STAMP): $(SOURCES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,7 +32,7 @@ run: setup
 	rm -rf build/train-demo
 	$(VENV)/bin/metakernels train --task sinusoid --algo maml --steps 300 --out build/train-demo
 
-test: test-cpp test-sanitize test-python test-triton
+test: test-cpp test-sanitize test-python test-triton test-wheel
 
 test-cpp:
 	cmake -S . -B $(CMAKE_BUILD) -DCMAKE_BUILD_TYPE=Release
@@ -72,5 +73,10 @@ test-triton: setup
 	TRITON_INTERPRET=1 $(PY) -m pytest -q tests/test_triton.py
 	TRITON_INTERPRET=1 $(PY) -m pytest -q tests/test_edge_cases.py tests/test_concurrency.py -k triton
 
+# The wheel, built from a clean copy of the tree, installed into a fresh virtual environment
+# and run there; and refusing another torch (tests/test_wheel.py, marked slow: ~2 min).
+test-wheel: setup
+	$(PY) -m pytest -q -m slow tests/test_wheel.py
+
 clean:
-	rm -rf $(VENV) build metakernels/_C*.so *.egg-info
+	rm -rf $(VENV) build metakernels/_C*.so metakernels/_build_info.py *.egg-info
