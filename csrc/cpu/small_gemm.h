@@ -47,11 +47,13 @@ inline void vstore(T* p, typename Vec<T>::type v) {
 }
 
 // C[ROWS, NV vectors] = alpha * A[ROWS, K] @ B[K, NV vectors] (+ D): the accumulators stay in
-// registers across K. Here and below, D (null: none) has row stride ldd and may be C itself
-// (accumulate); each element of D is read before the same element of C is written.
+// registers across K. Here and below, A[r, k] = a[r * lda + k * acs] (acs = 1: row-major; a
+// transpose read in place: lda = 1, acs = its row stride), and D (null: none) has row stride ldd
+// and may be C itself (accumulate); each element of D is read before that of C is written.
 template <typename T, int ROWS, int NV>
-inline void gemm_block_vec(const T* __restrict a, int64_t lda, const T* __restrict b, int64_t ldb,
-                           const T* d, int64_t ldd, T* c, int64_t ldc, int64_t inner, T alpha) {
+inline void gemm_block_vec(const T* __restrict a, int64_t lda, int64_t acs,
+                           const T* __restrict b, int64_t ldb, const T* d, int64_t ldd, T* c,
+                           int64_t ldc, int64_t inner, T alpha) {
   using V = typename Vec<T>::type;
   constexpr int64_t L = Vec<T>::lanes;
   V acc[ROWS][NV];
@@ -62,7 +64,7 @@ inline void gemm_block_vec(const T* __restrict a, int64_t lda, const T* __restri
     V b_vec[NV];
     for (int v = 0; v < NV; ++v) b_vec[v] = vload(b_row + v * L);
     for (int r = 0; r < ROWS; ++r) {
-      const T a_rk = a[r * lda + k];
+      const T a_rk = a[r * lda + k * acs];
       for (int v = 0; v < NV; ++v) acc[r][v] += a_rk * b_vec[v];
     }
   }
@@ -76,16 +78,16 @@ inline void gemm_block_vec(const T* __restrict a, int64_t lda, const T* __restri
 
 // The last cols < one vector of columns, in scalar code the compiler may vectorise.
 template <typename T, int ROWS>
-inline void gemm_block_tail(const T* __restrict a, int64_t lda, const T* __restrict b, int64_t ldb,
-                            const T* d, int64_t ldd, T* c, int64_t ldc, int64_t inner, int64_t cols,
-                            T alpha) {
+inline void gemm_block_tail(const T* __restrict a, int64_t lda, int64_t acs,
+                            const T* __restrict b, int64_t ldb, const T* d, int64_t ldd, T* c,
+                            int64_t ldc, int64_t inner, int64_t cols, T alpha) {
   T acc[ROWS][Vec<T>::lanes];
   for (int r = 0; r < ROWS; ++r)
     for (int64_t j = 0; j < cols; ++j) acc[r][j] = T(0);
   for (int64_t k = 0; k < inner; ++k) {
     const T* b_row = b + k * ldb;
     for (int r = 0; r < ROWS; ++r) {
-      const T a_rk = a[r * lda + k];
+      const T a_rk = a[r * lda + k * acs];
       for (int64_t j = 0; j < cols; ++j) acc[r][j] += a_rk * b_row[j];
     }
   }
@@ -97,32 +99,33 @@ inline void gemm_block_tail(const T* __restrict a, int64_t lda, const T* __restr
 }
 
 template <typename T, int ROWS>
-inline void gemm_rows(const T* a, int64_t lda, const T* b, int64_t ldb, const T* d, int64_t ldd,
-                      T* c, int64_t ldc, int64_t inner, int64_t cols, T alpha) {
+inline void gemm_rows(const T* a, int64_t lda, int64_t acs, const T* b, int64_t ldb, const T* d,
+                      int64_t ldd, T* c, int64_t ldc, int64_t inner, int64_t cols, T alpha) {
   constexpr int64_t L = Vec<T>::lanes;
   int64_t j = 0;
   for (; j + kBlockVectors * L <= cols; j += kBlockVectors * L)
-    gemm_block_vec<T, ROWS, kBlockVectors>(a, lda, b + j, ldb, d ? d + j : d, ldd, c + j, ldc,
-                                           inner, alpha);
+    gemm_block_vec<T, ROWS, kBlockVectors>(a, lda, acs, b + j, ldb, d ? d + j : d, ldd, c + j,
+                                           ldc, inner, alpha);
   for (; j + L <= cols; j += L)
-    gemm_block_vec<T, ROWS, 1>(a, lda, b + j, ldb, d ? d + j : d, ldd, c + j, ldc, inner, alpha);
+    gemm_block_vec<T, ROWS, 1>(a, lda, acs, b + j, ldb, d ? d + j : d, ldd, c + j, ldc, inner,
+                               alpha);
   if (j < cols)
-    gemm_block_tail<T, ROWS>(a, lda, b + j, ldb, d ? d + j : d, ldd, c + j, ldc, inner, cols - j,
-                             alpha);
+    gemm_block_tail<T, ROWS>(a, lda, acs, b + j, ldb, d ? d + j : d, ldd, c + j, ldc, inner,
+                             cols - j, alpha);
 }
 
 // The last rows < kBlockRows, as one block of exactly that many rows (B's rows are loaded once
 // for all of them, not once per row).
 template <typename T, int ROWS>
-inline void gemm_rows_tail(int64_t rows, const T* a, int64_t lda, const T* b, int64_t ldb,
-                           const T* d, int64_t ldd, T* c, int64_t ldc, int64_t inner, int64_t cols,
-                           T alpha) {
+inline void gemm_rows_tail(int64_t rows, const T* a, int64_t lda, int64_t acs, const T* b,
+                           int64_t ldb, const T* d, int64_t ldd, T* c, int64_t ldc, int64_t inner,
+                           int64_t cols, T alpha) {
   if constexpr (ROWS >= 1) {
     if (rows == ROWS) {
-      gemm_rows<T, ROWS>(a, lda, b, ldb, d, ldd, c, ldc, inner, cols, alpha);
+      gemm_rows<T, ROWS>(a, lda, acs, b, ldb, d, ldd, c, ldc, inner, cols, alpha);
       return;
     }
-    gemm_rows_tail<T, ROWS - 1>(rows, a, lda, b, ldb, d, ldd, c, ldc, inner, cols, alpha);
+    gemm_rows_tail<T, ROWS - 1>(rows, a, lda, acs, b, ldb, d, ldd, c, ldc, inner, cols, alpha);
   }
 }
 
@@ -184,6 +187,20 @@ inline void transpose(int64_t rows, int64_t cols, const T* src, int64_t lds, T* 
 // Leading dimensions are row strides in elements; with K = 0 the product is zero. Narrow products
 // (N under one vector, K at least one vector) run as dot products along K on a transposed copy
 // of B. D is added in the store of each block of C, so C = D + product costs no pass of its own.
+// The register-blocked product for an A read with any strides (A[r, k] = a[r * lda + k * acs]).
+template <typename T>
+inline void gemm_blocked(int64_t rows, int64_t inner, int64_t cols, T alpha, const T* a,
+                         int64_t lda, int64_t acs, const T* b, int64_t ldb, const T* d,
+                         int64_t ldd, T* c, int64_t ldc) {
+  int64_t i = 0;
+  for (; i + kBlockRows <= rows; i += kBlockRows)
+    gemm_rows<T, kBlockRows>(a + i * lda, lda, acs, b, ldb, d ? d + i * ldd : d, ldd, c + i * ldc,
+                             ldc, inner, cols, alpha);
+  gemm_rows_tail<T, kBlockRows - 1>(rows - i, a + i * lda, lda, acs, b, ldb,
+                                    d ? d + i * ldd : d, ldd, c + i * ldc, ldc, inner, cols,
+                                    alpha);
+}
+
 template <typename T>
 inline void gemm_add(int64_t rows, int64_t inner, int64_t cols, T alpha, const T* a, int64_t lda,
                      const T* b, int64_t ldb, const T* d, int64_t ldd, T* c, int64_t ldc) {
@@ -203,12 +220,7 @@ inline void gemm_add(int64_t rows, int64_t inner, int64_t cols, T alpha, const T
                           inner, cols, alpha);
     return;
   }
-  int64_t i = 0;
-  for (; i + kBlockRows <= rows; i += kBlockRows)
-    gemm_rows<T, kBlockRows>(a + i * lda, lda, b, ldb, d ? d + i * ldd : d, ldd, c + i * ldc, ldc,
-                             inner, cols, alpha);
-  gemm_rows_tail<T, kBlockRows - 1>(rows - i, a + i * lda, lda, b, ldb, d ? d + i * ldd : d, ldd,
-                                    c + i * ldc, ldc, inner, cols, alpha);
+  gemm_blocked<T>(rows, inner, cols, alpha, a, lda, 1, b, ldb, d, ldd, c, ldc);
 }
 
 // C[M, N] = alpha * A[M, K] @ B[K, N]          (accumulate = false)
@@ -228,8 +240,9 @@ inline bool gemm_tn_reads_transposed(int64_t rows, int64_t cols) {
 
 // C[rows, cols] = alpha * A[inner, rows]ᵀ @ B[inner, cols] + D (D as in gemm_add): the products
 // Xᵀ E of the inner gradient. a_transposed is Aᵀ [rows, inner] dense when the caller already has
-// it (3-D x reuses it every step), else null. A narrow C (a classifier head with few columns) is
-// computed as (Bᵀ A)ᵀ, so that the vectors run along the long side.
+// it (3-D x reuses it every step), else null: then A is read in place, column by column (no
+// transposed copy). A narrow C (a classifier head with few columns) is computed as (Bᵀ A)ᵀ, so
+// that the vectors run along the long side.
 template <typename T>
 inline void gemm_tn_add(int64_t rows, int64_t inner, int64_t cols, T alpha, const T* a,
                         int64_t lda, const T* a_transposed, const T* b, int64_t ldb, const T* d,
@@ -245,12 +258,10 @@ inline void gemm_tn_add(int64_t rows, int64_t inner, int64_t cols, T alpha, cons
         c[i * ldc + j] = d ? d[i * ldd + j] + product[j * rows + i] : product[j * rows + i];
     return;
   }
-  if (a_transposed == nullptr) {
-    scratch.resize(static_cast<size_t>(rows * inner));
-    transpose(inner, rows, a, lda, scratch.data());
-    a_transposed = scratch.data();
-  }
-  gemm_add<T>(rows, inner, cols, alpha, a_transposed, inner, b, ldb, d, ldd, c, ldc);
+  if (a_transposed == nullptr)
+    gemm_blocked<T>(rows, inner, cols, alpha, a, 1, lda, b, ldb, d, ldd, c, ldc);
+  else
+    gemm_add<T>(rows, inner, cols, alpha, a_transposed, inner, b, ldb, d, ldd, c, ldc);
 }
 
 // C[rows, cols] (+)= alpha * A[inner, rows]ᵀ @ B[inner, cols], as gemm_tn_add.
