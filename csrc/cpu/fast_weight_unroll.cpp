@@ -53,17 +53,17 @@ void fast_weight_unroll_forward(const UnrollDims& dims, const UnrollInputs<T>& i
       T* residual = out.residual + (b * T_ + t) * n * d_out;
       cpu::gemm<T>(n, d_in, d_out, T(1), x, d_in, weight, d_out, false, residual, d_out);
       T loss_sum = T(0);
-      for (int64_t i = 0; i < n; ++i) {
-        T* row = residual + i * d_out;
-        if (has_bias)
-          for (int64_t j = 0; j < d_out; ++j) row[j] += bias[j];
-        if (dims.loss == Loss::kMse) {
-          const T* y = at_step(in.y, in.y_task_stride, in.y_step_stride, b, t) + i * d_out;
-          loss_sum += mse_row_residual(row, y, d_out, inv_n);
-        } else {
+      if (has_bias)
+        for (int64_t i = 0; i < n; ++i)
+          for (int64_t j = 0; j < d_out; ++j) residual[i * d_out + j] += bias[j];
+      if (dims.loss == Loss::kMse) {
+        loss_sum = cpu::mse_residual(n * d_out, residual,
+                                     at_step(in.y, in.y_task_stride, in.y_step_stride, b, t), inv_n);
+      } else {
+        for (int64_t i = 0; i < n; ++i) {
           const int64_t label =
               at_step(in.labels, in.labels_task_stride, in.labels_step_stride, b, t)[i];
-          loss_sum += ce_row_residual(row, label, d_out, inv_n);
+          loss_sum += ce_row_residual(residual + i * d_out, label, d_out, inv_n);
         }
       }
       out.losses[b * T_ + t] = loss_sum * inv_n;
