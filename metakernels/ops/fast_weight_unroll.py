@@ -319,7 +319,8 @@ def _forward_kernels(weight, x, y, lr, bias, lr_scale, bias_lr_scale, queries, l
 # dispatch or torch-function modes, functorch transforms, tensor subclasses), the custom ops run
 # as before, since those need them.
 
-_PLAIN_TENSOR_TYPES = (Tensor, torch.nn.Parameter)
+# The types a plain eager call's tensor arguments have (None: an absent optional input).
+_PLAIN_TYPES = frozenset((Tensor, torch.nn.Parameter, type(None)))
 
 
 def _plain_eager(*tensors) -> bool:
@@ -329,7 +330,7 @@ def _plain_eager(*tensors) -> bool:
             and not torch._C._len_torch_dispatch_stack()
             and not torch._C._is_torch_function_mode_enabled()
             and not torch._C._are_functorch_transforms_active()
-            and all(t is None or type(t) in _PLAIN_TENSOR_TYPES for t in tensors))
+            and _PLAIN_TYPES.issuperset(map(type, tensors)))
 
 
 class _EagerUnroll(torch.autograd.Function):
