@@ -3,7 +3,9 @@
 The public function checks the contract once, picks a backend and returns an
 :class:`UnrollOutput`. The compiled backends run behind the custom ops
 ``metakernels::fast_weight_unroll_fwd`` / ``_bwd`` (``torch.library``), so the op works under
-autograd, ``torch.func``-free trainers and ``torch.compile``. The backward of the fused op is the
+autograd, ``torch.func``-free trainers and ``torch.compile``; a plain eager call runs the same
+kernels, setup_context and backward through a ``torch.autograd.Function`` instead, skipping the
+custom ops' Python dispatch (see ``_plain_eager``). The backward of the fused op is the
 exact second-order meta-gradient computed by the kernel; differentiating that backward again
 (double backward) is not supported and raises.
 """
