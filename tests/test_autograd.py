@@ -168,3 +168,21 @@ def test_backward_recomputes_states_it_was_told_it_would_not_need(backend):
                                [kwargs["x"], kwargs["queries"], kwargs["weight"]])
     for g, w in zip(got, want):
         assert rel_err(g, w) < 1e-10
+
+
+@pytest.mark.parametrize("backend", COMPILED_BACKENDS)
+def test_fake_tensors_go_through_the_custom_ops(backend):
+    """In plain eager mode the op skips the custom ops' dispatch (ops/fast_weight_unroll.py,
+    _plain_eager); under a fake-tensor mode, as tracers run it, the custom ops' fake kernels
+    must run instead of the real kernels, forward and backward."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    kwargs = make_inputs(Case(loss="mse", bias="shared", queries=2))
+    with FakeTensorMode() as mode:
+        fake = {k: mode.from_tensor(v) if isinstance(v, torch.Tensor) else v
+                for k, v in kwargs.items()}
+        out = mk.fast_weight_unroll(**fake, backend=backend)
+        grads = torch.autograd.grad(out.readout.sum() + out.weight.sum(),
+                                    [fake["weight"], fake["x"], fake["queries"]])
+    real = mk.fast_weight_unroll(**kwargs, backend=backend)
+    assert out.readout.shape == real.readout.shape and out.weight.shape == real.weight.shape
+    assert [g.shape for g in grads] == [kwargs[k].shape for k in ("weight", "x", "queries")]

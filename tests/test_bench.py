@@ -252,6 +252,21 @@ def test_timing_per_name_repeats():
     assert calls == ["fast", "fast", "slow", "fast", "fast"]
 
 
+def test_timing_takes_the_given_clock():
+    """Each sample is the clock's advance over one call (e.g. time.thread_time, CPU time)."""
+    advances = {"a": 5, "b": 2}
+    now = [0.0]
+
+    def clock():
+        return now[0]
+
+    def run(name):
+        now[0] += advances[name]
+    runs = {name: (lambda name=name: run(name)) for name in advances}
+    samples = timing.time_interleaved(runs, repeats=3, warmup=1, clock=clock)
+    assert samples == {"a": [5, 5, 5], "b": [2, 2, 2]}
+
+
 def test_gpu_check_script_parses():
     script = ROOT / "bench" / "gpu" / "check.sh"
     done = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)

@@ -124,9 +124,8 @@ void fast_weight_unroll_gram_forward(const UnrollDims& dims, const UnrollInputs<
     cpu::gemm<T>((m ? T_ : 1) * n, n, d_out, T(1), m ? space.partial_sum(0) : space.sum(), n,
                  r0.data(), d_out, false, sums_r0.data(), d_out);
     const T* m_last = sums_r0.data() + (m ? (T_ - 1) * n * d_out : 0);
-    std::memcpy(weight, weight0, sizeof(T) * w_size);
-    cpu::gemm_tn<T>(d_in, n, d_out, -inv_n, x, d_in, space.x_transposed.data(), m_last, d_out,
-                    true, weight, d_out);
+    cpu::gemm_tn_add<T>(d_in, n, d_out, -inv_n, x, d_in, space.x_transposed.data(), m_last,
+                        d_out, weight0, d_out, weight, d_out);
     if (has_bias) {
       std::memcpy(bias, bias0, sizeof(T) * d_out);
       cpu::add_column_sums(n, d_out, m_last, -inv_n, bias);
@@ -186,7 +185,11 @@ void fast_weight_unroll_gram_backward(const UnrollDims& dims, const UnrollInputs
     const T* e0 = args.residual + b * T_ * n * d_out;
     for (int64_t k = 0; k < n * d_out; ++k) r0[k] = T(n) * e0[k];
     space.build(x, has_bias, lr);
-    cpu::transpose(n, d_out, r0.data(), d_out, r0_transposed.data());
+    // The reverse loop, for η̂, K̂ (x's gradient) and, with a readout, R̂_0; without them (a
+    // meta-gradient of the init alone) the backward needs only S.
+    const bool want_k_adj = second_order && args.grad_x;
+    const bool reverse_loop = args.grad_lr || want_k_adj || m;
+    if (reverse_loop) cpu::transpose(n, d_out, r0.data(), d_out, r0_transposed.data());
 
     // U = X̃ Ŵ̃_T (kept in `pushed`, which becomes Vc_s below) and V_t = X̃ Q̃_tᵀ Ô_t.
     cpu::gemm<T>(n, d_in, d_out, T(1), x, d_in, w_adj, d_out, false, pushed.data(), d_out);
@@ -203,12 +206,11 @@ void fast_weight_unroll_gram_backward(const UnrollDims& dims, const UnrollInputs
     }
 
     // The reverse loop: η̂, K̂, and (with a readout) R̂_0; C_s = Ŝ throughout without one.
-    const bool want_k_adj = second_order && args.grad_x;
-    if (!m)
+    if (!m && reverse_loop)
       cpu::gemm<T>(n, d_out, n, -inv_n, pushed.data(), d_out, r0_transposed.data(), n, false,
                    s_adj.data(), n);
     std::fill(r0_adj.begin(), r0_adj.end(), T(0));
-    if (args.grad_lr || want_k_adj || m) {
+    if (reverse_loop) {
       std::fill(a_adj.begin(), a_adj.end(), T(0));  // Â_T = 0: A_T is not used
       std::fill(k_adj.begin(), k_adj.end(), T(0));
       for (int64_t t = T_ - 1; t >= 0; --t) {

@@ -30,9 +30,11 @@ void fast_weight_unroll_forward(const UnrollDims& dims, const UnrollInputs<T>& i
   const bool x_per_step = unroll_x_per_step(in.x_step_stride);
   const T inv_n = T(1) / T(n);
 
-  // Xᵀ, kept for the inner-gradient products when they read it (gemm_tn ignores it otherwise).
-  const bool keep_x_transposed = cpu::gemm_tn_reads_transposed<T>(d_in, d_out);
+  // Xᵀ, kept for the inner-gradient products when they read it (gemm_tn ignores it otherwise)
+  // and x is the same every step (3-D); 4-D x is read in place (x_t_transposed is then null).
+  const bool keep_x_transposed = !x_per_step && cpu::gemm_tn_reads_transposed<T>(d_in, d_out);
   std::vector<T> x_transposed(keep_x_transposed ? static_cast<size_t>(d_in * n) : 0);
+  const T* x_t_transposed = keep_x_transposed ? x_transposed.data() : nullptr;
   std::vector<T> inner_grad(in.lr_scale ? static_cast<size_t>(w_size) : 0);
   std::vector<T> bias_grad(has_bias ? static_cast<size_t>(d_out) : 0);
 
@@ -44,25 +46,24 @@ void fast_weight_unroll_forward(const UnrollDims& dims, const UnrollInputs<T>& i
 
     for (int64_t t = 0; t < T_; ++t) {
       const T* x = at_step(in.x, in.x_task_stride, in.x_step_stride, b, t);
-      if (keep_x_transposed && (t == 0 || x_per_step))
-        cpu::transpose(n, d_in, x, d_in, x_transposed.data());
+      if (keep_x_transposed && t == 0) cpu::transpose(n, d_in, x, d_in, x_transposed.data());
       if (out.states) std::memcpy(out.states + (b * T_ + t) * w_size, weight, sizeof(T) * w_size);
 
       // Z_t = X_t W_t + 1 b_tᵀ, turned in place into the residual E_t = ∂ℓ_t/∂Z_t.
       T* residual = out.residual + (b * T_ + t) * n * d_out;
       cpu::gemm<T>(n, d_in, d_out, T(1), x, d_in, weight, d_out, false, residual, d_out);
       T loss_sum = T(0);
-      for (int64_t i = 0; i < n; ++i) {
-        T* row = residual + i * d_out;
-        if (has_bias)
-          for (int64_t j = 0; j < d_out; ++j) row[j] += bias[j];
-        if (dims.loss == Loss::kMse) {
-          const T* y = at_step(in.y, in.y_task_stride, in.y_step_stride, b, t) + i * d_out;
-          loss_sum += mse_row_residual(row, y, d_out, inv_n);
-        } else {
+      if (has_bias)
+        for (int64_t i = 0; i < n; ++i)
+          for (int64_t j = 0; j < d_out; ++j) residual[i * d_out + j] += bias[j];
+      if (dims.loss == Loss::kMse) {
+        loss_sum = cpu::mse_residual(n * d_out, residual,
+                                     at_step(in.y, in.y_task_stride, in.y_step_stride, b, t), inv_n);
+      } else {
+        for (int64_t i = 0; i < n; ++i) {
           const int64_t label =
               at_step(in.labels, in.labels_task_stride, in.labels_step_stride, b, t)[i];
-          loss_sum += ce_row_residual(row, label, d_out, inv_n);
+          loss_sum += ce_row_residual(residual + i * d_out, label, d_out, inv_n);
         }
       }
       out.losses[b * T_ + t] = loss_sum * inv_n;
@@ -70,11 +71,11 @@ void fast_weight_unroll_forward(const UnrollDims& dims, const UnrollInputs<T>& i
       // W_{t+1} = W_t − η_t (P ∘ X_tᵀ E_t),  b_{t+1} = b_t − η_t (p ∘ 1ᵀ E_t).
       const T lr = in.lr[b * T_ + t];
       if (in.lr_scale) {
-        cpu::gemm_tn<T>(d_in, n, d_out, T(1), x, d_in, x_transposed.data(), residual, d_out,
-                        false, inner_grad.data(), d_out);
+        cpu::gemm_tn<T>(d_in, n, d_out, T(1), x, d_in, x_t_transposed, residual, d_out, false,
+                        inner_grad.data(), d_out);
         for (int64_t k = 0; k < w_size; ++k) weight[k] -= lr * in.lr_scale[k] * inner_grad[k];
       } else {
-        cpu::gemm_tn<T>(d_in, n, d_out, -lr, x, d_in, x_transposed.data(), residual, d_out, true,
+        cpu::gemm_tn<T>(d_in, n, d_out, -lr, x, d_in, x_t_transposed, residual, d_out, true,
                         weight, d_out);
       }
       if (has_bias) {
@@ -115,9 +116,10 @@ void fast_weight_unroll_backward(const UnrollDims& dims, const UnrollInputs<T>& 
   const int64_t grad_y_task = (x_per_step ? T_ : 1) * n * d_out;
   const int64_t grad_y_step = x_per_step ? n * d_out : 0;
 
-  const bool keep_x_transposed = cpu::gemm_tn_reads_transposed<T>(d_in, d_out);
+  const bool keep_x_transposed = !x_per_step && cpu::gemm_tn_reads_transposed<T>(d_in, d_out);
   std::vector<T> w_adj(w_size), direction(in.lr_scale ? w_size : 0);
   std::vector<T> x_transposed(keep_x_transposed ? d_in * n : 0);
+  const T* x_t_transposed = keep_x_transposed ? x_transposed.data() : nullptr;
   std::vector<T> b_adj(d_out), b_direction(d_out), pushed(n * d_out), z_adj(n * d_out);
   std::vector<T> probs(ce ? d_out : 0), inner_grad(args.grad_lr_scale ? w_size : 0);
   std::vector<T> transposed_w(args.grad_queries || (args.grad_x && second_order) ? w_size : 0);
@@ -138,8 +140,7 @@ void fast_weight_unroll_backward(const UnrollDims& dims, const UnrollInputs<T>& 
 
     for (int64_t t = T_ - 1; t >= 0; --t) {
       const T* x = at_step(in.x, in.x_task_stride, in.x_step_stride, b, t);
-      if (keep_x_transposed && (t == T_ - 1 || x_per_step))
-        cpu::transpose(n, d_in, x, d_in, x_transposed.data());
+      if (keep_x_transposed && t == T_ - 1) cpu::transpose(n, d_in, x, d_in, x_transposed.data());
       const T* residual = args.residual + (b * T_ + t) * n * d_out;
       const T lr = in.lr[b * T_ + t];
 
@@ -178,7 +179,7 @@ void fast_weight_unroll_backward(const UnrollDims& dims, const UnrollInputs<T>& 
       // η̂_t = −⟨Ŵ_{t+1}, P ∘ G_t⟩ − ⟨b̂_{t+1}, p ∘ g_t⟩ = −⟨U, E_t⟩.
       if (args.grad_lr) args.grad_lr[b * T_ + t] = -dot(n * d_out, pushed.data(), residual);
       if (grad_lr_scale) {
-        cpu::gemm_tn<T>(d_in, n, d_out, T(1), x, d_in, x_transposed.data(), residual, d_out,
+        cpu::gemm_tn<T>(d_in, n, d_out, T(1), x, d_in, x_t_transposed, residual, d_out,
                         false, inner_grad.data(), d_out);
         for (int64_t k = 0; k < w_size; ++k) grad_lr_scale[k] -= lr * w_adj[k] * inner_grad[k];
       }
@@ -218,7 +219,7 @@ void fast_weight_unroll_backward(const UnrollDims& dims, const UnrollInputs<T>& 
       }
 
       // Ŵ_t = Ŵ_{t+1} + X_tᵀ Ẑ,  b̂_t = b̂_{t+1} + 1ᵀ Ẑ.
-      cpu::gemm_tn<T>(d_in, n, d_out, T(1), x, d_in, x_transposed.data(), z_adj.data(), d_out,
+      cpu::gemm_tn<T>(d_in, n, d_out, T(1), x, d_in, x_t_transposed, z_adj.data(), d_out,
                       true, w_adj.data(), d_out);
       if (has_bias) add_column_sums(n, d_out, z_adj.data(), T(1), b_adj.data());
     }

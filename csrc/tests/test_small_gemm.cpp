@@ -1,4 +1,5 @@
-// cpu::gemm, cpu::gemm_tn and cpu::transpose (csrc/cpu/small_gemm.h) against naive loops, for float and double,
+// cpu::gemm, cpu::gemm_tn (and their _add forms, C = αAB + D with a separate D) and cpu::transpose
+// (csrc/cpu/small_gemm.h) against naive loops, for float and double,
 // over shapes on both sides of every vector block (lanes = 8 doubles or 16 floats, 4-vector and
 // 4-row register blocks) and of the narrow "dot product" path (cols < lanes <= inner).
 #include <cmath>
@@ -12,7 +13,9 @@
 namespace {
 
 using metakernels::cpu::gemm;
+using metakernels::cpu::gemm_add;
 using metakernels::cpu::gemm_tn;
+using metakernels::cpu::gemm_tn_add;
 using metakernels::cpu::transpose;
 
 const int64_t kSizes[] = {1, 3, 5, 15, 16, 17, 63, 64, 65, 70, 129};
@@ -70,17 +73,26 @@ int64_t count_wrong(int64_t rows, int64_t inner, int64_t cols, T alpha, bool acc
   return bad;
 }
 
+// How C's old values enter a product: overwritten, accumulated (C += αAB), or an addend D in a
+// buffer of its own (C = αAB + D, the _add forms; C NaN-filled before).
+enum Mode { kOverwrite = 0, kAccumulate = 1, kAddend = 2 };
+
 // One product C[rows, cols] (+)= alpha A[rows, inner] B[inner, cols] with row strides lda, ldb,
 // ldc (>= the widths).
 template <typename T>
-int64_t check_one(int64_t rows, int64_t inner, int64_t cols, int64_t pad, T alpha, bool accumulate) {
+int64_t check_one(int64_t rows, int64_t inner, int64_t cols, int64_t pad, T alpha, Mode mode) {
   const int64_t lda = inner + pad, ldb = cols + pad, ldc = cols + pad;
   const std::vector<T> a = mk_test::randn<T>(static_cast<size_t>(rows * lda));
   const std::vector<T> b = mk_test::randn<T>(static_cast<size_t>(inner * ldb));
   const std::vector<T> c0 = mk_test::randn<T>(static_cast<size_t>(rows * cols));
-  std::vector<T> c = output_buffer<T>(rows, cols, ldc, accumulate, c0);
-  gemm<T>(rows, inner, cols, alpha, a.data(), lda, b.data(), ldb, accumulate, c.data(), ldc);
-  return count_wrong<T>(rows, inner, cols, alpha, accumulate,
+  std::vector<T> c = output_buffer<T>(rows, cols, ldc, mode == kAccumulate, c0);
+  if (mode == kAddend)
+    gemm_add<T>(rows, inner, cols, alpha, a.data(), lda, b.data(), ldb, c0.data(), cols, c.data(),
+                ldc);
+  else
+    gemm<T>(rows, inner, cols, alpha, a.data(), lda, b.data(), ldb, mode == kAccumulate, c.data(),
+            ldc);
+  return count_wrong<T>(rows, inner, cols, alpha, mode != kOverwrite,
                         [&](int64_t i, int64_t k) { return a[i * lda + k]; }, b, ldb, c0, c, ldc);
 }
 
@@ -90,16 +102,16 @@ void test_gemm_shapes(const char* type_name) {
   for (int64_t rows : kSizes)
     for (int64_t inner : kSizes)
       for (int64_t cols : kSizes)
-        for (int acc = 0; acc < 2; ++acc) {
+        for (int acc = 0; acc < 3; ++acc) {
           // Alternate alpha and padding so every shape sees some of each.
           const int64_t pad = (rows + inner + cols + acc) % 3 == 0 ? 0 : (rows + cols) % 5 + 1;
           const T alpha = acc ? static_cast<T>(-0.75) : ((rows + cols) % 2 ? T(1) : T(2.5));
-          const int64_t bad = check_one<T>(rows, inner, cols, pad, alpha, acc != 0);
+          const int64_t bad = check_one<T>(rows, inner, cols, pad, alpha, Mode(acc));
           ++products;
           if (bad) {
             ++bad_products;
             std::fprintf(stderr,
-                         "gemm<%s> rows=%lld inner=%lld cols=%lld pad=%lld alpha=%g acc=%d: "
+                         "gemm<%s> rows=%lld inner=%lld cols=%lld pad=%lld alpha=%g mode=%d: "
                          "%lld bad elements\n",
                          type_name, (long long)rows, (long long)inner, (long long)cols,
                          (long long)pad, (double)alpha, acc, (long long)bad);
@@ -107,14 +119,14 @@ void test_gemm_shapes(const char* type_name) {
         }
   mk_test::current_context() = std::string("gemm<") + type_name + "> shapes";
   CHECK_MSG(bad_products == 0, mk_test::fmt("%g of %g products wrong", bad_products, products));
-  CHECK(products == 11 * 11 * 11 * 2);
+  CHECK(products == 11 * 11 * 11 * 3);
 }
 
 // One product C[rows, cols] (+)= alpha A[inner, rows]ᵀ B[inner, cols] through gemm_tn, with A's
 // dense transpose handed over or not; the same checks as check_one.
 template <typename T>
-int64_t check_one_tn(int64_t rows, int64_t inner, int64_t cols, int64_t pad, T alpha,
-                     bool accumulate, bool give_transposed) {
+int64_t check_one_tn(int64_t rows, int64_t inner, int64_t cols, int64_t pad, T alpha, Mode mode,
+                     bool give_transposed) {
   const int64_t lda = rows + pad, ldb = cols + pad, ldc = cols + pad;
   const std::vector<T> a = mk_test::randn<T>(static_cast<size_t>(inner * lda));
   const std::vector<T> b = mk_test::randn<T>(static_cast<size_t>(inner * ldb));
@@ -122,10 +134,14 @@ int64_t check_one_tn(int64_t rows, int64_t inner, int64_t cols, int64_t pad, T a
   for (int64_t k = 0; k < inner; ++k)
     for (int64_t i = 0; i < rows; ++i) a_t[i * inner + k] = a[k * lda + i];
   const std::vector<T> c0 = mk_test::randn<T>(static_cast<size_t>(rows * cols));
-  std::vector<T> c = output_buffer<T>(rows, cols, ldc, accumulate, c0);
-  gemm_tn<T>(rows, inner, cols, alpha, a.data(), lda, give_transposed ? a_t.data() : nullptr,
-             b.data(), ldb, accumulate, c.data(), ldc);
-  return count_wrong<T>(rows, inner, cols, alpha, accumulate,
+  std::vector<T> c = output_buffer<T>(rows, cols, ldc, mode == kAccumulate, c0);
+  if (mode == kAddend)
+    gemm_tn_add<T>(rows, inner, cols, alpha, a.data(), lda, give_transposed ? a_t.data() : nullptr,
+                   b.data(), ldb, c0.data(), cols, c.data(), ldc);
+  else
+    gemm_tn<T>(rows, inner, cols, alpha, a.data(), lda, give_transposed ? a_t.data() : nullptr,
+               b.data(), ldb, mode == kAccumulate, c.data(), ldc);
+  return count_wrong<T>(rows, inner, cols, alpha, mode != kOverwrite,
                         [&](int64_t i, int64_t k) { return a[k * lda + i]; }, b, ldb, c0, c, ldc);
 }
 
@@ -135,21 +151,21 @@ void test_gemm_tn_shapes(const char* type_name) {
   for (int64_t rows : kSizes)
     for (int64_t inner : kSizes)
       for (int64_t cols : kSizes)
-        for (int variant = 0; variant < 2; ++variant) {
-          const bool accumulate = variant == 1;
+        for (int variant = 0; variant < 3; ++variant) {
+          const bool accumulate = variant != kOverwrite;
           const bool give_transposed = (rows + inner + cols + variant) % 2 == 0;
           const int64_t pad = (rows + inner + cols) % 3 == 0 ? 0 : (rows + cols) % 4 + 1;
           const T alpha = accumulate ? static_cast<T>(-0.75) : ((rows + cols) % 2 ? T(1) : T(2.5));
           const int64_t bad =
-              check_one_tn<T>(rows, inner, cols, pad, alpha, accumulate, give_transposed);
+              check_one_tn<T>(rows, inner, cols, pad, alpha, Mode(variant), give_transposed);
           ++products;
           if (bad) {
             ++bad_products;
             std::fprintf(stderr,
-                         "gemm_tn<%s> rows=%lld inner=%lld cols=%lld pad=%lld alpha=%g acc=%d "
+                         "gemm_tn<%s> rows=%lld inner=%lld cols=%lld pad=%lld alpha=%g mode=%d "
                          "a_transposed=%d: %lld bad elements\n",
                          type_name, (long long)rows, (long long)inner, (long long)cols,
-                         (long long)pad, (double)alpha, (int)accumulate, (int)give_transposed,
+                         (long long)pad, (double)alpha, variant, (int)give_transposed,
                          (long long)bad);
           }
         }

@@ -44,7 +44,11 @@ def mean_loss(logits: Tensor, targets: Tensor, loss: str) -> Tensor:
     """
     rows = logits.shape[-2]
     if loss == "mse":
-        return 0.5 * (logits - targets).pow(2).sum() / rows
+        # One fused op forward (and mse_loss_backward backward) instead of sub, pow, sum and two
+        # scalings with their five backward nodes: the same sum, ~0.1 ms less per maml-small
+        # meta-step and two fewer [B, T, m, d_out] temporaries on trajectory, for every
+        # contestant alike (torch.func's inner loss and the outer loss of each are this function).
+        return torch.nn.functional.mse_loss(logits, targets, reduction="sum") * (0.5 / rows)
     log_probs = torch.log_softmax(logits, dim=-1)
     return -log_probs.gather(-1, targets.unsqueeze(-1)).sum() / rows
 

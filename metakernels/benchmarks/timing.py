@@ -17,14 +17,18 @@ from metakernels.benchmarks import memory
 
 def time_interleaved(runs: dict[str, Callable[[], object]], *, repeats: int | dict[str, int],
                      warmup: int | dict[str, int] = 2, device: str | torch.device = "cpu",
-                     cuda_peaks: dict[str, int] | None = None) -> dict[str, list[float]]:
+                     cuda_peaks: dict[str, int] | None = None,
+                     clock: Callable[[], float] = time.perf_counter) -> dict[str, list[float]]:
     """Seconds per call of every ``runs[name]()``, ``repeats`` samples each, after ``warmup``
     untimed rounds. ``repeats`` and ``warmup`` may differ per name (a dict): round r then runs
     the names that still want a sample, so a slow contestant can be timed fewer times than the
     rest. On CUDA, timed with ``torch.cuda.Event`` pairs on the current stream (one
     synchronisation per round, not per call), and, when ``cuda_peaks`` is given, each call's peak
     allocation above what was allocated before it goes there (the largest over the calls); on
-    the CPU with ``time.perf_counter``."""
+    the CPU with ``clock``: ``time.perf_counter`` (wall time, the default), or
+    ``time.thread_time`` (this thread's CPU time: on a machine shared with other jobs, a call
+    that outlasts its scheduler slice waits for them, which stretches long calls' wall times more
+    than short ones'; meaningful with one torch thread only)."""
     names = list(runs)
     counts = repeats if isinstance(repeats, dict) else dict.fromkeys(names, repeats)
     warmups = warmup if isinstance(warmup, dict) else dict.fromkeys(names, warmup)
@@ -65,7 +69,7 @@ def time_interleaved(runs: dict[str, Callable[[], object]], *, repeats: int | di
                 samples[name].append(start.elapsed_time(end) / 1e3)
         else:
             for name in order:
-                start = time.perf_counter()
+                start = clock()
                 runs[name]()
-                samples[name].append(time.perf_counter() - start)
+                samples[name].append(clock() - start)
     return samples

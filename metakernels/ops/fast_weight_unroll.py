@@ -3,7 +3,9 @@
 The public function checks the contract once, picks a backend and returns an
 :class:`UnrollOutput`. The compiled backends run behind the custom ops
 ``metakernels::fast_weight_unroll_fwd`` / ``_bwd`` (``torch.library``), so the op works under
-autograd, ``torch.func``-free trainers and ``torch.compile``. The backward of the fused op is the
+autograd, ``torch.func``-free trainers and ``torch.compile``; a plain eager call runs the same
+kernels, setup_context and backward through a ``torch.autograd.Function`` instead, skipping the
+custom ops' Python dispatch (see ``_plain_eager``). The backward of the fused op is the
 exact second-order meta-gradient computed by the kernel; differentiating that backward again
 (double backward) is not supported and raises.
 """
@@ -115,9 +117,13 @@ def fast_weight_unroll(weight: Tensor, x: Tensor, y: Tensor, lr, *, steps: int |
             weight, x, y, lr, bias, lr_scale, bias_lr_scale, queries, LOSS_CODES[loss],
             first_order, plan.segment, plan.backend)
     else:
-        weight_t, bias_t, losses, readout, _, _ = torch.ops.metakernels.fast_weight_unroll_fwd(
-            weight, x, y, lr, bias, lr_scale, bias_lr_scale, queries, LOSS_CODES[loss],
-            first_order, plan.store_states, plan.backend)
+        args = (weight, x, y, lr, bias, lr_scale, bias_lr_scale, queries, LOSS_CODES[loss],
+                first_order, plan.store_states, plan.backend)
+        if _plain_eager(weight, x, y, lr, bias, lr_scale, bias_lr_scale, queries):
+            weight_t, bias_t, losses, readout, _, _ = _EagerUnroll.apply(*args)
+        else:
+            weight_t, bias_t, losses, readout, _, _ = torch.ops.metakernels.fast_weight_unroll_fwd(
+                *args)
     return UnrollOutput(weight_t, bias_t if bias is not None else None, losses,
                         readout if queries is not None else None)
 
@@ -292,10 +298,59 @@ def _unroll_fwd(weight: Tensor, x: Tensor, y: Tensor, lr: Tensor, bias: Optional
                                                            Tensor]:
     """Returns (W_T, b_T or [0], losses, readout or [0], residual E_t, states W_t or [0]), from
     the kernels of compiled backend ``backend`` ("cpu", "triton" or "cuda")."""
+    return _forward_kernels(weight, x, y, lr, bias, lr_scale, bias_lr_scale, queries, loss,
+                            store_states, backend)
+
+
+def _forward_kernels(weight, x, y, lr, bias, lr_scale, bias_lr_scale, queries, loss, store_states,
+                     backend) -> tuple:
+    """The body of fast_weight_unroll_fwd (and of its eager fast path, _EagerUnroll)."""
     if loss == LOSS_CODES["ce"]:
         _checks.check_labels("y", y, weight.shape[-1])
     return tuple(_backends.kernels(backend).unroll_forward(
         weight, x, y, lr, bias, lr_scale, bias_lr_scale, queries, loss, store_states))
+
+
+# --- the eager fast path ------------------------------------------------------------------------
+#
+# A custom op's Python layers (the dispatcher's round trips into Python, torch.library's argument
+# filling and alias checks, the dynamo-disabling wrappers) cost ~0.1 ms a meta-step on the CPU,
+# as much as a tenth of maml-small's. In plain eager mode fast_weight_unroll skips them: the
+# same kernels, setup_context and backward run through a torch.autograd.Function. Wherever
+# something traces or intercepts the call (torch.compile, make_fx and export, fake tensors,
+# dispatch or torch-function modes, functorch transforms, tensor subclasses), the custom ops run
+# as before, since those need them.
+
+# The types a plain eager call's tensor arguments have (None: an absent optional input).
+_PLAIN_TYPES = frozenset((Tensor, torch.nn.Parameter, type(None)))
+
+
+def _plain_eager(*tensors) -> bool:
+    """Whether a call on ``tensors`` (None for an absent input) runs in plain eager mode: nothing
+    traces or intercepts it, and every tensor is a plain tensor (or a Parameter)."""
+    return (not torch.compiler.is_compiling()
+            and not torch._C._len_torch_dispatch_stack()
+            and not torch._C._is_torch_function_mode_enabled()
+            and not torch._C._are_functorch_transforms_active()
+            and _PLAIN_TYPES.issuperset(map(type, tensors)))
+
+
+class _EagerUnroll(torch.autograd.Function):
+    """fast_weight_unroll_fwd with its registered autograd, for plain eager calls: the same
+    arguments, outputs and gradients."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        (weight, x, y, lr, bias, lr_scale, bias_lr_scale, queries, loss, _, store_states,
+         backend) = inputs
+        output = _forward_kernels(weight, x, y, lr, bias, lr_scale, bias_lr_scale, queries, loss,
+                                  store_states, backend)
+        _unroll_setup_context(ctx, inputs, output)
+        return output
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return _unroll_backward(ctx, *grads)
 
 
 @_unroll_fwd.register_fake
@@ -342,15 +397,24 @@ def _unroll_backward(ctx, grad_weight_t, grad_bias_t, _grad_losses, grad_readout
     wanted = _wanted_grads(ctx)
     if grad_weight_t is None:
         grad_weight_t = torch.zeros_like(weight_t)
+    grad_bias_t = grad_bias_t if bias is not None else None
+    grad_readout = grad_readout if queries is not None else None
+    # Plain eager without grad mode (the usual backward, not create_graph=True): the kernels
+    # directly. Otherwise the custom ops, which tracing needs and whose autograd raises on a
+    # double backward.
+    direct = not torch.is_grad_enabled() and _plain_eager(
+        weight, x, y, lr, bias, lr_scale, bias_lr_scale, queries, residual, states, weight_t,
+        grad_weight_t, grad_bias_t, grad_readout)
     if (wanted[1] or wanted[7]) and states.dim() != 4:
         # The forward was told no W_t would be needed (store_states is a memory hint); recompute.
-        states = torch.ops.metakernels.fast_weight_unroll_fwd(
-            weight, x, y, lr, bias, lr_scale, bias_lr_scale, queries, ctx.loss, first_order,
-            True, ctx.backend)[5]
-    grads = torch.ops.metakernels.fast_weight_unroll_bwd(
-        weight, x, y, lr, bias, lr_scale, bias_lr_scale, queries, residual, states, weight_t,
-        grad_weight_t, grad_bias_t if bias is not None else None,
-        grad_readout if queries is not None else None, ctx.loss, first_order, wanted, ctx.backend)
+        args = (weight, x, y, lr, bias, lr_scale, bias_lr_scale, queries, ctx.loss)
+        states = (_forward_kernels(*args, True, ctx.backend) if direct else
+                  torch.ops.metakernels.fast_weight_unroll_fwd(*args, first_order, True,
+                                                               ctx.backend))[5]
+    args = (weight, x, y, lr, bias, lr_scale, bias_lr_scale, queries, residual, states, weight_t,
+            grad_weight_t, grad_bias_t, grad_readout, ctx.loss, first_order, wanted)
+    grads = (_backends.kernels(ctx.backend).unroll_backward(*args) if direct else
+             torch.ops.metakernels.fast_weight_unroll_bwd(*args, ctx.backend))
     return tuple(g if want else None for g, want in zip(grads, wanted)) + (None,) * 4
 
 
