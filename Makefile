@@ -43,7 +43,7 @@ test-python: setup
 # The Triton kernels on CPU tensors in Triton's interpreter; the variable must be set before
 # triton is imported, hence a pytest of its own.
 test-triton: setup
-	TRITON_INTERPRET=1 $(PY) -m pytest -q tests/test_triton.py
+	TRITON_INTERPRET=1 $(PY) -m pytest -q tests/test_triton.py tests/test_properties.py -k triton
 
 clean:
 	rm -rf $(VENV) build metakernels/_C*.so *.egg-info
