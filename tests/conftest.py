@@ -9,7 +9,7 @@ import pathlib
 
 import pytest
 import torch
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, Phase, settings
 from hypothesis.database import DirectoryBasedExampleDatabase
 
 import metakernels as mk
@@ -18,14 +18,16 @@ COMPILED_BACKENDS = [b for b in mk.available_backends("cpu") if b != "reference"
 
 # Hypothesis profiles (tests/test_properties.py). The default one, in `make test`: the same
 # examples every run (derandomize), no deadline (the first call of a kernel pays for its
-# compilation or import), no example database. "metakernels-fuzz", for the tests marked fuzz
+# compilation or import), no example database, no search towards hypothesis.target's scores
+# (its examples would crowd around one). "metakernels-fuzz", for the tests marked fuzz
 # (`pytest -m fuzz`): fresh random examples, METAKERNELS_FUZZ_EXAMPLES of them per test, failures
 # kept under build/hypothesis and replayed first on the next run. Each test sets its own
 # max_examples on top of the default profile.
 # The autouse poisoning fixture is function-scoped: it sets a flag that holds for every example.
 _SLOW_DATA = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture]
 settings.register_profile("metakernels", derandomize=True, deadline=None, database=None,
-                          suppress_health_check=_SLOW_DATA)
+                          suppress_health_check=_SLOW_DATA,
+                          phases=[p for p in Phase if p != Phase.target])
 settings.register_profile(
     "metakernels-fuzz", derandomize=False, deadline=None, print_blob=True,
     max_examples=int(os.environ.get("METAKERNELS_FUZZ_EXAMPLES", "400")),
