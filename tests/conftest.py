@@ -4,15 +4,40 @@ NaN-poisoned outputs for the compiled backends."""
 from __future__ import annotations
 
 import dataclasses
+import os
+import pathlib
 
 import pytest
 import torch
+from hypothesis import HealthCheck, Phase, settings
+from hypothesis.database import DirectoryBasedExampleDatabase
 
 import metakernels as mk
 
 COMPILED_BACKENDS = [b for b in mk.available_backends("cpu") if b != "reference"]
-# SPEC.md section 5: norm-wise relative error against the float64 reference.
-TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-4}
+
+# Hypothesis profiles (tests/test_properties.py). The default one, in `make test`: the same
+# examples every run (derandomize), no deadline (the first call of a kernel pays for its
+# compilation or import), no example database, no search towards hypothesis.target's scores
+# (its examples would crowd around one). "metakernels-fuzz", for the tests marked fuzz
+# (`pytest -m fuzz`): fresh random examples, METAKERNELS_FUZZ_EXAMPLES of them per test, failures
+# kept under build/hypothesis and replayed first on the next run. Each test sets its own
+# max_examples on top of the default profile.
+# The autouse poisoning fixture is function-scoped: it sets a flag that holds for every example.
+_SLOW_DATA = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture]
+settings.register_profile("metakernels", derandomize=True, deadline=None, database=None,
+                          suppress_health_check=_SLOW_DATA,
+                          phases=[p for p in Phase if p != Phase.target])
+settings.register_profile(
+    "metakernels-fuzz", derandomize=False, deadline=None, print_blob=True,
+    max_examples=int(os.environ.get("METAKERNELS_FUZZ_EXAMPLES", "400")),
+    database=DirectoryBasedExampleDatabase(
+        str(pathlib.Path(__file__).resolve().parents[1] / "build" / "hypothesis")),
+    suppress_health_check=_SLOW_DATA)
+settings.load_profile("metakernels")
+# SPEC.md section 5: norm-wise relative error against the float64 reference (bfloat16 and
+# float16: the GPU backends, and Triton's interpreter).
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-2}
 
 
 @pytest.fixture(autouse=True)
@@ -74,7 +99,9 @@ class Case:
     queries: int = 0                # m, readout rows per step (0: no readout)
     weight: str = "shared"          # "shared" [d_in, d_out] or "task" [B, d_in, d_out]
     bias: str | None = None         # None, "shared" [d_out] or "task" [B, d_out]
-    lr_form: str = "float"          # float | scalar [] | steps [T] | tasks [B, 1] | full [B, T]
+    # float | scalar [] | steps [T] | tasks [B, 1] | full [B, T], and the other shapes that
+    # broadcast to [B, T]: one [1] | one-one [1, 1] | row [1, T]
+    lr_form: str = "float"
     lr_scale: bool = False
     bias_lr_scale: bool = False
     first_order: bool = False
@@ -104,7 +131,8 @@ def make_inputs(case: Case, dtype=torch.float64, seed: int = 0) -> dict:
         kwargs["y"] = randn(*lead, d_out)
     else:
         kwargs["y"] = torch.randint(0, d_out, lead, generator=gen)
-    lr_shapes = {"scalar": (), "steps": (T,), "tasks": (B, 1), "full": (B, T)}
+    lr_shapes = {"scalar": (), "steps": (T,), "tasks": (B, 1), "full": (B, T), "one": (1,),
+                 "one-one": (1, 1), "row": (1, T)}
     if case.lr_form == "float":
         kwargs["lr"] = 0.4
     else:
@@ -147,12 +175,16 @@ def cotangents(out: mk.UnrollOutput, seed: int = 1) -> list:
 
 
 def run_unroll(kwargs: dict, backend: str, seed: int = 1) -> dict:
-    """Outputs and the gradients of every differentiable input under random adjoints."""
+    """Outputs and the gradients of every differentiable input under random adjoints (through
+    the outputs that depend on some input that requires grad; None where none does)."""
     out = mk.fast_weight_unroll(**kwargs, backend=backend)
-    outputs = [t for t in (out.weight, out.bias, out.readout) if t is not None]
-    grads_out = [g for g in cotangents(out, seed) if g is not None]
+    pairs = [(t, g) for t, g in zip((out.weight, out.bias, out.readout), cotangents(out, seed))
+             if t is not None and t.requires_grad]
     leaves = differentiable(kwargs)
-    grads = torch.autograd.grad(outputs, list(leaves.values()), grads_out, allow_unused=True)
+    grads = [None] * len(leaves)
+    if pairs and leaves:
+        grads = torch.autograd.grad([t for t, _ in pairs], list(leaves.values()),
+                                    [g for _, g in pairs], allow_unused=True)
     result = {"weight": out.weight, "bias": out.bias, "losses": out.losses,
               "readout": out.readout}
     result.update({f"grad_{k}": g for k, g in zip(leaves, grads)})
