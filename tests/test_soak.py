@@ -2,13 +2,19 @@
 flat (issue 8). A leak of even the smallest output of every call fails the test;
 test_soak_catches_a_leak proves it by leaking that output on purpose.
 
-Resident memory is the current RSS (/proc/self/statm), read after gc.collect() and glibc's
-malloc_trim(0), so that freed memory that malloc holds back in its arenas does not count. Each op
-first runs WARMUP calls (allocator caches, thread-local scratch, first-call costs), then BATCHES
-batches of CALLS calls with a reading after each; the growth from the first reading to the last
-(over (BATCHES − 1) × CALLS calls) must stay under BOUND. A leak of the smallest output, the
-detached ``losses`` [3, 4] (48 bytes of data, about 500 bytes with its tensor and storage), over
-those calls is 3 × 400 × ~500 B ≈ 600 KiB, over twice BOUND.
+Two readings after each batch, both after gc.collect():
+- resident memory: the current RSS (/proc/self/statm), after glibc's malloc_trim(0) so that freed
+  memory malloc holds back does not count; its growth must stay under BOUND.
+- the bytes malloc has handed out and not got back (glibc's mallinfo2: uordblks + hblkhd), where
+  tensors, their storage and the kernels' scratch live; its growth must stay under HEAP_BOUND.
+  RSS alone cannot see a small leak reliably: leaked blocks can fill holes in pages that are
+  already resident (a CI run kept every call's losses and RSS did not grow), while malloc's count
+  moves by exactly the bytes kept (here a non-leaking op moves it by 0-3 KiB over 1,200 calls).
+Each op first runs WARMUP calls (allocator caches, thread-local scratch, first-call costs), then
+BATCHES batches of CALLS calls with a reading after each; the growth is from the first reading to
+the last (over (BATCHES − 1) × CALLS calls). A leak of the smallest output, the detached
+``losses`` [3, 4] (48 bytes of data, about 400 bytes with its tensor and storage), over those
+calls is ~480 KiB of malloc's count, over seven times HEAP_BOUND.
 
 The default run uses one intra-op thread: on a busy 2-core machine OpenMP's barriers make a call
 with two threads 10-30 times slower, and the kernels allocate the same way either way. The slow
@@ -36,10 +42,31 @@ pytestmark = [
 
 WARMUP, CALLS, BATCHES = 200, 400, 4
 BOUND = 256 * 1024  # bytes of RSS growth allowed over (BATCHES - 1) * CALLS calls
+HEAP_BOUND = 64 * 1024  # bytes of growth of malloc's count allowed over the same calls
 
 _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or None)
 _MALLOC_TRIM = getattr(_LIBC, "malloc_trim", None)  # glibc only
 _PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+        "fordblks", "keepcost")]
+
+
+_MALLINFO2 = getattr(_LIBC, "mallinfo2", None)  # glibc >= 2.33
+if _MALLINFO2 is not None:
+    _MALLINFO2.restype = _MallInfo2
+
+
+def heap_bytes() -> int | None:
+    """Bytes malloc has handed out and not got back (None without glibc's mallinfo2)."""
+    if _MALLINFO2 is None:
+        return None
+    gc.collect()
+    info = _MALLINFO2()
+    return info.uordblks + info.hblkhd
 
 
 def resident_bytes() -> int:
@@ -52,23 +79,30 @@ def resident_bytes() -> int:
         return int(statm.read().split()[1]) * _PAGE
 
 
-def soak(call, warmup: int = WARMUP, calls: int = CALLS, batches: int = BATCHES) -> list[int]:
-    """RSS after each of ``batches`` batches of ``calls`` calls, after ``warmup`` calls."""
+def soak(call, warmup: int = WARMUP, calls: int = CALLS, batches: int = BATCHES) -> list[tuple]:
+    """(RSS, malloc's count) after each of ``batches`` batches of ``calls`` calls, after
+    ``warmup`` calls."""
     for _ in range(warmup):
         call()
     readings = []
     for _ in range(batches):
         for _ in range(calls):
             call()
-        readings.append(resident_bytes())
+        readings.append((resident_bytes(), heap_bytes()))
     return readings
 
 
-def assert_flat(readings: list[int], label: str, calls: int = CALLS) -> None:
-    growth = readings[-1] - readings[0]
-    assert growth < BOUND, (f"{label}: resident memory grew {growth / 1024:.0f} KiB over "
-                            f"{(len(readings) - 1) * calls} calls (readings, KiB: "
-                            f"{[r // 1024 for r in readings]})")
+def assert_flat(readings: list[tuple], label: str, calls: int = CALLS) -> None:
+    rss, heap = zip(*readings)
+    span = f"over {(len(readings) - 1) * calls} calls"
+    growth = rss[-1] - rss[0]
+    assert growth < BOUND, (f"{label}: resident memory grew {growth / 1024:.0f} KiB {span} "
+                            f"(readings, KiB: {[r // 1024 for r in rss]})")
+    if heap[0] is not None:
+        growth = heap[-1] - heap[0]
+        assert growth < HEAP_BOUND, (f"{label}: memory held from malloc grew "
+                                     f"{growth / 1024:.0f} KiB {span} (readings, KiB: "
+                                     f"{[h // 1024 for h in heap]})")
 
 
 def unroll_call(case: Case, *, checkpoint=None, x_grad: bool = True, path: str):
@@ -144,14 +178,17 @@ def test_resident_memory_stays_flat(workload, one_thread):
 def test_soak_catches_a_leak(one_thread):
     """The detector itself: keeping the smallest output of every call (the losses, [3, 4]
     float32) is a leak that assert_flat reports."""
+    if _MALLINFO2 is None:
+        pytest.skip("needs glibc's mallinfo2 (RSS alone cannot see so small a leak reliably)")
     call, kept = WORKLOADS["gram"](), []
     readings = soak(lambda: kept.append(call()))
-    with pytest.raises(AssertionError, match="resident memory grew"):
+    with pytest.raises(AssertionError, match="grew"):
         assert_flat(readings, "gram, leaking its losses")
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("workload", WORKLOADS)
 def test_resident_memory_stays_flat_long(workload):
-    """Ten times as many calls: the same bound catches a leak of ~50 bytes per call."""
+    """Ten times as many calls: the same bounds catch a leak of ~50 bytes of RSS, or a few bytes
+    from malloc, per call."""
     assert_flat(soak(WORKLOADS[workload](), calls=10 * CALLS), workload, calls=10 * CALLS)
