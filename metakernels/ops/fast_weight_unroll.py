@@ -353,18 +353,25 @@ class _EagerUnroll(torch.autograd.Function):
         return _unroll_backward(ctx, *grads)
 
 
-@_unroll_fwd.register_fake
-def _unroll_fwd_fake(weight, x, y, lr, bias, lr_scale, bias_lr_scale, queries, loss, first_order,
-                     store_states, backend):
-    tasks, steps = lr.shape
-    support, d_in, d_out = x.shape[-2], weight.shape[-2], weight.shape[-1]
-    state = state_dtype(weight.dtype)
+def _outputs_fake(weight, bias, queries, tasks: int, steps: int) -> tuple:
+    """The fake (W_T, b_T or [0], losses, readout or [0]) that both forward ops return first."""
+    d_in, d_out = weight.shape[-2], weight.shape[-1]
     return (
         weight.new_empty(tasks, d_in, d_out),
         weight.new_empty(tasks, d_out) if bias is not None else weight.new_empty(0),
         weight.new_empty(tasks, steps),
         weight.new_empty(tasks, steps, queries.shape[2], d_out) if queries is not None
         else weight.new_empty(0),
+    )
+
+
+@_unroll_fwd.register_fake
+def _unroll_fwd_fake(weight, x, y, lr, bias, lr_scale, bias_lr_scale, queries, loss, first_order,
+                     store_states, backend):
+    tasks, steps = lr.shape
+    support, d_in, d_out = x.shape[-2], weight.shape[-2], weight.shape[-1]
+    state = state_dtype(weight.dtype)
+    return _outputs_fake(weight, bias, queries, tasks, steps) + (
         weight.new_empty(tasks, steps, support, d_out, dtype=state),
         weight.new_empty(tasks, steps, d_in, d_out, dtype=state) if store_states
         else weight.new_empty(0, dtype=state),
@@ -525,12 +532,7 @@ def _ckpt_fwd_fake(weight, x, y, lr, bias, lr_scale, bias_lr_scale, queries, los
     tasks, steps = lr.shape
     d_in, d_out = weight.shape[-2], weight.shape[-1]
     starts = len(_segments(steps, segment)) - 1
-    return (
-        weight.new_empty(tasks, d_in, d_out),
-        weight.new_empty(tasks, d_out) if bias is not None else weight.new_empty(0),
-        weight.new_empty(tasks, steps),
-        weight.new_empty(tasks, steps, queries.shape[2], d_out) if queries is not None
-        else weight.new_empty(0),
+    return _outputs_fake(weight, bias, queries, tasks, steps) + (
         weight.new_empty(starts, tasks, d_in, d_out),
         weight.new_empty(starts, tasks, d_out) if bias is not None else weight.new_empty(0),
     )
