@@ -8,7 +8,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from metakernels.ops import UnrollOutput, fast_weight_unroll
+from metakernels.ops import UnrollOutput, _checks, fast_weight_unroll
 
 
 class FastWeightLinear(nn.Module):
@@ -86,18 +86,8 @@ class FastWeightLinear(nn.Module):
         """
         if not isinstance(support_x, Tensor):
             raise TypeError(f"support_x must be a tensor, got {type(support_x).__name__}")
-        if support_x.dim() == 4:
-            if steps is not None:
-                raise ValueError(f"steps={steps!r} was given, but support_x has shape "
-                                 f"{list(support_x.shape)} [B, T, n, d_in], which sets T; "
-                                 "leave steps=None")
-            total = support_x.shape[1]
-        else:
-            total = self.steps if steps is None else steps
-            if isinstance(total, bool) or not isinstance(total, int):
-                raise TypeError(f"steps must be an int, got {type(total).__name__}")
-            if total < 1:
-                raise ValueError(f"steps must be at least 1, got {total}")
+        total = _checks.check_steps(
+            "support_x", support_x, self.steps if steps is None and support_x.dim() != 4 else steps)
         if total > self.steps:
             raise ValueError(f"the layer has learning rates for {self.steps} steps, asked for "
                              f"{total}: build it with steps={total}")

@@ -81,6 +81,32 @@ def check_shape(name: str, tensor: Tensor | None, *expected: tuple) -> None:
     raise ValueError(f"{name} has shape {shape_str(tensor.shape)}, expected {wanted}")
 
 
+def check_steps(name: str, x: Tensor, steps) -> int:
+    """T, the number of inner steps: ``steps`` for a 3-D ``x`` [B, n, d_in] (the same support set
+    every step), the size of dimension 1 for a 4-D ``x`` [B, T, n, d_in] (where ``steps`` must be
+    None)."""
+    if x.dim() == 3:
+        if steps is None:
+            raise ValueError(f"steps is missing: {name} has shape {shape_str(x.shape)} "
+                             "[B, n, d_in], the same support set every step, so pass steps=T")
+        if isinstance(steps, bool) or not isinstance(steps, int):
+            raise TypeError(f"steps must be an int, got {type(steps).__name__}")
+        if steps < 1:
+            raise ValueError(f"steps must be at least 1, got {steps}")
+        return steps
+    if x.dim() == 4:
+        if steps is not None:
+            raise ValueError(f"steps={steps!r} was given, but {name} has shape "
+                             f"{shape_str(x.shape)} [B, T, n, d_in], which sets T itself; "
+                             "leave steps=None")
+        if x.shape[1] < 1:
+            raise ValueError(f"{name} has shape {shape_str(x.shape)}: T = 0 steps, expected "
+                             "at least 1")
+        return x.shape[1]
+    raise ValueError(f"{name} has shape {shape_str(x.shape)}, expected [B, n, d_in] "
+                     "(with steps=T) or [B, T, n, d_in]")
+
+
 def check_labels(name: str, labels: Tensor, classes: int) -> Tensor:
     """ce labels: an integer tensor with values in [0, classes); returned as int64."""
     if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:

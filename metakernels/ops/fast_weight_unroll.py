@@ -208,26 +208,7 @@ def _check(weight, x, y, lr, steps, loss, bias, lr_scale, bias_lr_scale, queries
     if weight.dim() not in (2, 3):
         raise ValueError(f"weight has shape {_checks.shape_str(weight.shape)}, expected "
                          "[d_in, d_out] (shared) or [B, d_in, d_out]")
-    if x.dim() == 3:
-        if steps is None:
-            raise ValueError(f"steps is missing: x has shape {_checks.shape_str(x.shape)} "
-                             "[B, n, d_in], the same support set every step, so pass steps=T")
-        if isinstance(steps, bool) or not isinstance(steps, int):
-            raise TypeError(f"steps must be an int, got {type(steps).__name__}")
-        if steps < 1:
-            raise ValueError(f"steps must be at least 1, got {steps}")
-    elif x.dim() == 4:
-        if steps is not None:
-            raise ValueError(f"steps={steps!r} was given, but x has shape "
-                             f"{_checks.shape_str(x.shape)} [B, T, n, d_in], which sets T itself; "
-                             "leave steps=None")
-        steps = x.shape[1]
-        if steps < 1:
-            raise ValueError(f"x has shape {_checks.shape_str(x.shape)}: T = 0 steps, expected "
-                             "at least 1")
-    else:
-        raise ValueError(f"x has shape {_checks.shape_str(x.shape)}, expected [B, n, d_in] "
-                         "(with steps=T) or [B, T, n, d_in]")
+    steps = _checks.check_steps("x", x, steps)
     tasks, support, d_in = x.shape[0], x.shape[-2], x.shape[-1]
     d_out = weight.shape[-1]
     if weight.shape[-2] < 1 or d_out < 1:
