@@ -178,10 +178,10 @@ def main(argv=None) -> int:
             continue
         mismatches, launched = launched_kernels(backend)
         failures += mismatches
-        missed = sorted(name for name in kernel_names(backend)
-                        if not any(name in event for event in launched))
-        print(f"{backend}: {len(kernel_names(backend)) - len(missed)} of "
-              f"{len(kernel_names(backend))} kernels launched; missed: {missed or 'none'}")
+        names = kernel_names(backend)
+        missed = sorted(name for name in names if not any(name in event for event in launched))
+        print(f"{backend}: {len(names) - len(missed)} of {len(names)} kernels launched; "
+              f"missed: {missed or 'none'}")
         failures += len(missed)
     print(f"sanitize_case: {failures} mismatches")
     return 1 if failures else 0
