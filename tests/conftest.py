@@ -191,6 +191,20 @@ def run_unroll(kwargs: dict, backend: str, seed: int = 1) -> dict:
     return result
 
 
+def run_hvp(kwargs: dict, backend: str, seed: int = 1) -> dict:
+    """linear_hvp on ``kwargs`` (its keyword arguments, loss included): Hv and the gradients of
+    <Hv, random adjoints> in every differentiable input."""
+    hv_weight, hv_bias = mk.linear_hvp(**kwargs, backend=backend)
+    gen = torch.Generator().manual_seed(seed)
+    outputs = [t for t in (hv_weight, hv_bias) if t is not None]
+    adjoints = [torch.randn(t.shape, generator=gen, dtype=torch.float64).to(t.dtype)
+                for t in outputs]
+    leaves = differentiable(kwargs)
+    grads = torch.autograd.grad(outputs, list(leaves.values()), adjoints, allow_unused=True)
+    return dict(hv_weight=hv_weight, hv_bias=hv_bias,
+                **{f"grad_{k}": g for k, g in zip(leaves, grads)})
+
+
 def assert_close(result: dict, expected: dict, tol: float, label: str = "") -> None:
     assert result.keys() == expected.keys()
     for key in expected:

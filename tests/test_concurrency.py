@@ -27,7 +27,7 @@ import pytest
 import torch
 
 import metakernels as mk
-from conftest import COMPILED_BACKENDS, Case, make_inputs, rel_err, run_unroll
+from conftest import COMPILED_BACKENDS, Case, make_inputs, rel_err, run_hvp, run_unroll
 from metakernels.ops import unroll_path
 
 THREADS = 4
@@ -71,13 +71,7 @@ def hvp_once(loss: str, backend: str, seed: int) -> dict:
     gen = torch.Generator().manual_seed(seed)
     shapes = {"weight": (7, 5), "x": (4, 6, 7), "v": (4, 7, 5), "bias": (4, 5), "v_bias": (5,)}
     inputs = {k: torch.randn(s, generator=gen).requires_grad_() for k, s in shapes.items()}
-    hv_weight, hv_bias = mk.linear_hvp(**inputs, loss=loss, backend=backend)
-    adjoints = (torch.randn(hv_weight.shape, generator=gen),
-                torch.randn(hv_bias.shape, generator=gen))
-    grads = torch.autograd.grad((hv_weight, hv_bias), list(inputs.values()), adjoints,
-                                allow_unused=True)  # mse: Hv does not depend on weight, bias
-    return dict(hv_weight=hv_weight, hv_bias=hv_bias,
-                **{f"grad_{k}": g for k, g in zip(inputs, grads)})
+    return run_hvp(dict(inputs, loss=loss), backend, seed=seed)
 
 
 WORKLOADS = {**{name: (lambda backend, seed, name=name: unroll_once(name, backend, seed))

@@ -30,7 +30,7 @@ import torch
 
 import metakernels as mk
 from conftest import (COMPILED_BACKENDS, TOLERANCE, Case, assert_close, cast_inputs,
-                      make_inputs, rel_err, run_unroll)
+                      make_inputs, rel_err, run_hvp, run_unroll)
 
 pytestmark = [
     pytest.mark.skipif(not COMPILED_BACKENDS, reason="no compiled backend built"),
@@ -270,18 +270,6 @@ def hvp_inputs(dtype, d_out: int = 5, scale: float = 1.0, seed: int = 8) -> dict
     return {k: t.to(dtype).requires_grad_() for k, t in inputs.items()}
 
 
-def run_hvp(inputs: dict, loss: str, backend: str) -> dict:
-    """Hv and the gradients of <Hv, random> in every input."""
-    hv_weight, hv_bias = mk.linear_hvp(**inputs, loss=loss, backend=backend)
-    gen = torch.Generator().manual_seed(1)
-    adjoints = [torch.randn(t.shape, generator=gen, dtype=torch.float64).to(t.dtype)
-                for t in (hv_weight, hv_bias)]
-    grads = torch.autograd.grad((hv_weight, hv_bias), list(inputs.values()), adjoints,
-                                allow_unused=True)
-    return dict(hv_weight=hv_weight, hv_bias=hv_bias,
-                **{f"grad_{k}": g for k, g in zip(inputs, grads)})
-
-
 @pytest.mark.parametrize("backend,dtype", BACKEND_DTYPES)
 @pytest.mark.parametrize("what", ["logits1e30", "logits-1e30", "one-class", "inf-x", "nan-x"])
 def test_linear_hvp_edge_cases(backend, dtype, what):
@@ -296,8 +284,8 @@ def test_linear_hvp_edge_cases(backend, dtype, what):
         inputs = hvp_inputs(dtype)
         with torch.no_grad():
             inputs["x"][1, 2, 3] = float("inf") if what == "inf-x" else float("nan")
-    expected = run_hvp(cast_inputs(inputs, torch.float64), loss, "reference")
-    result = run_hvp(inputs, loss, backend)
+    expected = run_hvp(cast_inputs(dict(inputs, loss=loss), torch.float64), "reference")
+    result = run_hvp(dict(inputs, loss=loss), backend)
     assert_non_finite_match(result, expected, dtype, f"{backend} linear_hvp {what}")
     if what in ("logits1e30", "logits-1e30", "one-class"):
         assert torch.equal(result["hv_weight"], torch.zeros_like(result["hv_weight"]))
