@@ -158,6 +158,19 @@ def test_checkpoint(backend, form, loss):
 
 
 @pytest.mark.parametrize("backend", COMPILED_BACKENDS)
+@pytest.mark.parametrize("steps", [1, 2, 5, 10])
+def test_checkpoint_every_input(backend, steps):
+    """Checkpointed, every input form at once, segment counts from 1 to 4, both query forms;
+    with x's gradient (the recomputed segments store W_t) and without."""
+    case = Case(loss="mse", steps=steps, weight="shared", bias="task", lr_form="full",
+                lr_scale=True, bias_lr_scale=True)
+    for form in ("A", "B"):
+        check(case, form, torch.float64, backend, seed=steps, checkpoint=True)
+        check(dataclasses.replace(case, per_step=True, loss="ce", first_order=True), form,
+              torch.float64, backend, seed=steps, checkpoint=True, reduction="none")
+
+
+@pytest.mark.parametrize("backend", COMPILED_BACKENDS)
 def test_first_order_is_fomaml(backend):
     """FOMAML's meta-gradient of a per-task init is the query loss's gradient at W_T, and x and
     y get none; query_x and query_y still get theirs."""
@@ -226,45 +239,53 @@ def gram_case(**changes) -> dict:
 
 
 def test_paths():
+    """gram-space: form A's query loss in Gram space too (no W_T in the forward; X̃ Ŵ̃_T from the
+    query set's Gram matrix in the backward); gram: the Gram unroll forming W_T (needed for
+    query_x's gradient); steps: the step loop."""
     x_grad = gram_case()
-    frozen = dict(x_grad, x=x_grad["x"].detach())
-    # Inside: no W_t to store (x without grad), mse, 3-D x, T = 2, no lr_scale: Gram both ways.
-    assert meta_loss_path(**frozen) == "fused:gram"
-    # x's gradient in second order: the forward stores W_t (the loop), the backward is Gram.
-    assert meta_loss_path(**x_grad) == "fused:steps/gram"
-    assert meta_loss_path(**dict(x_grad, first_order=True)) == "fused:gram"
+    frozen = dict(x_grad, x=x_grad["x"].detach(), query_x=x_grad["query_x"].detach())
+    # Inside: mse, 3-D x, T = 2, no lr_scale, n small next to d_in, no W_t to store (x without
+    # grad), W_T not needed (query_x without grad).
+    assert meta_loss_path(**frozen) == "fused:gram-space"
+    # query_x's gradient needs W_T: the forward forms it; the backward stays in Gram space.
+    assert meta_loss_path(**dict(frozen, query_x=x_grad["query_x"])) == "fused:gram/gram-space"
+    # x's gradient in second order: the forward stores W_t (the loop).
+    assert meta_loss_path(**dict(x_grad, query_x=frozen["query_x"])) == "fused:steps/gram-space"
+    assert meta_loss_path(**dict(frozen, x=x_grad["x"], first_order=True)) == "fused:gram-space"
     # Outside, one condition at a time: T = 1, ce, 4-D x, lr_scale, n large next to d_in.
     assert meta_loss_path(**dict(frozen, steps=1)) == "fused:steps"
-    ce = gram_case(loss="ce")
-    assert meta_loss_path(**dict(ce, x=ce["x"].detach())) == "fused:steps"
-    per_step = gram_case(per_step=True)
-    assert meta_loss_path(**dict(per_step, x=per_step["x"].detach())) == "fused:steps"
+    for changed in (gram_case(loss="ce"), gram_case(per_step=True), gram_case(support=40)):
+        assert meta_loss_path(**dict(changed, x=changed["x"].detach(),
+                                     query_x=changed["query_x"].detach())) == "fused:steps"
     assert meta_loss_path(**dict(frozen, lr_scale=torch.ones(32, 16, dtype=torch.float64))) \
         == "fused:steps"
-    wide = gram_case(support=40)
-    assert meta_loss_path(**dict(wide, x=wide["x"].detach())) == "fused:steps"
     # bias_lr_scale all ones stays inside; any other value (or its gradient) is outside.
     ones = torch.ones(16, dtype=torch.float64)
-    assert meta_loss_path(**dict(frozen, bias_lr_scale=ones)) == "fused:gram"
+    assert meta_loss_path(**dict(frozen, bias_lr_scale=ones)) == "fused:gram-space"
     assert meta_loss_path(**dict(frozen, bias_lr_scale=ones * 1.5)) == "fused:steps"
     assert meta_loss_path(**dict(frozen, bias_lr_scale=ones.clone().requires_grad_())) \
-        == "fused:gram/steps"
-    # Form B (a readout every step) takes the Gram path where the unroll's does.
+        == "fused:gram-space/steps"
+    # Without grad mode the forward alone runs: in Gram space.
+    with torch.no_grad():
+        assert meta_loss_path(**x_grad).startswith("fused:gram-space")
+    # Form B (a readout every step) takes the Gram unroll where fast_weight_unroll's does.
     form_b = make_meta_inputs(Case(loss="mse", steps=2, support=4, d_in=32, d_out=16),
                               "B", m=1, seed=2)
     assert meta_loss_path(**dict(form_b, x=form_b["x"].detach(),
                                  query_x=form_b["query_x"].detach())) == "fused:gram"
-    # The checkpointed call and the other backends compose the unroll with the loss in torch.
-    assert meta_loss_path(**frozen, checkpoint=True).startswith("composed:")
+    # Checkpointed: the same kernels segment by segment (each segment's end weight is the next
+    # one's start, so the forward forms it); the reference is itself.
+    assert meta_loss_path(**frozen, checkpoint=True) == "fused:gram/gram-space + checkpoint(2)"
     assert meta_loss_path(**frozen, backend="reference") == "reference"
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("change", [
     {}, {"steps": 1}, {"loss": "ce"}, {"per_step": True}, {"lr_scale": True}, {"support": 40},
-    {"bias_lr_scale": True}, {"first_order": True}], ids=str)
+    {"bias_lr_scale": True}, {"first_order": True}, {"bias": None, "weight": "task"}], ids=str)
 @pytest.mark.parametrize("x_grad", [False, True], ids=["x-frozen", "x-grad"])
-def test_every_path_matches_reference(dtype, change, x_grad):
+@pytest.mark.parametrize("query_grad", [False, True], ids=["q-frozen", "q-grad"])
+def test_every_path_matches_reference(dtype, change, x_grad, query_grad):
     case = dataclasses.replace(
         Case(loss="mse", steps=2, support=4, d_in=32, d_out=16, tasks=3, bias="shared",
              lr_form="full"), **change)
@@ -272,6 +293,8 @@ def test_every_path_matches_reference(dtype, change, x_grad):
         inputs = make_meta_inputs(case, form, m=5, dtype=dtype, seed=5)
         if not x_grad:
             inputs["x"] = inputs["x"].detach()
+        if not query_grad:
+            inputs["query_x"] = inputs["query_x"].detach()
         expected = run_meta(cast_inputs(inputs, torch.float64), "reference")
         result = run_meta(inputs, "cpu")
         for key, want in expected.items():
@@ -290,7 +313,7 @@ def opcheck_args(form: str, loss: str = "ce"):
     lr = kwargs["lr"].detach().requires_grad_()
     return (kwargs["weight"], kwargs["x"], kwargs["y"], lr, kwargs["bias"], kwargs["lr_scale"],
             kwargs["bias_lr_scale"], kwargs["query_x"], kwargs["query_y"],
-            0 if loss == "mse" else 1, False, True, 0, "cpu")
+            0 if loss == "mse" else 1, False, True, True, 0, "cpu")
 
 
 @pytest.mark.parametrize("form", ["A", "B"])
@@ -302,7 +325,7 @@ def test_opcheck_forward_op(form, loss):
 
 def test_opcheck_reduction_none():
     args = list(opcheck_args("A", "mse"))
-    args[12] = 2
+    args[13] = 2
     torch.library.opcheck(torch.ops.metakernels.fast_weight_meta_loss_fwd.default, tuple(args))
 
 
@@ -318,6 +341,33 @@ def test_opcheck_backward_op(form):
         (*detached, residual, states, weight_t, query_residual,
          torch.randn(2, dtype=torch.float64), 1, False,
          [True, True, False, True, True, True, True, True, False], "cpu"),
+        test_utils=("test_schema", "test_faketensor"))
+
+
+def test_opcheck_gram_space():
+    """Form A in Gram space: W_T is not returned (query_x without grad)."""
+    kwargs = gram_case()
+    lr = torch.full((3, 2), 0.3, dtype=torch.float64, requires_grad=True)
+    args = (kwargs["weight"], kwargs["x"].detach(), kwargs["y"], lr, kwargs["bias"], None, None,
+            kwargs["query_x"].detach(), kwargs["query_y"], 0, False, False, False, 0, "cpu")
+    torch.library.opcheck(torch.ops.metakernels.fast_weight_meta_loss_fwd.default, args)
+    assert torch.ops.metakernels.fast_weight_meta_loss_fwd(*args)[1].numel() == 0
+
+
+@pytest.mark.parametrize("form", ["A", "B"])
+def test_opcheck_checkpoint_ops(form):
+    args = list(opcheck_args(form))
+    args[11] = 2  # segment (the store_states slot of the plain op)
+    del args[12]
+    torch.library.opcheck(torch.ops.metakernels.fast_weight_meta_loss_ckpt_fwd.default,
+                          tuple(args))
+    with torch.no_grad():
+        _, starts_w, starts_b = torch.ops.metakernels.fast_weight_meta_loss_ckpt_fwd(*args)
+    detached = [a.detach() if isinstance(a, torch.Tensor) else a for a in args[:9]]
+    torch.library.opcheck(
+        torch.ops.metakernels.fast_weight_meta_loss_ckpt_bwd.default,
+        (*detached, starts_w, starts_b, torch.randn(2, dtype=torch.float64), 1, False,
+         [True, True, False, True, True, True, True, True, False], 2, "cpu"),
         test_utils=("test_schema", "test_faketensor"))
 
 

@@ -56,14 +56,17 @@ bool runs_gram(const metakernels::UnrollDims& d, const metakernels::UnrollInputs
   return !store_states && d.tasks > 0 && metakernels::unroll_gram_applies(d, in);
 }
 
-// Returns (per-task loss [B], W_T, b_T or [0], residual E_t, states W_t or [0], the query
-// residual Ê [B, m, d_out] (form A) or [B, T, m, d_out] (form B)).
+// Returns (per-task loss [B], W_T or [0], b_T or [0], residual E_t, states W_t or [0], the query
+// residual Ê [B, m, d_out] (form A) or [B, T, m, d_out] (form B)). W_T and b_T are returned
+// where keep_weight says (query_x's gradient needs W_T; a checkpoint segment's end is the next
+// one's start); without it, form A on the Gram path never forms them (the query loss in Gram
+// space: Z = Q W_0 + 1 b_0ᵀ − (1/n) (Q̃ X̃ᵀ) S R_0).
 std::vector<Tensor> meta_loss_forward(const Tensor& weight, const Tensor& x, const Tensor& targets,
                                       const Tensor& lr, const optional<Tensor>& bias,
                                       const optional<Tensor>& lr_scale,
                                       const optional<Tensor>& bias_lr_scale,
                                       const Tensor& query_x_, const Tensor& query_y_,
-                                      int64_t loss, bool store_states) {
+                                      int64_t loss, bool store_states, bool keep_weight) {
   const Tensor query_x = query_x_.contiguous(), query_y = query_y_.contiguous();
   const Unroll u = meta_unroll(weight, x, targets, lr, bias, lr_scale, bias_lr_scale, query_x, loss);
   const auto& d = u.dims;
@@ -80,29 +83,44 @@ std::vector<Tensor> meta_loss_forward(const Tensor& weight, const Tensor& x, con
   // Form B: the readout, turned into its residual in place (never returned as a readout).
   Tensor query_residual = form_b ? new_output({d.tasks, d.steps, m, d.d_out}, opts)
                                  : new_output({d.tasks, m, d.d_out}, opts);
+  Tensor sum_residual;  // M_T = S R_0 of the Gram-space form A
   AT_DISPATCH_FLOATING_TYPES(u.weight.scalar_type(), "fast_weight_meta_loss_forward", [&] {
     const auto in = u.inputs<scalar_t>();
     const auto q = query_loss<scalar_t>(d, query_x, query_y);
+    const bool gram = runs_gram(d, in, store_states);
+    const bool gram_space = gram && !form_b && !keep_weight;
     metakernels::UnrollForwardOutputs<scalar_t> out;
-    out.weight = weight_out.data_ptr<scalar_t>();
-    out.bias = out_ptr_or_null<scalar_t>(bias_out);
+    if (gram_space) {
+      sum_residual = at::empty({d.tasks, d.support, d.d_out}, opts);
+      out.sum_residual = sum_residual.data_ptr<scalar_t>();
+      weight_out = no_output(u.weight);
+      bias_out = no_output(u.weight);
+    } else {
+      out.weight = weight_out.data_ptr<scalar_t>();
+      out.bias = out_ptr_or_null<scalar_t>(bias_out);
+    }
     out.losses = losses.data_ptr<scalar_t>();
     out.readout = form_b ? out_ptr_or_null<scalar_t>(query_residual) : nullptr;
     out.residual = residual.data_ptr<scalar_t>();
     out.states = out_ptr_or_null<scalar_t>(states);
     scalar_t* qres = out_ptr_or_null<scalar_t>(query_residual);
     scalar_t* task_loss_ptr = out_ptr_or_null<scalar_t>(task_loss);
-    const bool gram = runs_gram(d, in, store_states);
     at::parallel_for(0, d.tasks, 1, [&](int64_t begin, int64_t end) {
       if (gram)
         metakernels::fast_weight_unroll_gram_forward<scalar_t>(d, in, out, begin, end);
       else
         metakernels::fast_weight_unroll_forward<scalar_t>(d, in, out, begin, end);
-      if (qres == nullptr) return;  // m · d_out = 0 cannot happen (checked), d_out = 0 neither
-      if (!form_b) metakernels::meta_loss_logits<scalar_t>(q, out.weight, out.bias, qres, begin, end);
+      if (gram_space)
+        metakernels::meta_loss_gram_logits<scalar_t>(d, in, q, out.sum_residual, qres, begin, end);
+      else if (!form_b)
+        metakernels::meta_loss_logits<scalar_t>(q, out.weight, out.bias, qres, begin, end);
       metakernels::meta_loss_forward<scalar_t>(q, qres, task_loss_ptr, begin, end);
     });
   });
+  if (!keep_weight) {  // the running state of the step loop, not returned
+    weight_out = no_output(u.weight);
+    bias_out = no_output(u.weight);
+  }
   return {task_loss, weight_out, bias_out, residual, states, query_residual};
 }
 
@@ -114,7 +132,8 @@ std::vector<Tensor> meta_loss_backward(
     const optional<Tensor>& bias_lr_scale, const Tensor& query_x_, const Tensor& query_y_,
     const Tensor& residual_, const Tensor& states_, const Tensor& weight_final_,
     const Tensor& query_residual_, const Tensor& grad_loss_, int64_t loss, bool first_order,
-    std::vector<bool> wanted) {
+    std::vector<bool> wanted, const optional<Tensor>& grad_weight_in_,
+    const optional<Tensor>& grad_bias_in_) {
   TORCH_CHECK(wanted.size() == 9, "metakernels internal error: meta_loss_backward takes 9 flags");
   const Tensor query_x = query_x_.contiguous(), query_y = query_y_.contiguous();
   const Unroll u = meta_unroll(weight, x, targets, lr, bias, lr_scale, bias_lr_scale, query_x, loss);
@@ -136,13 +155,13 @@ std::vector<Tensor> meta_loss_backward(
   Tensor grad_bias_lr_scale = maybe(wanted[6], {d.tasks, d.d_out});
   Tensor grad_query_x = maybe(wanted[7], query_x.sizes());
   Tensor grad_query_y = maybe(wanted[8], query_y.sizes());
-  // The unroll backward's incoming adjoints: Ŵ_T and b̂_T (form A), or Ô_t (form B, with zero
-  // Ŵ_T and b̂_T).
-  Tensor grad_weight_final = form_b ? at::zeros({d.tasks, d.d_in, d.d_out}, opts)
-                                    : at::empty({d.tasks, d.d_in, d.d_out}, opts);
-  Tensor grad_bias_final = !bias.has_value() ? no_output(u.weight)
-                           : form_b          ? at::zeros({d.tasks, d.d_out}, opts)
-                                             : at::empty({d.tasks, d.d_out}, opts);
+  // The unroll backward's incoming adjoints Ŵ_T and b̂_T (the query loss's in form A, plus a
+  // later checkpoint segment's where given), and Ô_t (form B).
+  Tensor grad_weight_final = at::empty({d.tasks, d.d_in, d.d_out}, opts);
+  Tensor grad_bias_final = bias.has_value() ? at::empty({d.tasks, d.d_out}, opts)
+                                            : no_output(u.weight);
+  const optional<Tensor> grad_weight_in = contiguous_or_none(grad_weight_in_);
+  const optional<Tensor> grad_bias_in = contiguous_or_none(grad_bias_in_);
   Tensor grad_readout = form_b ? at::empty({d.tasks, d.steps, m, d.d_out}, opts)
                                : no_output(u.weight);
   const Tensor residual = residual_.contiguous(), states = states_.contiguous();
@@ -154,9 +173,11 @@ std::vector<Tensor> meta_loss_backward(
     metakernels::QueryLossBackward<scalar_t> qargs;
     qargs.residual = query_residual.data_ptr<scalar_t>();
     qargs.grad_loss = grad_loss.data_ptr<scalar_t>();
-    qargs.weight_t = weight_final.data_ptr<scalar_t>();
-    qargs.grad_weight_t = form_b ? nullptr : grad_weight_final.data_ptr<scalar_t>();
-    qargs.grad_bias_t = form_b ? nullptr : out_ptr_or_null<scalar_t>(grad_bias_final);
+    qargs.weight_t = out_ptr_or_null<scalar_t>(weight_final);
+    qargs.grad_weight_in = ptr_or_null<scalar_t>(grad_weight_in);
+    qargs.grad_bias_in = bias.has_value() ? ptr_or_null<scalar_t>(grad_bias_in) : nullptr;
+    qargs.grad_weight_t = grad_weight_final.data_ptr<scalar_t>();
+    qargs.grad_bias_t = out_ptr_or_null<scalar_t>(grad_bias_final);
     qargs.grad_readout = out_ptr_or_null<scalar_t>(grad_readout);
     qargs.grad_query_x = form_b ? nullptr : out_ptr_or_null<scalar_t>(grad_query_x);
     qargs.grad_query_y = out_ptr_or_null<scalar_t>(grad_query_y);
@@ -164,7 +185,7 @@ std::vector<Tensor> meta_loss_backward(
     metakernels::UnrollBackwardArgs<scalar_t> args;
     args.residual = residual.data_ptr<scalar_t>();
     args.states = out_ptr_or_null<scalar_t>(states);
-    args.weight_final = weight_final.data_ptr<scalar_t>();
+    args.weight_final = out_ptr_or_null<scalar_t>(weight_final);
     args.grad_weight_final = grad_weight_final.data_ptr<scalar_t>();
     args.grad_bias_final = out_ptr_or_null<scalar_t>(grad_bias_final);
     args.grad_readout = out_ptr_or_null<scalar_t>(grad_readout);
@@ -178,8 +199,18 @@ std::vector<Tensor> meta_loss_backward(
     args.grad_bias_lr_scale = out_ptr_or_null<scalar_t>(grad_bias_lr_scale);
     args.grad_queries = form_b ? out_ptr_or_null<scalar_t>(grad_query_x) : nullptr;
     const bool gram = runs_gram(d, in, wanted[6]);
+    // Form A on the Gram path, without a later segment's adjoints: X̃ Ŵ̃_T from the n × m Gram
+    // matrix of the query set.
+    const bool gram_space = gram && !form_b && !grad_weight_in.has_value() &&
+                            !grad_bias_in.has_value();
+    Tensor pushed = gram_space ? at::empty({d.tasks, d.support, d.d_out}, opts) : Tensor();
+    args.pushed_final = pushed.defined() ? pushed.data_ptr<scalar_t>() : nullptr;
+    scalar_t* pushed_ptr = pushed.defined() ? pushed.data_ptr<scalar_t>() : nullptr;
     at::parallel_for(0, d.tasks, 1, [&](int64_t begin, int64_t end) {
       metakernels::meta_loss_backward<scalar_t>(q, qargs, begin, end);
+      if (pushed_ptr)
+        metakernels::meta_loss_gram_pushed<scalar_t>(d, in, q, qargs.residual, qargs.grad_loss,
+                                                     pushed_ptr, begin, end);
       if (gram)
         metakernels::fast_weight_unroll_gram_backward<scalar_t>(d, in, args, begin, end);
       else
@@ -194,18 +225,27 @@ std::vector<Tensor> meta_loss_backward(
           grad_query_x, grad_query_y};
 }
 
-// "gram" or "steps" for the unroll part of the forward and the backward, as in unroll_path.
+// The algorithm of the forward and the backward, as "forward/backward" where they differ:
+// "steps" (the step loop), "gram" (the Gram-space unroll, W_T formed), or "gram-space" (form A
+// with the query loss in Gram space too: W_T never formed in the forward, X̃ Ŵ̃_T from the
+// query set's Gram matrix in the backward).
 std::string meta_loss_path(const Tensor& weight, const Tensor& x, const Tensor& targets,
                            const Tensor& lr, const optional<Tensor>& bias,
                            const optional<Tensor>& lr_scale,
                            const optional<Tensor>& bias_lr_scale, const Tensor& query_x,
-                           int64_t loss, bool store_states, bool grad_bias_lr_scale) {
+                           int64_t loss, bool store_states, bool keep_weight,
+                           bool grad_bias_lr_scale) {
   const Unroll u = meta_unroll(weight, x, targets, lr, bias, lr_scale, bias_lr_scale, query_x, loss);
+  const bool form_a = !readout_form(query_x);
   std::string forward, backward;
   AT_DISPATCH_FLOATING_TYPES(u.weight.scalar_type(), "meta_loss_path", [&] {
     const auto in = u.inputs<scalar_t>();
-    forward = runs_gram(u.dims, in, store_states) ? "gram" : "steps";
-    backward = runs_gram(u.dims, in, grad_bias_lr_scale) ? "gram" : "steps";
+    forward = !runs_gram(u.dims, in, store_states) ? "steps"
+              : form_a && !keep_weight             ? "gram-space"
+                                                   : "gram";
+    backward = !runs_gram(u.dims, in, grad_bias_lr_scale) ? "steps"
+               : form_a                                  ? "gram-space"
+                                                         : "gram";
   });
   return forward == backward ? forward : forward + "/" + backward;
 }

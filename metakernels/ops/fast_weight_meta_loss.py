@@ -6,8 +6,9 @@ backend and returns the meta-loss. On the ``cpu`` backend the whole meta-step is
 the query loss in C++ in one pass over tasks, and whose backward runs the query loss's gradient and
 the unroll backward in one pass: no readout, logits or W_T adjoint goes through PyTorch. A plain
 eager call skips the custom ops' Python dispatch (the eager fast path of
-:mod:`metakernels.ops.fast_weight_unroll`). The ``triton`` and ``cuda`` backends, and checkpointed
-calls on every compiled backend, compose :func:`fast_weight_unroll` with the loss in PyTorch
+:mod:`metakernels.ops.fast_weight_unroll`). Checkpointed (``_ckpt_``) ops run the same kernels
+segment by segment, the readout loss of each segment computed with it. The ``triton`` and
+``cuda`` backends compose :func:`fast_weight_unroll` with the loss in PyTorch
 (:func:`metakernels.reference.meta_loss.query_loss`): the same answer, without the fusion.
 """
 
@@ -53,8 +54,9 @@ def fast_weight_meta_loss(weight: Tensor, x: Tensor, y: Tensor, lr, query_x: Ten
         query_y: mse: float targets ``[B, m, d_out]`` / ``[B, T, m, d_out]`` (differentiable);
             ce: integer labels ``[B, m]`` / ``[B, T, m]`` in ``[0, d_out)``.
         reduction: ``"mean"`` over tasks (default), ``"sum"``, or ``"none"`` (``[B]``).
-        checkpoint: as in :func:`fast_weight_unroll`; a checkpointed call composes the
-            checkpointed unroll with the loss in PyTorch (form B then holds the readout).
+        checkpoint: as in :func:`fast_weight_unroll` (segments of ``⌈√T⌉`` steps, recomputed in
+            the backward); on ``cpu`` each segment's readout loss is computed with it, so no
+            readout of more than one segment ever exists.
         backend: ``"auto"``, ``"reference"`` (autograd through the reference unroll and the
             loss), ``"cpu"`` (fused: the loss and its gradient in C++ beside the unroll kernels,
             one op each way), ``"triton"`` or ``"cuda"`` (the fused unroll of that backend
@@ -78,8 +80,13 @@ def fast_weight_meta_loss(weight: Tensor, x: Tensor, y: Tensor, lr, query_x: Ten
             reduction=reduction)
     if not plan.fused:
         return _composed(plan, loss, first_order, reduction)
+    if plan.segment:
+        return torch.ops.metakernels.fast_weight_meta_loss_ckpt_fwd(
+            weight, x, y, lr, bias, lr_scale, bias_lr_scale, query_x, query_y, LOSS_CODES[loss],
+            first_order, plan.segment, REDUCTIONS.index(reduction), plan.backend)[0]
     args = (weight, x, y, lr, bias, lr_scale, bias_lr_scale, query_x, query_y, LOSS_CODES[loss],
-            first_order, plan.store_states, REDUCTIONS.index(reduction), plan.backend)
+            first_order, plan.store_states, plan.keep_weight, REDUCTIONS.index(reduction),
+            plan.backend)
     if _unroll._plain_eager(weight, x, y, lr, bias, lr_scale, bias_lr_scale, query_x, query_y):
         return _EagerMetaLoss.apply(*args)[0]
     return torch.ops.metakernels.fast_weight_meta_loss_fwd(*args)[0]
@@ -89,6 +96,7 @@ class _Plan(NamedTuple):
     args: tuple         # the checked, normalised arguments
     backend: str        # the backend that runs
     store_states: bool  # whether the backward needs W_t of every step
+    keep_weight: bool   # whether the backward needs W_T (query_x's gradient)
     segment: int        # checkpoint segment length, 0 without checkpointing
     fused: bool         # whether the fused meta-loss op runs (else unroll + loss in torch)
 
@@ -125,9 +133,11 @@ def _plan(weight, x, y, lr, query_x, query_y, steps, loss, bias, lr_scale, bias_
         if name == "query_x" or loss == "mse":
             _checks.check_same_dtype(name, tensor, weight.dtype)
         _checks.check_device(name, tensor, weight.device)
-    fused = (unroll_plan.backend in FUSED_BACKENDS and not unroll_plan.segment)
+    fused = unroll_plan.backend in FUSED_BACKENDS
+    keep_weight = torch.is_grad_enabled() and query_x.requires_grad
     return _Plan((weight, x, y, lr, steps, bias, lr_scale, bias_lr_scale, query_x, query_y),
-                 unroll_plan.backend, unroll_plan.store_states, unroll_plan.segment, fused)
+                 unroll_plan.backend, unroll_plan.store_states, keep_weight, unroll_plan.segment,
+                 fused)
 
 
 def _checked_query_x(query_x: Tensor, x: Tensor, steps: int) -> None:
@@ -174,9 +184,12 @@ def meta_loss_path(weight: Tensor, x: Tensor, y: Tensor, lr, query_x: Tensor, qu
     grad_blr = (bias_lr_scale is not None and bias_lr_scale.requires_grad
                 and torch.is_grad_enabled())
     if plan.fused:
+        # Checkpointed segments run the kernels without storing W_t in the forward.
         return "fused:" + _backends.kernels(plan.backend).meta_loss_path(
             weight, x, y, lr, bias, lr_scale, bias_lr_scale, query_x, LOSS_CODES[loss],
-            plan.store_states, grad_blr)
+            plan.store_states and not plan.segment, plan.keep_weight or bool(plan.segment),
+            grad_blr) + (
+                f" + checkpoint({plan.segment})" if plan.segment else "")
     return "composed:" + _unroll.unroll_path(
         weight, x, y, lr, steps=steps if x.dim() == 3 else None, loss=loss, bias=bias,
         lr_scale=lr_scale, bias_lr_scale=bias_lr_scale,
@@ -185,7 +198,7 @@ def meta_loss_path(weight: Tensor, x: Tensor, y: Tensor, lr, query_x: Tensor, qu
 
 
 def _composed(plan: _Plan, loss: str, first_order: bool, reduction: str) -> Tensor:
-    """The backend's unroll, then the loss in PyTorch (triton, cuda, and checkpointed calls)."""
+    """The backend's unroll, then the loss in PyTorch (triton and cuda)."""
     weight, x, y, lr, steps, bias, lr_scale, bias_lr_scale, query_x, query_y = plan.args
     form_b = query_x.dim() == 4
     out = _unroll.fast_weight_unroll(
@@ -200,40 +213,43 @@ def _composed(plan: _Plan, loss: str, first_order: bool, reduction: str) -> Tens
 @torch.library.custom_op("metakernels::fast_weight_meta_loss_fwd", mutates_args=())
 def _meta_fwd(weight: Tensor, x: Tensor, y: Tensor, lr: Tensor, bias: Optional[Tensor],
               lr_scale: Optional[Tensor], bias_lr_scale: Optional[Tensor], query_x: Tensor,
-              query_y: Tensor, loss: int, first_order: bool, store_states: bool, reduction: int,
+              query_y: Tensor, loss: int, first_order: bool, store_states: bool,
+              keep_weight: bool, reduction: int,
               backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Returns (the meta-loss, W_T, residual E_t, states W_t or [0], query residual Ê)."""
+    """Returns (the meta-loss, W_T or [0] (kept for query_x's gradient), residual E_t, states W_t
+    or [0], query residual Ê)."""
     return _forward_kernels(weight, x, y, lr, bias, lr_scale, bias_lr_scale, query_x, query_y,
-                            loss, store_states, reduction, backend)
+                            loss, store_states, keep_weight, reduction, backend)
 
 
 def _forward_kernels(weight, x, y, lr, bias, lr_scale, bias_lr_scale, query_x, query_y, loss,
-                     store_states, reduction, backend) -> tuple:
+                     store_states, keep_weight, reduction, backend) -> tuple:
     if loss == LOSS_CODES["ce"]:
         _checks.check_labels("y", y, weight.shape[-1])
         _checks.check_labels("query_y", query_y, weight.shape[-1])
     task_loss, weight_t, _, residual, states, query_residual = _backends.kernels(
         backend).meta_loss_forward(weight, x, y, lr, bias, lr_scale, bias_lr_scale, query_x,
-                                   query_y, loss, store_states)
+                                   query_y, loss, store_states, keep_weight)
     meta_loss = reduce_tasks(task_loss, REDUCTIONS[reduction])
     return meta_loss, weight_t, residual, states, query_residual
 
 
 @_meta_fwd.register_fake
 def _meta_fwd_fake(weight, x, y, lr, bias, lr_scale, bias_lr_scale, query_x, query_y, loss,
-                   first_order, store_states, reduction, backend):
+                   first_order, store_states, keep_weight, reduction, backend):
     tasks, steps = lr.shape
     support, d_in, d_out = x.shape[-2], weight.shape[-2], weight.shape[-1]
     meta_loss = (weight.new_empty(tasks) if REDUCTIONS[reduction] == "none"
                  else weight.new_empty(()))
-    return (meta_loss, weight.new_empty(tasks, d_in, d_out),
+    return (meta_loss,
+            weight.new_empty(tasks, d_in, d_out) if keep_weight else weight.new_empty(0),
             weight.new_empty(tasks, steps, support, d_out),
             weight.new_empty(tasks, steps, d_in, d_out) if store_states else weight.new_empty(0),
             weight.new_empty(tuple(query_x.shape[:-1]) + (d_out,)))
 
 
 def _meta_setup_context(ctx, inputs, output):
-    (weight, x, y, lr, bias, lr_scale, bias_lr_scale, query_x, query_y, loss, first_order, _,
+    (weight, x, y, lr, bias, lr_scale, bias_lr_scale, query_x, query_y, loss, first_order, _, _,
      reduction, backend) = inputs
     _, weight_t, residual, states, query_residual = output
     ctx.save_for_backward(weight, x, y, lr, bias, lr_scale, bias_lr_scale, query_x, query_y,
@@ -256,13 +272,8 @@ def _meta_backward(ctx, grad_meta_loss, *_unused):
      weight_t, query_residual) = ctx.saved_tensors
     wanted = _wanted(ctx)
     if grad_meta_loss is None or not any(wanted):
-        return (None,) * 14
-    tasks = lr.shape[0]
-    # c, the upstream gradient of each task's loss.
-    reduction = REDUCTIONS[ctx.reduction]
-    grad_task = grad_meta_loss.expand(tasks) if reduction != "none" else grad_meta_loss
-    if reduction == "mean":
-        grad_task = grad_task / tasks
+        return (None,) * 15
+    grad_task = _task_grads(grad_meta_loss, lr.shape[0], REDUCTIONS[ctx.reduction])
     direct = not torch.is_grad_enabled() and _unroll._plain_eager(
         weight, x, y, lr, bias, lr_scale, bias_lr_scale, query_x, query_y, residual, states,
         weight_t, query_residual, grad_task)
@@ -270,15 +281,15 @@ def _meta_backward(ctx, grad_meta_loss, *_unused):
     if need_states and states.dim() != 4:
         # The forward was told no W_t would be needed (store_states is a memory hint); recompute.
         args = (weight, x, y, lr, bias, lr_scale, bias_lr_scale, query_x, query_y, ctx.loss)
-        states = (_backends.kernels(ctx.backend).meta_loss_forward(*args, True) if direct else
-                  torch.ops.metakernels.fast_weight_meta_loss_fwd(
-                      *args, ctx.first_order, True, ctx.reduction, ctx.backend))[
+        states = (_backends.kernels(ctx.backend).meta_loss_forward(*args, True, False) if direct
+                  else torch.ops.metakernels.fast_weight_meta_loss_fwd(
+                      *args, ctx.first_order, True, False, ctx.reduction, ctx.backend))[
                           4 if direct else 3]
     args = (weight, x, y, lr, bias, lr_scale, bias_lr_scale, query_x, query_y, residual, states,
-            weight_t, query_residual, grad_task.contiguous(), ctx.loss, ctx.first_order, wanted)
-    grads = (_backends.kernels(ctx.backend).meta_loss_backward(*args) if direct else
+            weight_t, query_residual, grad_task, ctx.loss, ctx.first_order, wanted)
+    grads = (_backends.kernels(ctx.backend).meta_loss_backward(*args, None, None) if direct else
              torch.ops.metakernels.fast_weight_meta_loss_bwd(*args, ctx.backend))
-    return tuple(g if want else None for g, want in zip(grads, wanted)) + (None,) * 5
+    return tuple(g if want else None for g, want in zip(grads, wanted)) + (None,) * 6
 
 
 _meta_fwd.register_autograd(_meta_backward, setup_context=_meta_setup_context)
@@ -290,9 +301,9 @@ class _EagerMetaLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, *inputs):
         (weight, x, y, lr, bias, lr_scale, bias_lr_scale, query_x, query_y, loss, _,
-         store_states, reduction, backend) = inputs
+         store_states, keep_weight, reduction, backend) = inputs
         output = _forward_kernels(weight, x, y, lr, bias, lr_scale, bias_lr_scale, query_x,
-                                  query_y, loss, store_states, reduction, backend)
+                                  query_y, loss, store_states, keep_weight, reduction, backend)
         _meta_setup_context(ctx, inputs, output)
         return output
 
@@ -312,7 +323,7 @@ def _meta_bwd(weight: Tensor, x: Tensor, y: Tensor, lr: Tensor, bias: Optional[T
     each an empty tensor where not wanted."""
     return tuple(_backends.kernels(backend).meta_loss_backward(
         weight, x, y, lr, bias, lr_scale, bias_lr_scale, query_x, query_y, residual, states,
-        weight_t, query_residual, grad_task, loss, first_order, wanted))
+        weight_t, query_residual, grad_task, loss, first_order, wanted, None, None))
 
 
 @_meta_bwd.register_fake
@@ -331,3 +342,184 @@ def _no_double_backward(ctx, *grads):
 
 
 _meta_bwd.register_autograd(_no_double_backward)
+
+
+# --- checkpointed: the same kernels, segment by segment --------------------------------------------
+#
+# The forward runs the fused forward on segments of `segment` steps (form A: the plain unroll on
+# all but the last), summing each segment's readout loss and keeping only the later segments'
+# start weights; the backward recomputes one segment at a time and runs the fused backward on it,
+# the gradient of the segment's start weight and bias becoming the incoming adjoint of W_T and b_T
+# of the segment before (fast_weight_unroll's checkpointing, without its nested sub-segments).
+
+@torch.library.custom_op("metakernels::fast_weight_meta_loss_ckpt_fwd", mutates_args=())
+def _ckpt_fwd(weight: Tensor, x: Tensor, y: Tensor, lr: Tensor, bias: Optional[Tensor],
+              lr_scale: Optional[Tensor], bias_lr_scale: Optional[Tensor], query_x: Tensor,
+              query_y: Tensor, loss: int, first_order: bool, segment: int, reduction: int,
+              backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    """Returns (the meta-loss, the weights at the start of segments 1 … S−1
+    ``[S − 1, B, d_in, d_out]``, their biases ``[S − 1, B, d_out]`` or [0])."""
+    if loss == LOSS_CODES["ce"]:
+        _checks.check_labels("y", y, weight.shape[-1])
+        _checks.check_labels("query_y", query_y, weight.shape[-1])
+    kernels = _backends.kernels(backend)
+    tasks, steps = lr.shape
+    segments = _unroll._segments(steps, segment)
+    starts_w = weight.new_empty(len(segments) - 1, tasks, weight.shape[-2], weight.shape[-1])
+    starts_b = (weight.new_empty(len(segments) - 1, tasks, weight.shape[-1]) if bias is not None
+                else weight.new_empty(0))
+    task_loss = weight.new_zeros(tasks)
+    state_weight, state_bias = weight, bias
+    for index, (start, stop) in enumerate(segments):
+        if index > 0:
+            starts_w[index - 1] = state_weight
+            if bias is not None:
+                starts_b[index - 1] = state_bias
+        seg_x, seg_y, seg_lr, seg_query_x, seg_query_y = _segment_meta_inputs(
+            x, y, lr, query_x, query_y, start, stop)
+        if seg_query_x is not None:
+            out = kernels.meta_loss_forward(state_weight, seg_x, seg_y, seg_lr, state_bias,
+                                            lr_scale, bias_lr_scale, seg_query_x, seg_query_y,
+                                            loss, False, True)
+            task_loss += out[0]
+            state_weight, state_bias = out[1], out[2] if bias is not None else None
+        else:
+            out = kernels.unroll_forward(state_weight, seg_x, seg_y, seg_lr, state_bias, lr_scale,
+                                         bias_lr_scale, None, loss, False)
+            state_weight, state_bias = out[0], out[1] if bias is not None else None
+        del out
+    return reduce_tasks(task_loss, REDUCTIONS[reduction]), starts_w, starts_b
+
+
+def _segment_meta_inputs(x, y, lr, query_x, query_y, start, stop):
+    """x, y, lr for steps [start, stop), and the query set whose loss the segment computes:
+    form B its own steps' slice; form A the whole query set in the last segment, None before."""
+    form_b = query_x.dim() == 4
+    seg_x, seg_y, seg_lr, seg_query_x = _unroll._segment_inputs(
+        x, y, lr, query_x if form_b else None, start, stop)
+    if form_b:
+        return seg_x, seg_y, seg_lr, seg_query_x, query_y[:, start:stop]
+    if stop == lr.shape[1]:
+        return seg_x, seg_y, seg_lr, query_x, query_y
+    return seg_x, seg_y, seg_lr, None, None
+
+
+@_ckpt_fwd.register_fake
+def _ckpt_fwd_fake(weight, x, y, lr, bias, lr_scale, bias_lr_scale, query_x, query_y, loss,
+                   first_order, segment, reduction, backend):
+    tasks, steps = lr.shape
+    starts = len(_unroll._segments(steps, segment)) - 1
+    meta_loss = (weight.new_empty(tasks) if REDUCTIONS[reduction] == "none"
+                 else weight.new_empty(()))
+    return (meta_loss, weight.new_empty(starts, tasks, weight.shape[-2], weight.shape[-1]),
+            weight.new_empty(starts, tasks, weight.shape[-1]) if bias is not None
+            else weight.new_empty(0))
+
+
+def _ckpt_setup_context(ctx, inputs, output):
+    (weight, x, y, lr, bias, lr_scale, bias_lr_scale, query_x, query_y, loss, first_order,
+     segment, reduction, backend) = inputs
+    _, starts_w, starts_b = output
+    ctx.save_for_backward(weight, x, y, lr, bias, lr_scale, bias_lr_scale, query_x, query_y,
+                          starts_w, starts_b)
+    ctx.loss, ctx.first_order, ctx.segment = loss, first_order, segment
+    ctx.reduction, ctx.backend = reduction, backend
+    ctx.mark_non_differentiable(starts_w, starts_b)
+    ctx.set_materialize_grads(False)
+
+
+def _ckpt_backward(ctx, grad_meta_loss, _grad_starts_w, _grad_starts_b):
+    (weight, x, y, lr, bias, lr_scale, bias_lr_scale, query_x, query_y, starts_w,
+     starts_b) = ctx.saved_tensors
+    wanted = _wanted(ctx)
+    if grad_meta_loss is None or not any(wanted):
+        return (None,) * 14
+    grads = torch.ops.metakernels.fast_weight_meta_loss_ckpt_bwd(
+        weight, x, y, lr, bias, lr_scale, bias_lr_scale, query_x, query_y, starts_w, starts_b,
+        _task_grads(grad_meta_loss, lr.shape[0], REDUCTIONS[ctx.reduction]), ctx.loss,
+        ctx.first_order, wanted, ctx.segment, ctx.backend)
+    return tuple(g if want else None for g, want in zip(grads, wanted)) + (None,) * 5
+
+
+def _task_grads(grad_meta_loss: Tensor, tasks: int, reduction: str) -> Tensor:
+    """c ``[B]``, the upstream gradient of each task's loss."""
+    grad_task = grad_meta_loss.expand(tasks) if reduction != "none" else grad_meta_loss
+    return (grad_task / tasks if reduction == "mean" else grad_task).contiguous()
+
+
+_ckpt_fwd.register_autograd(_ckpt_backward, setup_context=_ckpt_setup_context)
+
+
+@torch.library.custom_op("metakernels::fast_weight_meta_loss_ckpt_bwd", mutates_args=())
+def _ckpt_bwd(weight: Tensor, x: Tensor, y: Tensor, lr: Tensor, bias: Optional[Tensor],
+              lr_scale: Optional[Tensor], bias_lr_scale: Optional[Tensor], query_x: Tensor,
+              query_y: Tensor, starts_w: Tensor, starts_b: Tensor, grad_task: Tensor, loss: int,
+              first_order: bool, wanted: list[bool], segment: int,
+              backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+                                     Tensor, Tensor]:
+    """The gradients of (weight, x, y, lr, bias, lr_scale, bias_lr_scale, query_x, query_y),
+    segment by segment from the last; each an empty tensor where not wanted."""
+    kernels = _backends.kernels(backend)
+    starts = [(weight, bias)] + [(starts_w[i], starts_b[i] if bias is not None else None)
+                                 for i in range(starts_w.shape[0])]
+    per_step, form_b = x.dim() == 4, query_x.dim() == 4
+    need_states = (wanted[1] and not first_order) or (wanted[7] and form_b)
+    out = [weight.new_empty(0) for _ in range(9)]
+    # Per-step gradients are written slice by slice; the others are summed over segments (form
+    # A's query set: only the last segment has it).
+    sliced = {1: per_step, 2: per_step, 3: True, 7: form_b, 8: form_b}
+    inputs = (weight, x, y, lr, bias, lr_scale, bias_lr_scale, query_x, query_y)
+    for i, is_sliced in sliced.items():
+        if wanted[i] and is_sliced:
+            out[i] = inputs[i].new_empty(inputs[i].shape)
+    adj_weight = adj_bias = None
+    summed: set = set()
+    segments = _unroll._segments(lr.shape[1], segment)
+    for index in reversed(range(len(segments))):
+        start, stop = segments[index]
+        seg_weight, seg_bias = starts[index]
+        seg_x, seg_y, seg_lr, seg_query_x, seg_query_y = _segment_meta_inputs(
+            x, y, lr, query_x, query_y, start, stop)
+        seg_wanted = list(wanted)
+        if index > 0:  # the start weight's (and bias's) gradient chains to the segment before
+            seg_wanted[0], seg_wanted[4] = True, seg_bias is not None
+        if seg_query_x is not None:
+            fwd = kernels.meta_loss_forward(seg_weight, seg_x, seg_y, seg_lr, seg_bias, lr_scale,
+                                            bias_lr_scale, seg_query_x, seg_query_y, loss,
+                                            need_states, True)
+            grads = kernels.meta_loss_backward(
+                seg_weight, seg_x, seg_y, seg_lr, seg_bias, lr_scale, bias_lr_scale, seg_query_x,
+                seg_query_y, fwd[3], fwd[4], fwd[1], fwd[5], grad_task, loss, first_order,
+                seg_wanted, adj_weight, adj_bias)
+        else:  # form A before the last segment: the unroll alone, from the later adjoints
+            fwd = kernels.unroll_forward(seg_weight, seg_x, seg_y, seg_lr, seg_bias, lr_scale,
+                                         bias_lr_scale, None, loss, need_states)
+            grads = kernels.unroll_backward(
+                seg_weight, seg_x, seg_y, seg_lr, seg_bias, lr_scale, bias_lr_scale, None,
+                fwd[4], fwd[5], fwd[0], adj_weight, adj_bias, None, loss, first_order,
+                seg_wanted[:7] + [False])
+        del fwd  # one segment's recomputed states at a time
+        if index == 0:
+            out[0], out[4] = grads[0], grads[4]
+        else:
+            adj_weight = grads[0]
+            adj_bias = grads[4] if seg_bias is not None else None
+        for i, is_sliced in sliced.items():
+            if wanted[i] and is_sliced:
+                out[i][:, start:stop] = grads[i]
+        for i in (1, 2, 5, 6, 7, 8):
+            if wanted[i] and not sliced.get(i, False) and (i < 7 or seg_query_x is not None):
+                out[i] = grads[i] if i not in summed else out[i] + grads[i]
+                summed.add(i)
+        del grads
+    return tuple(out)
+
+
+@_ckpt_bwd.register_fake
+def _ckpt_bwd_fake(weight, x, y, lr, bias, lr_scale, bias_lr_scale, query_x, query_y, starts_w,
+                   starts_b, grad_task, loss, first_order, wanted, segment, backend):
+    return _unroll._grads_fake((weight, x, y, lr, bias, lr_scale, bias_lr_scale, query_x,
+                                query_y), wanted)
+
+
+_ckpt_bwd.register_autograd(_no_double_backward)
