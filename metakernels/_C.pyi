@@ -20,8 +20,8 @@ def unroll_path(weight: Tensor, x: Tensor, targets: Tensor, lr: Tensor, bias: Te
 def set_poison_outputs(poison: bool) -> None: ...
 def meta_loss_forward(weight: Tensor, x: Tensor, targets: Tensor, lr: Tensor, bias: Tensor | None,
                       lr_scale: Tensor | None, bias_lr_scale: Tensor | None, query_x: Tensor,
-                      query_y: Tensor, loss: int, store_states: bool,
-                      keep_weight: bool) -> list[Tensor]: ...
+                      query_y: Tensor, loss: int, store_states: bool, keep_weight: bool,
+                      grad_bias_lr_scale: bool) -> list[Tensor]: ...
 def meta_loss_backward(weight: Tensor, x: Tensor, targets: Tensor, lr: Tensor,
                        bias: Tensor | None, lr_scale: Tensor | None,
                        bias_lr_scale: Tensor | None, query_x: Tensor, query_y: Tensor,

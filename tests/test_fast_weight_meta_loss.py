@@ -313,7 +313,7 @@ def opcheck_args(form: str, loss: str = "ce"):
     lr = kwargs["lr"].detach().requires_grad_()
     return (kwargs["weight"], kwargs["x"], kwargs["y"], lr, kwargs["bias"], kwargs["lr_scale"],
             kwargs["bias_lr_scale"], kwargs["query_x"], kwargs["query_y"],
-            0 if loss == "mse" else 1, False, True, True, 0, "cpu")
+            0 if loss == "mse" else 1, False, True, True, True, 0, "cpu")
 
 
 @pytest.mark.parametrize("form", ["A", "B"])
@@ -325,7 +325,7 @@ def test_opcheck_forward_op(form, loss):
 
 def test_opcheck_reduction_none():
     args = list(opcheck_args("A", "mse"))
-    args[13] = 2
+    args[14] = 2
     torch.library.opcheck(torch.ops.metakernels.fast_weight_meta_loss_fwd.default, tuple(args))
 
 
@@ -349,7 +349,7 @@ def test_opcheck_gram_space():
     kwargs = gram_case()
     lr = torch.full((3, 2), 0.3, dtype=torch.float64, requires_grad=True)
     args = (kwargs["weight"], kwargs["x"].detach(), kwargs["y"], lr, kwargs["bias"], None, None,
-            kwargs["query_x"].detach(), kwargs["query_y"], 0, False, False, False, 0, "cpu")
+            kwargs["query_x"].detach(), kwargs["query_y"], 0, False, False, False, False, 0, "cpu")
     torch.library.opcheck(torch.ops.metakernels.fast_weight_meta_loss_fwd.default, args)
     assert torch.ops.metakernels.fast_weight_meta_loss_fwd(*args)[1].numel() == 0
 
@@ -358,7 +358,7 @@ def test_opcheck_gram_space():
 def test_opcheck_checkpoint_ops(form):
     args = list(opcheck_args(form))
     args[11] = 2  # segment (the store_states slot of the plain op)
-    del args[12]
+    del args[12:14]
     torch.library.opcheck(torch.ops.metakernels.fast_weight_meta_loss_ckpt_fwd.default,
                           tuple(args))
     with torch.no_grad():

@@ -111,11 +111,15 @@ void fast_weight_unroll_gram_forward(const UnrollDims& dims, const UnrollInputs<
     // E_{T−1} stacked [(T − 1) n, d_out]. Then ℓ_t = ½‖R_t‖² / n = n‖E_t‖² / 2.
     T* residual = out.residual + b * T_ * n * d_out;
     for (int64_t k = 0; k < n * d_out; ++k) residual[k] = r0[k] * inv_n;
-    cpu::gemm<T>((T_ - 1) * n, n, d_out, inv_n, space.power(1), n, r0.data(), d_out, false,
-                 residual + n * d_out, d_out);
-    for (int64_t t = 0; t < T_; ++t) {
-      const T* e = residual + t * n * d_out;
-      out.losses[b * T_ + t] = T(0.5) * T(n) * cpu::dot(n * d_out, e, e);
+    if (out.first_residual_only) {
+      std::fill(residual + n * d_out, residual + T_ * n * d_out, T(0));
+    } else {
+      cpu::gemm<T>((T_ - 1) * n, n, d_out, inv_n, space.power(1), n, r0.data(), d_out, false,
+                   residual + n * d_out, d_out);
+      for (int64_t t = 0; t < T_; ++t) {
+        const T* e = residual + t * n * d_out;
+        out.losses[b * T_ + t] = T(0.5) * T(n) * cpu::dot(n * d_out, e, e);
+      }
     }
 
     // M_{t+1} = S_{t+1} R_0, and W̃_T = W̃_0 − (1/n) X̃ᵀ M_T.

@@ -60,13 +60,16 @@ bool runs_gram(const metakernels::UnrollDims& d, const metakernels::UnrollInputs
 // residual Ê [B, m, d_out] (form A) or [B, T, m, d_out] (form B)). W_T and b_T are returned
 // where keep_weight says (query_x's gradient needs W_T; a checkpoint segment's end is the next
 // one's start); without it, form A on the Gram path never forms them (the query loss in Gram
-// space: Z = Q W_0 + 1 b_0ᵀ − (1/n) (Q̃ X̃ᵀ) S R_0).
+// space: Z = Q W_0 + 1 b_0ᵀ − (1/n) (Q̃ X̃ᵀ) S R_0). On the Gram path, unless bias_lr_scale's
+// gradient is wanted (its backward is the step loop, which reads every E_t), only E_0 is written
+// (the Gram backward reads nothing else; E_1 … E_{T−1} are zero).
 std::vector<Tensor> meta_loss_forward(const Tensor& weight, const Tensor& x, const Tensor& targets,
                                       const Tensor& lr, const optional<Tensor>& bias,
                                       const optional<Tensor>& lr_scale,
                                       const optional<Tensor>& bias_lr_scale,
                                       const Tensor& query_x_, const Tensor& query_y_,
-                                      int64_t loss, bool store_states, bool keep_weight) {
+                                      int64_t loss, bool store_states, bool keep_weight,
+                                      bool grad_bias_lr_scale) {
   const Tensor query_x = query_x_.contiguous(), query_y = query_y_.contiguous();
   const Unroll u = meta_unroll(weight, x, targets, lr, bias, lr_scale, bias_lr_scale, query_x, loss);
   const auto& d = u.dims;
@@ -74,8 +77,7 @@ std::vector<Tensor> meta_loss_forward(const Tensor& weight, const Tensor& x, con
   const bool form_b = readout_form(query_x);
   const int64_t m = query_x.size(-2);
   Tensor task_loss = new_output({d.tasks}, opts);
-  Tensor weight_out = new_output({d.tasks, d.d_in, d.d_out}, opts);
-  Tensor bias_out = bias.has_value() ? new_output({d.tasks, d.d_out}, opts) : no_output(u.weight);
+  Tensor weight_out, bias_out;
   Tensor losses = new_output({d.tasks, d.steps}, opts);
   Tensor residual = new_output({d.tasks, d.steps, d.support, d.d_out}, opts);
   Tensor states = store_states ? new_output({d.tasks, d.steps, d.d_in, d.d_out}, opts)
@@ -84,40 +86,45 @@ std::vector<Tensor> meta_loss_forward(const Tensor& weight, const Tensor& x, con
   Tensor query_residual = form_b ? new_output({d.tasks, d.steps, m, d.d_out}, opts)
                                  : new_output({d.tasks, m, d.d_out}, opts);
   Tensor sum_residual;  // M_T = S R_0 of the Gram-space form A
+  bool gram_space = false;
   AT_DISPATCH_FLOATING_TYPES(u.weight.scalar_type(), "fast_weight_meta_loss_forward", [&] {
     const auto in = u.inputs<scalar_t>();
     const auto q = query_loss<scalar_t>(d, query_x, query_y);
     const bool gram = runs_gram(d, in, store_states);
-    const bool gram_space = gram && !form_b && !keep_weight;
+    gram_space = gram && !form_b && !keep_weight;
     metakernels::UnrollForwardOutputs<scalar_t> out;
     if (gram_space) {
       sum_residual = at::empty({d.tasks, d.support, d.d_out}, opts);
       out.sum_residual = sum_residual.data_ptr<scalar_t>();
-      weight_out = no_output(u.weight);
-      bias_out = no_output(u.weight);
     } else {
+      weight_out = new_output({d.tasks, d.d_in, d.d_out}, opts);
+      bias_out = bias.has_value() ? new_output({d.tasks, d.d_out}, opts) : no_output(u.weight);
       out.weight = weight_out.data_ptr<scalar_t>();
       out.bias = out_ptr_or_null<scalar_t>(bias_out);
     }
+    out.first_residual_only = gram && !grad_bias_lr_scale;
     out.losses = losses.data_ptr<scalar_t>();
     out.readout = form_b ? out_ptr_or_null<scalar_t>(query_residual) : nullptr;
     out.residual = residual.data_ptr<scalar_t>();
     out.states = out_ptr_or_null<scalar_t>(states);
     scalar_t* qres = out_ptr_or_null<scalar_t>(query_residual);
     scalar_t* task_loss_ptr = out_ptr_or_null<scalar_t>(task_loss);
+    // Task by task, so that each task's matrices are still in cache for its query loss.
     at::parallel_for(0, d.tasks, 1, [&](int64_t begin, int64_t end) {
-      if (gram)
-        metakernels::fast_weight_unroll_gram_forward<scalar_t>(d, in, out, begin, end);
-      else
-        metakernels::fast_weight_unroll_forward<scalar_t>(d, in, out, begin, end);
-      if (gram_space)
-        metakernels::meta_loss_gram_logits<scalar_t>(d, in, q, out.sum_residual, qres, begin, end);
-      else if (!form_b)
-        metakernels::meta_loss_logits<scalar_t>(q, out.weight, out.bias, qres, begin, end);
-      metakernels::meta_loss_forward<scalar_t>(q, qres, task_loss_ptr, begin, end);
+      for (int64_t b = begin; b < end; ++b) {
+        if (gram)
+          metakernels::fast_weight_unroll_gram_forward<scalar_t>(d, in, out, b, b + 1);
+        else
+          metakernels::fast_weight_unroll_forward<scalar_t>(d, in, out, b, b + 1);
+        if (gram_space)
+          metakernels::meta_loss_gram_logits<scalar_t>(d, in, q, out.sum_residual, qres, b, b + 1);
+        else if (!form_b)
+          metakernels::meta_loss_logits<scalar_t>(q, out.weight, out.bias, qres, b, b + 1);
+        metakernels::meta_loss_forward<scalar_t>(q, qres, task_loss_ptr, b, b + 1);
+      }
     });
   });
-  if (!keep_weight) {  // the running state of the step loop, not returned
+  if (!keep_weight || gram_space) {  // the running state of the step loop (or none): not returned
     weight_out = no_output(u.weight);
     bias_out = no_output(u.weight);
   }
@@ -146,7 +153,7 @@ std::vector<Tensor> meta_loss_backward(
   auto maybe = [&](bool need, at::IntArrayRef shape) {
     return need ? new_output(shape, opts) : no_output(u.weight);
   };
-  Tensor grad_weight = maybe(wanted[0], {d.tasks, d.d_in, d.d_out});
+  Tensor grad_weight;  // below: per task, or (Gram path, shared init) one sum per thread
   Tensor grad_x = maybe(wanted[1], u.x.sizes());
   Tensor grad_y = maybe(wanted[2], u.targets.sizes());
   Tensor grad_lr = maybe(wanted[3], {d.tasks, d.steps});
@@ -167,6 +174,7 @@ std::vector<Tensor> meta_loss_backward(
   const Tensor residual = residual_.contiguous(), states = states_.contiguous();
   const Tensor weight_final = weight_final_.contiguous();
   const Tensor query_residual = query_residual_.contiguous(), grad_loss = grad_loss_.contiguous();
+  bool sum_per_thread = false;
   AT_DISPATCH_FLOATING_TYPES(u.weight.scalar_type(), "fast_weight_meta_loss_backward", [&] {
     const auto in = u.inputs<scalar_t>();
     const auto q = query_loss<scalar_t>(d, query_x, query_y);
@@ -190,7 +198,6 @@ std::vector<Tensor> meta_loss_backward(
     args.grad_bias_final = out_ptr_or_null<scalar_t>(grad_bias_final);
     args.grad_readout = out_ptr_or_null<scalar_t>(grad_readout);
     args.first_order = first_order;
-    args.grad_weight = out_ptr_or_null<scalar_t>(grad_weight);
     args.grad_bias = out_ptr_or_null<scalar_t>(grad_bias);
     args.grad_x = out_ptr_or_null<scalar_t>(grad_x);
     args.grad_y = out_ptr_or_null<scalar_t>(grad_y);
@@ -206,15 +213,30 @@ std::vector<Tensor> meta_loss_backward(
     Tensor pushed = gram_space ? at::empty({d.tasks, d.support, d.d_out}, opts) : Tensor();
     args.pushed_final = pushed.defined() ? pushed.data_ptr<scalar_t>() : nullptr;
     scalar_t* pushed_ptr = pushed.defined() ? pushed.data_ptr<scalar_t>() : nullptr;
+    // A shared init on the Gram path: each thread sums its tasks' gradients into its own
+    // [d_in, d_out] slot (as fast_weight_unroll's backward does).
+    sum_per_thread = gram && wanted[0] && weight.dim() == 2;
+    grad_weight = sum_per_thread ? at::zeros({at::get_num_threads(), d.d_in, d.d_out}, opts)
+                                 : maybe(wanted[0], {d.tasks, d.d_in, d.d_out});
+    args.grad_weight = out_ptr_or_null<scalar_t>(grad_weight);
+    // Task by task, so that each task's Ŵ_T is still in cache for its unroll backward.
     at::parallel_for(0, d.tasks, 1, [&](int64_t begin, int64_t end) {
-      metakernels::meta_loss_backward<scalar_t>(q, qargs, begin, end);
-      if (pushed_ptr)
-        metakernels::meta_loss_gram_pushed<scalar_t>(d, in, q, qargs.residual, qargs.grad_loss,
-                                                     pushed_ptr, begin, end);
-      if (gram)
-        metakernels::fast_weight_unroll_gram_backward<scalar_t>(d, in, args, begin, end);
-      else
-        metakernels::fast_weight_unroll_backward<scalar_t>(d, in, args, begin, end);
+      auto mine = args;
+      if (sum_per_thread) {
+        mine.grad_weight = grad_weight.data_ptr<scalar_t>() +
+                           at::get_thread_num() * d.d_in * d.d_out;
+        mine.sum_grad_weight = true;
+      }
+      for (int64_t b = begin; b < end; ++b) {
+        metakernels::meta_loss_backward<scalar_t>(q, qargs, b, b + 1);
+        if (pushed_ptr)
+          metakernels::meta_loss_gram_pushed<scalar_t>(d, in, q, qargs.residual, qargs.grad_loss,
+                                                       pushed_ptr, b, b + 1);
+        if (gram)
+          metakernels::fast_weight_unroll_gram_backward<scalar_t>(d, in, mine, b, b + 1);
+        else
+          metakernels::fast_weight_unroll_backward<scalar_t>(d, in, mine, b, b + 1);
+      }
     });
   });
   if (wanted[0] && weight.dim() == 2) grad_weight = grad_weight.sum(0);

@@ -85,8 +85,8 @@ def fast_weight_meta_loss(weight: Tensor, x: Tensor, y: Tensor, lr, query_x: Ten
             weight, x, y, lr, bias, lr_scale, bias_lr_scale, query_x, query_y, LOSS_CODES[loss],
             first_order, plan.segment, REDUCTIONS.index(reduction), plan.backend)[0]
     args = (weight, x, y, lr, bias, lr_scale, bias_lr_scale, query_x, query_y, LOSS_CODES[loss],
-            first_order, plan.store_states, plan.keep_weight, REDUCTIONS.index(reduction),
-            plan.backend)
+            first_order, plan.store_states, plan.keep_weight, plan.grad_bias_lr_scale,
+            REDUCTIONS.index(reduction), plan.backend)
     if _unroll._plain_eager(weight, x, y, lr, bias, lr_scale, bias_lr_scale, query_x, query_y):
         return _EagerMetaLoss.apply(*args)[0]
     return torch.ops.metakernels.fast_weight_meta_loss_fwd(*args)[0]
@@ -97,6 +97,7 @@ class _Plan(NamedTuple):
     backend: str        # the backend that runs
     store_states: bool  # whether the backward needs W_t of every step
     keep_weight: bool   # whether the backward needs W_T (query_x's gradient)
+    grad_bias_lr_scale: bool  # whether bias_lr_scale's gradient is wanted (the backward loops)
     segment: int        # checkpoint segment length, 0 without checkpointing
     fused: bool         # whether the fused meta-loss op runs (else unroll + loss in torch)
 
@@ -134,10 +135,11 @@ def _plan(weight, x, y, lr, query_x, query_y, steps, loss, bias, lr_scale, bias_
             _checks.check_same_dtype(name, tensor, weight.dtype)
         _checks.check_device(name, tensor, weight.device)
     fused = unroll_plan.backend in FUSED_BACKENDS
-    keep_weight = torch.is_grad_enabled() and query_x.requires_grad
+    grad = torch.is_grad_enabled()
+    grad_blr = grad and bias_lr_scale is not None and bias_lr_scale.requires_grad
     return _Plan((weight, x, y, lr, steps, bias, lr_scale, bias_lr_scale, query_x, query_y),
-                 unroll_plan.backend, unroll_plan.store_states, keep_weight, unroll_plan.segment,
-                 fused)
+                 unroll_plan.backend, unroll_plan.store_states, grad and query_x.requires_grad,
+                 grad_blr, unroll_plan.segment, fused)
 
 
 def _checked_query_x(query_x: Tensor, x: Tensor, steps: int) -> None:
@@ -181,14 +183,12 @@ def meta_loss_path(weight: Tensor, x: Tensor, y: Tensor, lr, query_x: Tensor, qu
     if plan.backend == "reference":
         return "reference"
     weight, x, y, lr, steps, bias, lr_scale, bias_lr_scale, query_x, query_y = plan.args
-    grad_blr = (bias_lr_scale is not None and bias_lr_scale.requires_grad
-                and torch.is_grad_enabled())
     if plan.fused:
         # Checkpointed segments run the kernels without storing W_t in the forward.
         return "fused:" + _backends.kernels(plan.backend).meta_loss_path(
             weight, x, y, lr, bias, lr_scale, bias_lr_scale, query_x, LOSS_CODES[loss],
             plan.store_states and not plan.segment, plan.keep_weight or bool(plan.segment),
-            grad_blr) + (
+            plan.grad_bias_lr_scale) + (
                 f" + checkpoint({plan.segment})" if plan.segment else "")
     return "composed:" + _unroll.unroll_path(
         weight, x, y, lr, steps=steps if x.dim() == 3 else None, loss=loss, bias=bias,
@@ -214,29 +214,33 @@ def _composed(plan: _Plan, loss: str, first_order: bool, reduction: str) -> Tens
 def _meta_fwd(weight: Tensor, x: Tensor, y: Tensor, lr: Tensor, bias: Optional[Tensor],
               lr_scale: Optional[Tensor], bias_lr_scale: Optional[Tensor], query_x: Tensor,
               query_y: Tensor, loss: int, first_order: bool, store_states: bool,
-              keep_weight: bool, reduction: int,
+              keep_weight: bool, grad_bias_lr_scale: bool, reduction: int,
               backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns (the meta-loss, W_T or [0] (kept for query_x's gradient), residual E_t, states W_t
     or [0], query residual Ê)."""
     return _forward_kernels(weight, x, y, lr, bias, lr_scale, bias_lr_scale, query_x, query_y,
-                            loss, store_states, keep_weight, reduction, backend)
+                            loss, store_states, keep_weight, grad_bias_lr_scale, reduction,
+                            backend)
 
 
 def _forward_kernels(weight, x, y, lr, bias, lr_scale, bias_lr_scale, query_x, query_y, loss,
-                     store_states, keep_weight, reduction, backend) -> tuple:
+                     store_states, keep_weight, grad_bias_lr_scale, reduction,
+                     backend) -> tuple:
     if loss == LOSS_CODES["ce"]:
         _checks.check_labels("y", y, weight.shape[-1])
         _checks.check_labels("query_y", query_y, weight.shape[-1])
     task_loss, weight_t, _, residual, states, query_residual = _backends.kernels(
         backend).meta_loss_forward(weight, x, y, lr, bias, lr_scale, bias_lr_scale, query_x,
-                                   query_y, loss, store_states, keep_weight)
+                                   query_y, loss, store_states, keep_weight,
+                                   grad_bias_lr_scale)
     meta_loss = reduce_tasks(task_loss, REDUCTIONS[reduction])
     return meta_loss, weight_t, residual, states, query_residual
 
 
 @_meta_fwd.register_fake
 def _meta_fwd_fake(weight, x, y, lr, bias, lr_scale, bias_lr_scale, query_x, query_y, loss,
-                   first_order, store_states, keep_weight, reduction, backend):
+                   first_order, store_states, keep_weight, grad_bias_lr_scale, reduction,
+                   backend):
     tasks, steps = lr.shape
     support, d_in, d_out = x.shape[-2], weight.shape[-2], weight.shape[-1]
     meta_loss = (weight.new_empty(tasks) if REDUCTIONS[reduction] == "none"
@@ -250,7 +254,7 @@ def _meta_fwd_fake(weight, x, y, lr, bias, lr_scale, bias_lr_scale, query_x, que
 
 def _meta_setup_context(ctx, inputs, output):
     (weight, x, y, lr, bias, lr_scale, bias_lr_scale, query_x, query_y, loss, first_order, _, _,
-     reduction, backend) = inputs
+     _, reduction, backend) = inputs
     _, weight_t, residual, states, query_residual = output
     ctx.save_for_backward(weight, x, y, lr, bias, lr_scale, bias_lr_scale, query_x, query_y,
                           residual, states, weight_t, query_residual)
@@ -272,7 +276,7 @@ def _meta_backward(ctx, grad_meta_loss, *_unused):
      weight_t, query_residual) = ctx.saved_tensors
     wanted = _wanted(ctx)
     if grad_meta_loss is None or not any(wanted):
-        return (None,) * 15
+        return (None,) * 16
     grad_task = _task_grads(grad_meta_loss, lr.shape[0], REDUCTIONS[ctx.reduction])
     direct = not torch.is_grad_enabled() and _unroll._plain_eager(
         weight, x, y, lr, bias, lr_scale, bias_lr_scale, query_x, query_y, residual, states,
@@ -281,15 +285,15 @@ def _meta_backward(ctx, grad_meta_loss, *_unused):
     if need_states and states.dim() != 4:
         # The forward was told no W_t would be needed (store_states is a memory hint); recompute.
         args = (weight, x, y, lr, bias, lr_scale, bias_lr_scale, query_x, query_y, ctx.loss)
-        states = (_backends.kernels(ctx.backend).meta_loss_forward(*args, True, False) if direct
-                  else torch.ops.metakernels.fast_weight_meta_loss_fwd(
-                      *args, ctx.first_order, True, False, ctx.reduction, ctx.backend))[
+        states = (_backends.kernels(ctx.backend).meta_loss_forward(*args, True, False, True)
+                  if direct else torch.ops.metakernels.fast_weight_meta_loss_fwd(
+                      *args, ctx.first_order, True, False, True, ctx.reduction, ctx.backend))[
                           4 if direct else 3]
     args = (weight, x, y, lr, bias, lr_scale, bias_lr_scale, query_x, query_y, residual, states,
             weight_t, query_residual, grad_task, ctx.loss, ctx.first_order, wanted)
     grads = (_backends.kernels(ctx.backend).meta_loss_backward(*args, None, None) if direct else
              torch.ops.metakernels.fast_weight_meta_loss_bwd(*args, ctx.backend))
-    return tuple(g if want else None for g, want in zip(grads, wanted)) + (None,) * 6
+    return tuple(g if want else None for g, want in zip(grads, wanted)) + (None,) * 7
 
 
 _meta_fwd.register_autograd(_meta_backward, setup_context=_meta_setup_context)
@@ -301,9 +305,10 @@ class _EagerMetaLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, *inputs):
         (weight, x, y, lr, bias, lr_scale, bias_lr_scale, query_x, query_y, loss, _,
-         store_states, keep_weight, reduction, backend) = inputs
+         store_states, keep_weight, grad_blr, reduction, backend) = inputs
         output = _forward_kernels(weight, x, y, lr, bias, lr_scale, bias_lr_scale, query_x,
-                                  query_y, loss, store_states, keep_weight, reduction, backend)
+                                  query_y, loss, store_states, keep_weight, grad_blr, reduction,
+                                  backend)
         _meta_setup_context(ctx, inputs, output)
         return output
 
@@ -380,7 +385,7 @@ def _ckpt_fwd(weight: Tensor, x: Tensor, y: Tensor, lr: Tensor, bias: Optional[T
         if seg_query_x is not None:
             out = kernels.meta_loss_forward(state_weight, seg_x, seg_y, seg_lr, state_bias,
                                             lr_scale, bias_lr_scale, seg_query_x, seg_query_y,
-                                            loss, False, True)
+                                            loss, False, True, False)
             task_loss += out[0]
             state_weight, state_bias = out[1], out[2] if bias is not None else None
         else:
@@ -486,7 +491,7 @@ def _ckpt_bwd(weight: Tensor, x: Tensor, y: Tensor, lr: Tensor, bias: Optional[T
         if seg_query_x is not None:
             fwd = kernels.meta_loss_forward(seg_weight, seg_x, seg_y, seg_lr, seg_bias, lr_scale,
                                             bias_lr_scale, seg_query_x, seg_query_y, loss,
-                                            need_states, True)
+                                            need_states, True, wanted[6])
             grads = kernels.meta_loss_backward(
                 seg_weight, seg_x, seg_y, seg_lr, seg_bias, lr_scale, bias_lr_scale, seg_query_x,
                 seg_query_y, fwd[3], fwd[4], fwd[1], fwd[5], grad_task, loss, first_order,

@@ -57,6 +57,9 @@ struct UnrollForwardOutputs {
   // The Gram forward only (fast_weight_meta_loss's query loss in Gram space): when set, it gets
   // M_T = S R_0 [B, n, d_out], and W_T, b_T are not formed (weight and bias may be null).
   T* sum_residual = nullptr;
+  // The Gram forward only: write E_0 alone (E_1 … E_{T−1} zero) and no losses (may be null),
+  // for a caller whose backward is the Gram backward, which reads E_0 only.
+  bool first_residual_only = false;
 };
 
 // The backward's saved tensors, incoming adjoints and outgoing gradients. A null gradient output
