@@ -16,9 +16,7 @@
 from __future__ import annotations
 
 import argparse
-import gc
 import json
-import statistics
 import subprocess
 import sys
 import time
@@ -31,7 +29,8 @@ from metakernels.benchmarks.suite import machine_description
 from metakernels.ops import meta_loss_path
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from cpu_gram import LONG_STEPS, long_meta_step, long_problem, median_ms  # noqa: E402
+from cpu_gram import (LONG_STEPS, long_meta_step, long_problem, median_ms,  # noqa: E402
+                      peak_increase)
 
 CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}
 LEAVES = ("readout_queries",)
@@ -104,18 +103,7 @@ def child_peak(name: str) -> int:
 
 
 def memory_child(name: str) -> int:
-    run = variant_step(name, long_problem(LEAVES))
-    run()
-    increases = []
-    for _ in range(3):
-        gc.collect()
-        memory._release_free_heap()
-        if not memory._reset_high_water_mark():
-            raise SystemExit("cannot reset the RSS high-water mark (/proc/self/clear_refs)")
-        before = memory._status_bytes("VmRSS")
-        run()
-        increases.append(memory._status_bytes("VmHWM") - before)
-    return int(statistics.median(increases))
+    return peak_increase(variant_step(name, long_problem(LEAVES)))
 
 
 def main() -> None:

@@ -48,20 +48,25 @@ def run_meta(kwargs: dict, backend: str, reduction: str = "mean", **options) -> 
     return {"loss": meta_loss, **{f"grad_{k}": g for k, g in zip(leaves, grads)}}
 
 
+def assert_meta_close(result: dict, expected: dict, dtype, label: str = "") -> None:
+    """run_meta's result against the reference's: the same gradients present, each in ``dtype``
+    within SPEC.md's tolerance for it."""
+    for key, want in expected.items():
+        got = result[key]
+        if want is None or got is None:
+            assert got is None and want is None, f"{label} {key}: {got is None=} {want is None=}"
+            continue
+        assert got.dtype == dtype, f"{label} {key} has dtype {got.dtype}"
+        err = rel_err(got, want)
+        assert err <= TOLERANCE[dtype], f"{label} {key}: {err:.3e} > {TOLERANCE[dtype]:.0e}"
+
+
 def check(case: Case, form: str, dtype, backend: str, m: int = 3, seed: int = 0,
           reduction: str = "mean", **options) -> dict:
     inputs = make_meta_inputs(case, form, m, dtype, seed)
     expected = run_meta(cast_inputs(inputs, torch.float64), "reference", reduction)
     result = run_meta(inputs, backend, reduction, **options)
-    tol = TOLERANCE[dtype]
-    for key, want in expected.items():
-        got = result[key]
-        if want is None or got is None:
-            assert got is None and want is None, f"{key}: {got is None=} {want is None=}"
-            continue
-        assert got.dtype == dtype, f"{key} has dtype {got.dtype}"
-        err = rel_err(got, want)
-        assert err <= tol, f"{backend} {case} form {form} {dtype} {key}: {err:.3e} > {tol:.0e}"
+    assert_meta_close(result, expected, dtype, f"{backend} {case} form {form} {dtype}")
     return result
 
 
@@ -296,12 +301,7 @@ def test_every_path_matches_reference(dtype, change, x_grad, query_grad):
         if not query_grad:
             inputs["query_x"] = inputs["query_x"].detach()
         expected = run_meta(cast_inputs(inputs, torch.float64), "reference")
-        result = run_meta(inputs, "cpu")
-        for key, want in expected.items():
-            if want is None:
-                assert result[key] is None, key
-                continue
-            assert rel_err(result[key], want) <= TOLERANCE[dtype], (form, key)
+        assert_meta_close(run_meta(inputs, "cpu"), expected, dtype, f"form {form}")
 
 
 # --- the custom ops -------------------------------------------------------------------------------

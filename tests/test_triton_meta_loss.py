@@ -10,9 +10,9 @@ import torch
 
 pytest.importorskip("triton")
 
-from conftest import TOLERANCE, Case, cast_inputs, rel_err  # noqa: E402
+from conftest import Case, cast_inputs  # noqa: E402
 from metakernels.ops import _backends, meta_loss_path  # noqa: E402
-from test_fast_weight_meta_loss import make_meta_inputs, run_meta  # noqa: E402
+from test_fast_weight_meta_loss import assert_meta_close, make_meta_inputs, run_meta  # noqa: E402
 
 pytestmark = pytest.mark.skipif(
     not _backends.triton_interpreter(),
@@ -35,13 +35,7 @@ def test_matches_reference(dtype, loss, form, per_step):
     low = rounded(make_meta_inputs(case, form, m=3), dtype)
     assert meta_loss_path(**low, backend="triton").startswith("composed:")
     expected = run_meta(cast_inputs(low, torch.float64), "reference")
-    result = run_meta(low, "triton")
-    for key, want in expected.items():
-        if want is None:
-            assert result[key] is None, key
-            continue
-        assert result[key].dtype == dtype, key
-        assert rel_err(result[key], want) <= TOLERANCE[dtype], (key, rel_err(result[key], want))
+    assert_meta_close(run_meta(low, "triton"), expected, dtype, f"{case} form {form}")
 
 
 def test_first_order_and_reductions():
@@ -50,7 +44,4 @@ def test_first_order_and_reductions():
     low = rounded(make_meta_inputs(case, "A", m=1), torch.float32)
     for reduction in ("mean", "sum", "none"):
         expected = run_meta(cast_inputs(low, torch.float64), "reference", reduction)
-        result = run_meta(low, "triton", reduction)
-        for key, want in expected.items():
-            if want is not None:
-                assert rel_err(result[key], want) <= 1e-4, (reduction, key)
+        assert_meta_close(run_meta(low, "triton", reduction), expected, torch.float32, reduction)
