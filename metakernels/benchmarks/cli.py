@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 import metakernels
+from metakernels import _extras
 from metakernels.benchmarks import bench, plots, roofline
 from metakernels.benchmarks.configs import CONFIGS
 from metakernels.benchmarks.suite import format_table, machine_description
@@ -130,6 +131,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda, but torch sees no CUDA device", file=sys.stderr)
         return 2
+    if args.plot:   # before anything runs, not after the sweeps
+        _extras.require("metakernels bench --plot", "matplotlib", extra="bench")
     quick = args.quick
     repeats = args.repeats or (QUICK_REPEATS if quick else DEFAULT_REPEATS)
     budget = args.time_budget or (QUICK_BUDGET_S if quick else DEFAULT_BUDGET_S)

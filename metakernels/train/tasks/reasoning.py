@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from metakernels import _extras
 from metakernels.nn import FastWeightMemory
 from metakernels.train.models import Adapted
 from metakernels.train.tasks import reasoning_data as data
@@ -89,6 +90,7 @@ class ReasoningModel(nn.Module):
                  per_step_lr: bool = False, learn_lr: bool = False,
                  first_order: bool = False, answer_every_step: bool = False) -> None:
         super().__init__()
+        _extras.require("--task reasoning", "transformers")
         from transformers import GPT2Config, GPT2Model
         prompt = 2 * length + 4
         config = GPT2Config(vocab_size=data.VOCAB_SIZE, n_positions=prompt + data.STEP_TOKENS
