@@ -7,8 +7,11 @@ build folder stay in build/wheel-test/, so a second run recompiles only what cha
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -197,3 +200,123 @@ def test_installed_wheel_refuses_another_torch(venv, tmp_path):
     assert result.returncode != 0
     assert f"was built against torch {torch.__version__}, but torch 2.99.0 is installed" \
         in result.stderr, result.stderr
+
+
+# --- The user's journey (README): each command a user reads, in the bare install, then with
+# the `train` extra. Sizes are cut to seconds; what each command writes is checked.
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+BARE_ONE_LINE = re.compile(r"^metakernels \w+: .* needs .*, which (is|are) not installed: "
+                           r"pip install 'metakernels\[(train|bench)\]'$")
+# A few meta-steps, tasks and held-out tasks: the command as the README gives it, smaller.
+SMALL_TRAIN = ["--steps", "4", "--meta-batch", "4", "--eval-tasks", "8", "--log-every", "1",
+               "--no-progress"]
+
+
+def metakernels_command(venv: pathlib.Path, args: list, cwd: pathlib.Path,
+                        expect: int = 0) -> subprocess.CompletedProcess:
+    result = subprocess.run([venv / "bin" / "metakernels", *map(str, args)], cwd=cwd,
+                            env=clean_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == expect, f"metakernels {args} exited {result.returncode}:\n" \
+                                        f"{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+    return result
+
+
+def importable(venv: pathlib.Path, module: str, cwd: pathlib.Path) -> bool:
+    return subprocess.run([venv / "bin" / "python", "-c", f"import {module}"], cwd=cwd,
+                          env=clean_env(), capture_output=True, timeout=300).returncode == 0
+
+
+def check_run(out: pathlib.Path, task: str, steps: int, plot: bool) -> dict:
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["task"], summary["steps"]) == (task, steps)
+    assert all(math.isfinite(v) for v in summary["eval"].values())
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, steps + 1))
+    assert (out / "checkpoint.pt").stat().st_size > 0
+    assert (out / "curves.png").exists() == plot
+    if plot:
+        assert (out / "curves.png").read_bytes()[:8] == PNG_MAGIC
+    return summary
+
+
+@pytest.fixture(scope="module")
+def journey(tmp_path_factory) -> pathlib.Path:
+    """The user's working folder, shared by the bare and the `train` steps."""
+    return tmp_path_factory.mktemp("journey")
+
+
+def test_journey_bare_install(venv, journey):
+    """`pip install metakernels` alone: version, demo, train (sinusoid, fewshot), bench; the
+    commands that need an extra say which, in one line."""
+    for module in ("matplotlib", "transformers"):
+        assert not importable(venv, module, journey), f"{module} is in the bare venv"
+    version = metakernels_command(venv, ["--version"], journey).stdout
+    assert version.startswith(f"metakernels {metakernels.__version__}\n")
+
+    demo = metakernels_command(venv, ["demo", "--quick", "--no-memory", "--json", "demo.json"],
+                               journey)
+    assert "PASS: 0 failure(s)" in demo.stdout, demo.stdout
+    demo_records = json.loads((journey / "demo.json").read_text())
+    assert {r["config"] for r in demo_records["results"]} == {"maml-small", "maml-ce"}
+    assert all(c["passed"] for c in demo_records["backend_checks"])
+
+    for task in ("sinusoid", "fewshot"):
+        out = journey / "runs" / task
+        result = metakernels_command(venv, ["train", "--task", task, "--algo", "anil",
+                                            *SMALL_TRAIN, "--out", out], journey)
+        check_run(out, task, 4, plot=False)
+        assert json.loads(result.stdout)["task"] == task
+        lines = result.stderr.splitlines()
+        assert len(lines) == 1 and lines[0].startswith("curves.png not drawn: it needs "
+                                                       "matplotlib (pip install "
+                                                       "'metakernels[train]')"), result.stderr
+
+    bench = metakernels_command(venv, ["bench", "--quick", "--config", "maml-small",
+                                       "--json", "bench.json"], journey)
+    records = json.loads((journey / "bench.json").read_text())
+    assert records and {r["config"] for r in records} == {"maml-small"}, bench.stdout
+    for record in records:
+        assert (record["tasks"], record["scaled_from"]) == (16, {"tasks": 64})
+        assert record["ratio"] > 0 and record["sweep"] is None
+    assert "higher is not installed (pip install 'metakernels[bench]')" in bench.stdout
+
+    for args in (["train", "--task", "reasoning", *SMALL_TRAIN, "--out", "runs/reasoning"],
+                 ["bench", "--quick", "--sweeps-only", "--plot", "plots"],
+                 ["analyze", "trajectory-loss", "--run", "runs/sinusoid"]):
+        refused = metakernels_command(venv, args, journey, expect=2)
+        assert BARE_ONE_LINE.match(refused.stderr.strip()), (args, refused.stderr)
+        assert refused.stdout == ""
+    assert not (journey / "runs" / "reasoning").exists() and not (journey / "plots").exists()
+
+
+def test_journey_with_the_train_extra(venv, wheel, journey):
+    """`pip install 'metakernels[train]'` in the same environment keeps its torch; then the
+    reasoning task, its analysis and the plots."""
+    run([venv / "bin" / "python", "-m", "pip", "install", "--quiet",
+         "--disable-pip-version-check", f"{wheel}[train]"], env=clean_env())
+    installed = run([venv / "bin" / "python", "-c", "import torch; print(torch.__version__)"],
+                    cwd=journey, env=clean_env()).stdout.strip()
+    assert installed == str(torch.__version__)   # the pin held: no other torch came with it
+
+    sinusoid = journey / "runs" / "sinusoid"
+    if (sinusoid / "checkpoint.pt").exists():   # the bare step ran: the command it gave draws
+        metakernels_command(venv, ["train", "--task", "sinusoid", "--algo", "anil", "--steps",
+                                   "4", "--out", sinusoid, "--resume", "--no-progress"], journey)
+        check_run(sinusoid, "sinusoid", 4, plot=True)
+
+    out = journey / "runs" / "reasoning-train"
+    result = metakernels_command(venv, ["train", "--task", "reasoning", "--algo", "maml",
+                                        "--trajectory-length", "2", *SMALL_TRAIN, "--out", out],
+                                 journey)
+    summary = check_run(out, "reasoning", 4, plot=True)
+    assert 0 <= summary["eval"]["query_accuracy_after_adapt"] <= 1
+    assert "reasoning task's transformer: attention sdpa (" in result.stderr, result.stderr
+
+    analysis = metakernels_command(venv, ["analyze", "trajectory-loss", "--run", out,
+                                          "--questions", "20"], journey)
+    assert (out / "trajectory_loss.png").read_bytes()[:8] == PNG_MAGIC
+    curves = json.loads((out / "trajectory_loss.json").read_text())
+    assert {name: len(curve) for name, curve in curves.items()} == {"correct": 3,
+                                                                    "corrupted": 3}
+    assert f"drawn to {out / 'trajectory_loss.png'}" in analysis.stdout

@@ -132,7 +132,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         print("error: --device cuda, but torch sees no CUDA device", file=sys.stderr)
         return 2
     if args.plot:   # before anything runs, not after the sweeps
-        _extras.require("metakernels bench --plot", "matplotlib", extra="bench")
+        _extras.require("--plot", "matplotlib", extra="bench")
     quick = args.quick
     repeats = args.repeats or (QUICK_REPEATS if quick else DEFAULT_REPEATS)
     budget = args.time_budget or (QUICK_BUDGET_S if quick else DEFAULT_BUDGET_S)
