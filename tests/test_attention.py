@@ -92,16 +92,21 @@ def _maskless(module, query, key, value, attention_mask, scaling=None, dropout=0
     return out.transpose(1, 2).contiguous(), None
 
 
-def test_answer_loss_curve_switches_a_maskless_model_and_puts_it_back(capsys):
-    transformers.AttentionInterface.register("maskless_for_test", _maskless)
-    model = gpt2("maskless_for_test")
-    reference = gpt2("sdpa")
-    reference.load_state_dict(model.state_dict())
-    args = (ids(5, 0), ids(9, 1), ids(2, 2))
+def check_curve(model, args: tuple, atol: float, loop_model=None) -> None:
+    """The one-pass curve of ``model`` against the per-prefix loop (on ``loop_model``, default
+    the same model: the loop passes no custom mask)."""
     with torch.no_grad():
         curve = answer_loss_curve(model, *args)
-        expected = answer_loss_curve_loop(reference, *args)
-    torch.testing.assert_close(curve, expected, rtol=0, atol=1e-4)
+        expected = answer_loss_curve_loop(loop_model or model, *args)
+    torch.testing.assert_close(curve, expected, rtol=0, atol=atol)
+
+
+def test_answer_loss_curve_switches_a_maskless_model_and_puts_it_back(capsys):
+    transformers.AttentionInterface.register("maskless_for_test", _maskless)
+    _attention._said.clear()
+    model = gpt2("maskless_for_test")
+    args = (ids(5, 0), ids(9, 1), ids(2, 2))
+    check_curve(model, args, 1e-4)
     assert model.config._attn_implementation == "maskless_for_test"
     printed = capsys.readouterr().err
     assert printed.count("answer_loss_curve: attention sdpa") == 1
@@ -116,11 +121,7 @@ def test_answer_loss_curve_runs_eager_where_the_class_has_no_sdpa():
         _supports_sdpa = False
 
     model = gpt2("eager", torch.float64, cls=NoSdpa)
-    args = (ids(4, 3), ids(7, 4), ids(1, 5))
-    with torch.no_grad():
-        curve = answer_loss_curve(model, *args)
-        expected = answer_loss_curve_loop(model, *args)
-    torch.testing.assert_close(curve, expected, rtol=0, atol=1e-10)
+    check_curve(model, (ids(4, 3), ids(7, 4), ids(1, 5)), 1e-10)
     assert model.config._attn_implementation == "eager"
 
 
@@ -164,8 +165,5 @@ def test_flash_attention_where_installed():
         torch.testing.assert_close(flash_model(input_ids=tokens).logits.float(),
                                    sdpa_model(input_ids=tokens).logits.float(),
                                    rtol=0, atol=5e-2)
-        args = (ids(5, 7), ids(9, 8), ids(2, 9))
-        curve = answer_loss_curve(flash_model, *args)
-        expected = answer_loss_curve_loop(sdpa_model, *args)
-    torch.testing.assert_close(curve, expected, rtol=0, atol=5e-2)
+    check_curve(flash_model, (ids(5, 7), ids(9, 8), ids(2, 9)), 5e-2, loop_model=sdpa_model)
     assert flash_model.config._attn_implementation == "flash_attention_2"

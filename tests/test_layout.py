@@ -25,7 +25,7 @@ FORBIDDEN = {
     "metakernels.nn": ("metakernels.train", "metakernels.benchmarks", "metakernels.analysis",
                        "metakernels.cli"),
     # The trainer and the benchmark harness are neighbours: neither builds on the other.
-    "metakernels.train": ("metakernels.benchmarks", "metakernels.cli"),
+    "metakernels.train": ("metakernels.benchmarks", "metakernels.analysis", "metakernels.cli"),
     "metakernels.benchmarks": ("metakernels.train", "metakernels.analysis", "metakernels.cli"),
     "metakernels.analysis": ("metakernels.train", "metakernels.benchmarks", "metakernels.cli"),
 }

@@ -91,7 +91,9 @@ class Reasoning(Task):
 
 
 class ReasoningModel(nn.Module):
-    """The question encoder, the fast-weight memory over the trajectory and the answer head."""
+    """The question encoder, the fast-weight memory over the trajectory and the answer head.
+    ``attention``: the encoder's attention implementation (``Reasoning.build_model`` passes the
+    one ``metakernels._attention.choose`` picks for its device, dtype and mask)."""
 
     def __init__(self, trajectories: int, length: int, inner_lr: float, *,
                  per_step_lr: bool = False, learn_lr: bool = False,
