@@ -114,6 +114,10 @@ def test_answer_loss_curve_switches_a_maskless_model_and_puts_it_back(capsys):
     with torch.no_grad():
         answer_loss_curve(model, *args)
     assert "answer_loss_curve" not in capsys.readouterr().err   # said once
+    # Put back as it was, even an implementation that could not be loaded again here.
+    model.config._attn_implementation = "flash_attention_2"
+    check_curve(model, args, 1e-4, loop_model=gpt2("sdpa"))
+    assert model.config._attn_implementation == "flash_attention_2"
 
 
 def test_answer_loss_curve_runs_eager_where_the_class_has_no_sdpa():

@@ -176,17 +176,18 @@ def _check(model, prompt_ids, trajectory_ids, answer_ids, cut_points, answer_pre
 @contextlib.contextmanager
 def _mask_reading_attention(model):
     """Runs ``model`` with the attention implementation :func:`metakernels._attention.choose`
-    picks for a custom 4-D mask, then puts the model's own back."""
+    picks for a custom 4-D mask, then puts the model's own back as it was (each config's value
+    itself: ``set_attn_implementation`` would check again that the old one can load)."""
     if not hasattr(model, "set_attn_implementation"):   # checked by _check: eager or SDPA
         yield
         return
     chosen, why = _attention.choose(type(model), _model_device(model), _model_dtype(model),
                                     custom_mask=True)
     own = model.config._attn_implementation
+    saved = [(config, config._attn_implementation_internal) for config in _configs(model)]
     if own != chosen:
         model.set_attn_implementation(chosen)
         if model.config._attn_implementation != chosen:
-            model.set_attn_implementation(own)
             raise ValueError(f"{type(model).__name__} runs attention {own!r} and cannot be "
                              f"switched to {chosen!r}, which reads the custom 4-D mask that "
                              "answer_loss_curve passes; load it with "
@@ -196,8 +197,23 @@ def _mask_reading_attention(model):
     try:
         yield
     finally:
-        if own != chosen:
-            model.set_attn_implementation(own)
+        for config, implementation in saved:
+            config._attn_implementation_internal = implementation
+
+
+def _configs(model) -> list:
+    """Every transformers config that ``model``'s modules hold, their sub-configs included."""
+    found: dict[int, object] = {}
+    pending = [module.config for module in model.modules()
+               if hasattr(getattr(module, "config", None), "_attn_implementation_internal")]
+    while pending:
+        config = pending.pop()
+        if id(config) in found:
+            continue
+        found[id(config)] = config
+        pending += [getattr(config, key) for key in getattr(config, "sub_configs", {})
+                    if getattr(config, key, None) is not None]
+    return list(found.values())
 
 
 def _model_device(model) -> torch.device:
