@@ -1,5 +1,5 @@
-"""argparse types that the command lines share (metakernels/cli.py, metakernels/train/cli.py);
-below both, so that neither imports the other for them."""
+"""argparse types that the command lines share (metakernels/cli.py, metakernels/train/cli.py,
+metakernels/benchmarks/cli.py); below all three, so that none imports another for them."""
 
 from __future__ import annotations
 
