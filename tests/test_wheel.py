@@ -1,5 +1,7 @@
 """The wheel: `pip wheel --no-build-isolation --no-deps .` from a clean copy of the tree, installed
-into a fresh virtual environment beside the torch it was built against, runs there.
+into a fresh virtual environment beside the torch it was built against (no extra), runs there;
+then the user's journey through the README's commands in that environment, bare and then with
+the `train` extra (test_journey_*).
 
 Slow (a compile, a venv and a torch install): `make test-wheel`. The copy of the tree and its
 build folder stay in build/wheel-test/, so a second run recompiles only what changed.
@@ -12,11 +14,13 @@ import math
 import os
 import pathlib
 import re
+import shlex
 import shutil
 import subprocess
 import sys
 import tempfile
 import textwrap
+import time
 import zipfile
 
 import pytest
@@ -146,6 +150,11 @@ def test_wheel_metadata_pins_the_torch_it_was_built_against(wheel):
     assert requires == [f"torch=={_compat.torch_release(torch.__version__)}", "numpy", "tqdm"], \
         requires
     assert f"Version: {metakernels.__version__}" in metadata
+    extras = {line.split(":", 1)[1].strip() for line in metadata.splitlines()
+              if line.startswith("Provides-Extra:")}
+    assert extras == {"train", "bench", "test", "all"}, extras
+    assert 'Requires-Dist: transformers<6,>=5; extra == "train"' in metadata
+    assert 'Requires-Dist: metakernels[bench,test,train]; extra == "all"' in metadata
     assert "License-Expression: Apache-2.0" in metadata
 
 
@@ -215,8 +224,11 @@ SMALL_TRAIN = ["--steps", "4", "--meta-batch", "4", "--eval-tasks", "8", "--log-
 
 def metakernels_command(venv: pathlib.Path, args: list, cwd: pathlib.Path,
                         expect: int = 0) -> subprocess.CompletedProcess:
+    began = time.perf_counter()
     result = subprocess.run([venv / "bin" / "metakernels", *map(str, args)], cwd=cwd,
                             env=clean_env(), capture_output=True, text=True, timeout=600)
+    # Each command's time, in the test's output (pytest -rP shows it).
+    print(f"{time.perf_counter() - began:6.1f} s  metakernels {shlex.join(map(str, args))}")
     assert result.returncode == expect, f"metakernels {args} exited {result.returncode}:\n" \
                                         f"{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
     return result
@@ -293,8 +305,10 @@ def test_journey_bare_install(venv, journey):
 def test_journey_with_the_train_extra(venv, wheel, journey):
     """`pip install 'metakernels[train]'` in the same environment keeps its torch; then the
     reasoning task, its analysis and the plots."""
+    began = time.perf_counter()
     run([venv / "bin" / "python", "-m", "pip", "install", "--quiet",
          "--disable-pip-version-check", f"{wheel}[train]"], env=clean_env())
+    print(f"{time.perf_counter() - began:6.1f} s  pip install '{wheel.name}[train]'")
     installed = run([venv / "bin" / "python", "-c", "import torch; print(torch.__version__)"],
                     cwd=journey, env=clean_env()).stdout.strip()
     assert installed == str(torch.__version__)   # the pin held: no other torch came with it
