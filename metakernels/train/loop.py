@@ -7,6 +7,7 @@ import dataclasses
 import json
 import math
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -267,7 +268,7 @@ def _train(config: TrainConfig, task, saved: dict | None, device: torch.device, 
             # A bare install trains without matplotlib; the plot is the one thing left out.
             print(f"{CURVES} not drawn: it needs matplotlib ({_extras.install_command('train')}"
                   f"), after which `metakernels train --task {config.task} --algo {config.algo} "
-                  f"--steps {config.steps} --out {out} --resume` draws it", file=sys.stderr)
+                  f"--steps {config.steps} --out {shlex.quote(str(out))} --resume` draws it", file=sys.stderr)
     if world_size > 1:
         dist.barrier()
     return summary
