@@ -83,6 +83,18 @@ def test_no_layer_imports_one_above_it(part):
     assert not crossed, crossed
 
 
+def test_the_modules_below_everything_import_only_one_another():
+    """metakernels/_*.py (losses, extras, argparse types, the attention choice, the torch and
+    CPU checks): every other part may import them, so they import none of it."""
+    edges = graph()
+    bottom = {name for name in edges if name.count(".") == 1 and name.split(".")[1][0] == "_"
+              and name != "metakernels.__main__"}
+    assert {"metakernels._losses", "metakernels._extras", "metakernels._compat"} <= bottom
+    crossed = sorted(f"{name} imports {target}" for name in bottom for target in edges[name]
+                     if target not in bottom)
+    assert not crossed, crossed
+
+
 def test_no_two_modules_import_each_other():
     """Leaving out a package's ``__init__`` importing its own modules, which Python allows for
     the names it re-exports."""
