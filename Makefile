@@ -74,7 +74,9 @@ test-triton: setup
 	TRITON_INTERPRET=1 $(PY) -m pytest -q tests/test_edge_cases.py tests/test_concurrency.py -k triton
 
 # The wheel, built from a clean copy of the tree, installed into a fresh virtual environment
-# and run there; and refusing another torch (tests/test_wheel.py, marked slow: ~2 min).
+# and run there; refusing another torch; and the user's journey through the README's commands
+# there, bare and with the `train` extra (tests/test_wheel.py, marked slow: ~6 min on 2 loaded
+# cores with the wheel's objects already compiled, ~13 min from a clean build).
 test-wheel: setup
 	$(PY) -m pytest -q -m slow tests/test_wheel.py
 
