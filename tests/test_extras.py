@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import re
 import shlex
-import tomllib
 from pathlib import Path
 
 import pytest
@@ -35,6 +34,8 @@ def _canonical(name: str) -> str:
 
 
 def test_requirements_dev_holds_every_extra():
+    tomllib = pytest.importorskip("tomllib", reason="tomllib is in the standard library from "
+                                                     "Python 3.11")
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
         "optional-dependencies"]
     dev = {_canonical(Requirement(line).name)
