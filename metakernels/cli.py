@@ -21,7 +21,7 @@ import torch
 import metakernels
 from metakernels._argtypes import positive_int
 from metakernels._extras import MissingExtra
-from metakernels.benchmarks import CONFIGS
+from metakernels.benchmarks import CONFIGS, bench
 from metakernels.benchmarks import cli as bench_cli
 from metakernels.benchmarks.correctness import CHECK_SIZES, TOLERANCE, check_backends
 from metakernels.benchmarks.suite import format_table, machine_description, run_config
@@ -165,7 +165,7 @@ def demo(args: argparse.Namespace, argv: list[str]) -> int:
         print("  no backend besides the reference on this device")
     failed = [c for c in checks if not c.passed]
 
-    all_records = []
+    all_records, sizes = [], []
     for name in args.config or DEMO_CONFIGS:
         config = CONFIGS[name]
         if args.quick:
@@ -177,6 +177,9 @@ def demo(args: argparse.Namespace, argv: list[str]) -> int:
         print(format_table(records), flush=True)
         print(f"  {_unroll_paths(config, device, args.seed)}", flush=True)
         all_records += records
+        # The sizes run and SPEC.md's where --quick cut them, as in `metakernels bench` records.
+        case = bench.Case(config, torch.float32)
+        sizes += [{**case.sizes, "scaled_from": case.scaled_from}] * len(records)
         # A metakernels backend that disagrees is a bug in it, not a missing baseline.
         failed += [r for r in records if r.contestant.startswith("metakernels:") and not r.agrees]
 
@@ -195,7 +198,8 @@ def demo(args: argparse.Namespace, argv: list[str]) -> int:
         args.json.write_text(json.dumps({
             "command": _reproduce_command(argv), "machine": machine,
             "backend_checks": [_finite_or_none(dataclasses.asdict(c)) for c in checks],
-            "results": [_finite_or_none(dataclasses.asdict(r)) for r in all_records],
+            "results": [_finite_or_none({**dataclasses.asdict(r), **size})
+                        for r, size in zip(all_records, sizes)],
             "elapsed_s": elapsed,
         }, indent=2) + "\n")
         print(f"records written to {args.json}")
