@@ -50,7 +50,8 @@ def test_meta_step(benchmark, problems, request, name, contestant):
     error = max_relative_error(meta_step(problem), reference)
     if not error <= TOLERANCE[case.dtype]:
         pytest.skip(f"meta-gradient differs from the reference: rel. error {error:.2e}")
-    benchmark.extra_info.update(config=case.label, contestant=contestant, dtype=case.dtype_name,
+    benchmark.extra_info.update(config=name, **case.sizes, scaled_from=case.scaled_from,
+                                contestant=contestant, dtype=case.dtype_name,
                                 device=str(device), max_rel_error=error)
 
     def run():

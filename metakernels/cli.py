@@ -19,23 +19,16 @@ from pathlib import Path
 import torch
 
 import metakernels
-from metakernels.benchmarks import CONFIGS
+from metakernels._argtypes import positive_int
+from metakernels._extras import MissingExtra
+from metakernels.benchmarks import CONFIGS, bench
 from metakernels.benchmarks import cli as bench_cli
 from metakernels.benchmarks.correctness import CHECK_SIZES, TOLERANCE, check_backends
 from metakernels.benchmarks.suite import format_table, machine_description, run_config
+from metakernels.train import cli as train_cli
 
 DEMO_CONFIGS = ("maml-small", "maml-ce")
 DEFAULT_REPEATS, QUICK_REPEATS, QUICK_TASKS = 50, 5, 8
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
-    return value
 
 
 def version_text() -> str:
@@ -88,14 +81,14 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--quick", action="store_true",
                       help=f"a smoke run: B={QUICK_TASKS} tasks instead of the configuration's, "
                            f"{QUICK_REPEATS} repeats")
-    demo.add_argument("--repeats", type=_positive_int, metavar="N",
+    demo.add_argument("--repeats", type=positive_int, metavar="N",
                       help=f"timed repeats per contestant (default {DEFAULT_REPEATS}, "
                            f"{QUICK_REPEATS} with --quick)")
     demo.add_argument("--config", action="append", choices=sorted(CONFIGS), metavar="NAME",
                       help=f"a configuration to time, repeatable; one of {', '.join(CONFIGS)} "
                            f"(default: {' '.join(DEMO_CONFIGS)})")
     demo.add_argument("--device", default="cpu", help="where to time (default cpu)")
-    demo.add_argument("--threads", type=_positive_int, metavar="N",
+    demo.add_argument("--threads", type=positive_int, metavar="N",
                       help="torch.set_num_threads(N) first (default: torch's choice). On a "
                            "loaded machine, intra-op threads that wait for a busy core make "
                            "timings erratic; 1 is then steadier")
@@ -103,18 +96,21 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--json", type=Path, metavar="PATH", help="also write the records here")
     bench_cli.add_parser(commands)  # sets args.handler(args, argv)
-    from metakernels.train.cli import add_commands   # train and analyze (it imports this module)
-    add_commands(commands)
+    train_cli.add_commands(commands)  # train and analyze
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = _parser().parse_args(argv)
-    if args.command == "demo":
-        return demo(args, argv)
-    if getattr(args, "handler", None) is not None:
-        return args.handler(args, argv)
+    try:
+        if args.command == "demo":
+            return demo(args, argv)
+        if getattr(args, "handler", None) is not None:
+            return args.handler(args, argv)
+    except MissingExtra as error:   # one line naming the extra, not a traceback
+        print(f"metakernels {args.command}: {error}", file=sys.stderr)
+        return 2
     raise AssertionError(f"unhandled command {args.command!r}")
 
 
@@ -169,7 +165,7 @@ def demo(args: argparse.Namespace, argv: list[str]) -> int:
         print("  no backend besides the reference on this device")
     failed = [c for c in checks if not c.passed]
 
-    all_records = []
+    all_records, sizes = [], []
     for name in args.config or DEMO_CONFIGS:
         config = CONFIGS[name]
         if args.quick:
@@ -181,6 +177,9 @@ def demo(args: argparse.Namespace, argv: list[str]) -> int:
         print(format_table(records), flush=True)
         print(f"  {_unroll_paths(config, device, args.seed)}", flush=True)
         all_records += records
+        # The sizes run and SPEC.md's where --quick cut them, as in `metakernels bench` records.
+        case = bench.Case(config, torch.float32)
+        sizes += [{**case.sizes, "scaled_from": case.scaled_from}] * len(records)
         # A metakernels backend that disagrees is a bug in it, not a missing baseline.
         failed += [r for r in records if r.contestant.startswith("metakernels:") and not r.agrees]
 
@@ -199,7 +198,8 @@ def demo(args: argparse.Namespace, argv: list[str]) -> int:
         args.json.write_text(json.dumps({
             "command": _reproduce_command(argv), "machine": machine,
             "backend_checks": [_finite_or_none(dataclasses.asdict(c)) for c in checks],
-            "results": [_finite_or_none(dataclasses.asdict(r)) for r in all_records],
+            "results": [_finite_or_none({**dataclasses.asdict(r), **size})
+                        for r, size in zip(all_records, sizes)],
             "elapsed_s": elapsed,
         }, indent=2) + "\n")
         print(f"records written to {args.json}")

@@ -93,6 +93,13 @@ def test_bad_input():
         answer_loss_curve(model, prompt, steps, answer.float())
     with pytest.raises(TypeError, match="answer_prefix_ids"):
         answer_loss_curve(model, prompt, steps, answer, answer_prefix_ids=[1])
-    model.config._attn_implementation = "flash_attention_2"
+    # A model that cannot switch to an implementation that reads the 4-D mask
+    # (tests/test_attention.py: one that can is switched for the call and put back).
+    class Maskless:
+        config = type("Config", (), {"_attn_implementation": "flash_attention_2"})()
+
+        def __call__(self, **kwargs):
+            return model(**kwargs)
+
     with pytest.raises(ValueError, match="attention implementation"):
-        answer_loss_curve(model, prompt, steps, answer)
+        answer_loss_curve(Maskless(), prompt, steps, answer)

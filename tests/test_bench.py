@@ -63,7 +63,12 @@ def test_bench_end_to_end_json_fields(monkeypatch, tmp_path, capsys):
     assert isinstance(records, list) and records
     for record in records:
         assert tuple(record) == bench.RECORD_FIELDS
-        assert record["config"] == "maml-ce (scaled: B=3 of 64, T=2 of 5, n=5 of 25, d_in=7 of 64)"
+        # The bare name a script selects by; the sizes run and SPEC.md's, fields of their own.
+        assert record["config"] == "maml-ce"
+        assert {k: record[k] for k in ("tasks", "steps", "support", "d_in", "d_out")} == \
+            dict(tasks=3, steps=2, support=5, d_in=7, d_out=5)
+        assert record["scaled_from"] == dict(tasks=64, steps=5, support=25, d_in=64)
+        assert record["sweep"] is None
         assert record["device"] == "cpu" and record["dtype"] == "float32"
         assert record["seconds_median"] > 0 and record["baseline_seconds_median"] > 0
         assert math.isclose(record["ratio"],
@@ -87,7 +92,9 @@ def test_bench_end_to_end_json_fields(monkeypatch, tmp_path, capsys):
     assert {(r["backend"], r["baseline"]) for r in records} == expected_pairs
     assert "learn2learn" in printed  # present, or skipped with its reason
     report = out_md.read_text()
-    assert "| maml-ce (scaled:" in report and "torch.func" in report
+    assert "| maml-ce | B=3 T=2 n=5 7x5 | B=64 T=5 n=25 d_in=64 | float32 | " in report
+    assert "| config | sizes | scaled from | dtype | contestant |" in report
+    assert "torch.func" in report
     assert "python -m metakernels bench --quick --config maml-ce" in report
 
 
@@ -141,7 +148,7 @@ def test_bench_sweep_plots_and_slopes(monkeypatch, tmp_path, capsys):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     report = (tmp_path / "report.md").read_text()
     assert "![sweep-T](sweep-T.png)" in report
-    assert "maml-small (sweep T=8; scaled:" in report
+    assert "| maml-small | B=3 T=8 n=5 7x64, sweep T | B=64 T=5 n=16 d_in=64 | float32 |" in report
     # A fitted time slope for every contestant that ran (a number: timings are noisy, so no
     # claim about its size here; test_slope_of_a_power_law checks the fit).
     for name in ("reference", "torch.func", "autograd-loop"):

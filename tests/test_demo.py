@@ -163,6 +163,11 @@ def test_demo_quick(capsys, tmp_path):
     saved = json.loads(records_path.read_text())
     assert len(saved["results"]) == 2 * len(contestant_names("cpu"))
     assert all(r["agrees"] and r["median_ms"] > 0 for r in saved["results"])
+    # config is the bare name; --quick's cut is in fields of their own.
+    for record in saved["results"]:
+        assert record["config"] in ("maml-small", "maml-ce")
+        assert (record["tasks"], record["scaled_from"]) == (8, {"tasks": 64})
+        assert record["steps"] == 5 and record["d_in"] == 64
 
 
 def test_python_dash_m_help():

@@ -1,5 +1,7 @@
 """The wheel: `pip wheel --no-build-isolation --no-deps .` from a clean copy of the tree, installed
-into a fresh virtual environment beside the torch it was built against, runs there.
+into a fresh virtual environment beside the torch it was built against (no extra), runs there;
+then the user's journey through the README's commands in that environment, bare and then with
+the `train` extra (test_journey_*).
 
 Slow (a compile, a venv and a torch install): `make test-wheel`. The copy of the tree and its
 build folder stay in build/wheel-test/, so a second run recompiles only what changed.
@@ -7,13 +9,18 @@ build folder stay in build/wheel-test/, so a second run recompiles only what cha
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import pathlib
+import re
+import shlex
 import shutil
 import subprocess
 import sys
 import tempfile
 import textwrap
+import time
 import zipfile
 
 import pytest
@@ -143,6 +150,11 @@ def test_wheel_metadata_pins_the_torch_it_was_built_against(wheel):
     assert requires == [f"torch=={_compat.torch_release(torch.__version__)}", "numpy", "tqdm"], \
         requires
     assert f"Version: {metakernels.__version__}" in metadata
+    extras = {line.split(":", 1)[1].strip() for line in metadata.splitlines()
+              if line.startswith("Provides-Extra:")}
+    assert extras == {"train", "bench", "test", "all"}, extras
+    assert 'Requires-Dist: transformers<6,>=5; extra == "train"' in metadata
+    assert 'Requires-Dist: metakernels[bench,test,train]; extra == "all"' in metadata
     assert "License-Expression: Apache-2.0" in metadata
 
 
@@ -197,3 +209,136 @@ def test_installed_wheel_refuses_another_torch(venv, tmp_path):
     assert result.returncode != 0
     assert f"was built against torch {torch.__version__}, but torch 2.99.0 is installed" \
         in result.stderr, result.stderr
+
+
+# --- The user's journey (README): each command a user reads, in the bare install, then with
+# the `train` extra. Sizes are cut to seconds; what each command writes is checked.
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+BARE_ONE_LINE = re.compile(r"^metakernels \w+: .* needs .*, which (is|are) not installed: "
+                           r"pip install 'metakernels\[(train|bench)\]'$")
+# A few meta-steps, tasks and held-out tasks: the command as the README gives it, smaller.
+SMALL_TRAIN = ["--steps", "4", "--meta-batch", "4", "--eval-tasks", "8", "--log-every", "1",
+               "--no-progress"]
+
+
+def metakernels_command(venv: pathlib.Path, args: list, cwd: pathlib.Path,
+                        expect: int = 0) -> subprocess.CompletedProcess:
+    began = time.perf_counter()
+    result = subprocess.run([venv / "bin" / "metakernels", *map(str, args)], cwd=cwd,
+                            env=clean_env(), capture_output=True, text=True, timeout=600)
+    # Each command's time, in the test's output (pytest -rP shows it).
+    print(f"{time.perf_counter() - began:6.1f} s  metakernels {shlex.join(map(str, args))}")
+    assert result.returncode == expect, f"metakernels {args} exited {result.returncode}:\n" \
+                                        f"{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+    return result
+
+
+def importable(venv: pathlib.Path, module: str, cwd: pathlib.Path) -> bool:
+    return subprocess.run([venv / "bin" / "python", "-c", f"import {module}"], cwd=cwd,
+                          env=clean_env(), capture_output=True, timeout=300).returncode == 0
+
+
+def check_run(out: pathlib.Path, task: str, steps: int, plot: bool) -> dict:
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["task"], summary["steps"]) == (task, steps)
+    assert all(math.isfinite(v) for v in summary["eval"].values())
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, steps + 1))
+    assert (out / "checkpoint.pt").stat().st_size > 0
+    assert (out / "curves.png").exists() == plot
+    if plot:
+        assert (out / "curves.png").read_bytes()[:8] == PNG_MAGIC
+    return summary
+
+
+@pytest.fixture(scope="module")
+def journey(tmp_path_factory) -> pathlib.Path:
+    """The user's working folder, shared by the bare and the `train` steps."""
+    return tmp_path_factory.mktemp("journey")
+
+
+def test_journey_bare_install(venv, journey):
+    """`pip install metakernels` alone: version, demo, train (sinusoid, fewshot), bench; the
+    commands that need an extra say which, in one line."""
+    for module in ("matplotlib", "transformers"):
+        assert not importable(venv, module, journey), f"{module} is in the bare venv"
+    version = metakernels_command(venv, ["--version"], journey).stdout
+    assert version.startswith(f"metakernels {metakernels.__version__}\n")
+
+    # --no-memory: the peak-memory column (a child process per contestant) made the demo take
+    # 119 s here against 15-26 s without it (2 loaded cores); tests/test_demo.py covers it.
+    demo = metakernels_command(venv, ["demo", "--quick", "--no-memory", "--json", "demo.json"],
+                               journey)
+    assert "PASS: 0 failure(s)" in demo.stdout, demo.stdout
+    demo_records = json.loads((journey / "demo.json").read_text())
+    assert {r["config"] for r in demo_records["results"]} == {"maml-small", "maml-ce"}
+    timed = {(r["config"], r["contestant"]) for r in demo_records["results"]
+             if r["agrees"] and r["median_ms"] > 0}
+    assert {("maml-small", "metakernels:cpu"), ("maml-ce", "metakernels:cpu"),
+            ("maml-small", "torch.func")} <= timed, demo_records["results"]
+    assert all(c["passed"] for c in demo_records["backend_checks"])
+
+    for task in ("sinusoid", "fewshot"):
+        out = journey / "runs" / task
+        result = metakernels_command(venv, ["train", "--task", task, "--algo", "anil",
+                                            *SMALL_TRAIN, "--out", out], journey)
+        check_run(out, task, 4, plot=False)
+        assert json.loads(result.stdout)["task"] == task
+        lines = result.stderr.splitlines()
+        assert len(lines) == 1 and lines[0].startswith("curves.png not drawn: it needs "
+                                                       "matplotlib (pip install "
+                                                       "'metakernels[train]')"), result.stderr
+
+    bench = metakernels_command(venv, ["bench", "--quick", "--config", "maml-small",
+                                       "--json", "bench.json"], journey)
+    records = json.loads((journey / "bench.json").read_text())
+    assert records and {r["config"] for r in records} == {"maml-small"}, bench.stdout
+    for record in records:
+        assert (record["tasks"], record["scaled_from"]) == (16, {"tasks": 64})
+        assert record["ratio"] > 0 and record["sweep"] is None
+    assert "higher is not installed (pip install 'metakernels[bench]')" in bench.stdout
+
+    for args in (["train", "--task", "reasoning", *SMALL_TRAIN, "--out", "runs/reasoning"],
+                 ["bench", "--quick", "--sweeps-only", "--plot", "plots"],
+                 ["analyze", "trajectory-loss", "--run", "runs/sinusoid"]):
+        refused = metakernels_command(venv, args, journey, expect=2)
+        assert BARE_ONE_LINE.match(refused.stderr.strip()), (args, refused.stderr)
+        assert refused.stdout == ""
+    assert not (journey / "runs" / "reasoning").exists() and not (journey / "plots").exists()
+
+
+def test_journey_with_the_train_extra(venv, wheel, journey):
+    """`pip install 'metakernels[train]'` in the same environment keeps its torch; then the
+    reasoning task, its analysis and the plots."""
+    began = time.perf_counter()
+    # --no-compile: no bytecode for transformers' thousands of files up front (80 s with it,
+    # 19 s without, on this 2-core machine at load 6-7); what runs is compiled when imported.
+    run([venv / "bin" / "python", "-m", "pip", "install", "--quiet", "--no-compile",
+         "--disable-pip-version-check", f"{wheel}[train]"], env=clean_env())
+    print(f"{time.perf_counter() - began:6.1f} s  pip install '{wheel.name}[train]'")
+    installed = run([venv / "bin" / "python", "-c", "import torch; print(torch.__version__)"],
+                    cwd=journey, env=clean_env()).stdout.strip()
+    assert installed == str(torch.__version__)   # the pin held: no other torch came with it
+
+    sinusoid = journey / "runs" / "sinusoid"
+    if (sinusoid / "checkpoint.pt").exists():   # the bare step ran: the command it gave draws
+        metakernels_command(venv, ["train", "--task", "sinusoid", "--algo", "anil", "--steps",
+                                   "4", "--out", sinusoid, "--resume", "--no-progress"], journey)
+        check_run(sinusoid, "sinusoid", 4, plot=True)
+
+    out = journey / "runs" / "reasoning-train"
+    result = metakernels_command(venv, ["train", "--task", "reasoning", "--algo", "maml",
+                                        "--trajectory-length", "2", *SMALL_TRAIN, "--out", out],
+                                 journey)
+    summary = check_run(out, "reasoning", 4, plot=True)
+    assert 0 <= summary["eval"]["query_accuracy_after_adapt"] <= 1
+    assert "reasoning task's transformer: attention sdpa (" in result.stderr, result.stderr
+
+    analysis = metakernels_command(venv, ["analyze", "trajectory-loss", "--run", out,
+                                          "--questions", "20"], journey)
+    assert (out / "trajectory_loss.png").read_bytes()[:8] == PNG_MAGIC
+    curves = json.loads((out / "trajectory_loss.json").read_text())
+    assert {name: len(curve) for name, curve in curves.items()} == {"correct": 3,
+                                                                    "corrupted": 3}
+    assert f"drawn to {out / 'trajectory_loss.png'}" in analysis.stdout

@@ -2,7 +2,7 @@
 # The GPU check, in one call on a machine with a CUDA GPU (issues 3, 4 and 6):
 #   1. install carried wheels (.whl/*.whl, e.g. fla-core) into /tmp/site, no network;
 #   2. build the package in place (CPU and, where csrc/cuda has sources, CUDA kernels);
-#   3. the GPU tests (pytest -m gpu);
+#   3. the GPU tests (pytest -m gpu; flash-attn against SDPA where flash-attn is installed);
 #   4. the benchmark: SPEC.md maml-small, maml-ce, trajectory, delta-rule (float32 and bfloat16,
 #      with flash-linear-attention's chunk_delta_rule) and large, at full size, every GPU backend
 #      against the reference and torch.func, with the roofline floor measured on this card;
@@ -80,6 +80,9 @@ else
     say "stage wheels: none carried (.whl/*.whl absent)"
 fi
 say "fla: $($PY -c 'import fla; print(fla.__version__)' 2>&1 | tail -n 1)"
+# tests/test_attention.py's gpu test runs flash-attn against SDPA where flash-attn is installed
+# (a carried wheel, or the machine's own), and skips saying so where it is not.
+say "flash-attn: $($PY -c 'import flash_attn; print(flash_attn.__version__)' 2>&1 | tail -n 1)"
 
 # 2. Build in place: setup.py compiles csrc/cuda/*.cu when there are any and CUDA_HOME is set.
 stage build "${MK_BUILD_CAP:-210}" "${MK_BUILD_RESERVE:-300}" "$OUT/build.log" \

@@ -18,18 +18,24 @@ position, which the main sequence already has.
 transformers 5.x passes a 4-D ``attention_mask`` ``[batch, 1, query, key]`` through its mask
 creation unchanged (``masking_utils._preprocess_mask_arguments``); the eager attention of GPT-2 and
 Llama adds it to the scores and SDPA takes it as ``attn_mask``, so an additive float mask (0 where
-a query may look, the dtype's minimum elsewhere) in the model's dtype works for both.
+a query may look, the dtype's minimum elsewhere) in the model's dtype works for both. flash-attn
+reads no such mask: :func:`answer_loss_curve` runs the model with the implementation
+``metakernels._attention.choose`` picks for a custom mask (SDPA, or eager for a model class
+without SDPA), whatever the model was loaded with, and puts the model's own back afterwards.
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Sequence
 
 import torch
 from torch import Tensor
 
+from metakernels import _attention
+
 # The attention implementations that read a custom additive 4-D mask (see the module docstring).
-MASKED_ATTENTION = ("eager", "sdpa")
+MASKED_ATTENTION = (_attention.EAGER, _attention.SDPA)
 
 
 def answer_loss_curve(model, prompt_ids: Tensor, trajectory_ids: Tensor, answer_ids: Tensor,
@@ -39,7 +45,10 @@ def answer_loss_curve(model, prompt_ids: Tensor, trajectory_ids: Tensor, answer_
 
     Args:
         model: a Hugging Face causal LM (``model(input_ids=, attention_mask=, position_ids=)``
-            returning ``.logits``) with eager or SDPA attention.
+            returning ``.logits``). It runs with SDPA attention (eager where its class has no
+            SDPA path) for this call, whatever it was loaded with (flash-attn reads no 4-D
+            mask); the choice is printed once. A model whose implementation cannot be set
+            (``set_attn_implementation``) must already use eager or SDPA attention.
         prompt_ids: ``[P]`` int64, P ≥ 1: the question.
         trajectory_ids: ``[S]`` int64 (S may be 0): the reasoning trajectory.
         answer_ids: ``[N]`` int64, N ≥ 1: the tokens whose loss is measured.
@@ -81,8 +90,9 @@ def answer_loss_curve(model, prompt_ids: Tensor, trajectory_ids: Tensor, answer_
     mask = torch.zeros(total, total, dtype=dtype, device=device)
     mask.masked_fill_(~allowed, torch.finfo(dtype).min)
 
-    logits = model(input_ids=input_ids[None], attention_mask=mask[None, None],
-                   position_ids=position_ids[None]).logits[0]
+    with _mask_reading_attention(model):
+        logits = model(input_ids=input_ids[None], attention_mask=mask[None, None],
+                       position_ids=position_ids[None]).logits[0]
 
     # The position whose logits predict answer token i of cut j.
     n_prefix, n_answer = prefix_ids.numel(), answer_ids.numel()
@@ -118,7 +128,7 @@ def _check(model, prompt_ids, trajectory_ids, answer_ids, cut_points, answer_pre
            need_mask=True):
     if not callable(model):
         raise TypeError(f"model must be a callable causal LM, got {type(model).__name__}")
-    if need_mask:
+    if need_mask and not hasattr(model, "set_attn_implementation"):
         implementation = getattr(getattr(model, "config", None), "_attn_implementation", None)
         if implementation not in MASKED_ATTENTION:
             raise ValueError(f"model uses attention implementation {implementation!r}; "
@@ -161,6 +171,49 @@ def _check(model, prompt_ids, trajectory_ids, answer_ids, cut_points, answer_pre
                              f"got {cuts.tolist()}")
     return (ids["prompt_ids"], ids["trajectory_ids"], ids["answer_ids"],
             ids["answer_prefix_ids"], cuts)
+
+
+@contextlib.contextmanager
+def _mask_reading_attention(model):
+    """Runs ``model`` with the attention implementation :func:`metakernels._attention.choose`
+    picks for a custom 4-D mask, then puts the model's own back as it was (each config's value
+    itself: ``set_attn_implementation`` would check again that the old one can load)."""
+    if not hasattr(model, "set_attn_implementation"):   # checked by _check: eager or SDPA
+        yield
+        return
+    chosen, why = _attention.choose(type(model), _model_device(model), _model_dtype(model),
+                                    custom_mask=True)
+    own = model.config._attn_implementation
+    saved = [(config, config._attn_implementation_internal) for config in _configs(model)]
+    if own != chosen:
+        model.set_attn_implementation(chosen)
+        if model.config._attn_implementation != chosen:
+            raise ValueError(f"{type(model).__name__} runs attention {own!r} and cannot be "
+                             f"switched to {chosen!r}, which reads the custom 4-D mask that "
+                             "answer_loss_curve passes; load it with "
+                             f"attn_implementation={chosen!r}")
+        why += f"; the model's own {own} is put back after the call"
+    _attention.say_once("answer_loss_curve", chosen, why)
+    try:
+        yield
+    finally:
+        for config, implementation in saved:
+            config._attn_implementation_internal = implementation
+
+
+def _configs(model) -> list:
+    """Every transformers config that ``model``'s modules hold, their sub-configs included."""
+    found: dict[int, object] = {}
+    pending = [module.config for module in model.modules()
+               if hasattr(getattr(module, "config", None), "_attn_implementation_internal")]
+    while pending:
+        config = pending.pop()
+        if id(config) in found:
+            continue
+        found[id(config)] = config
+        pending += [getattr(config, key) for key in getattr(config, "sub_configs", {})
+                    if getattr(config, key, None) is not None]
+    return list(found.values())
 
 
 def _model_device(model) -> torch.device:

@@ -24,9 +24,12 @@ from metakernels.benchmarks.contestants import BASELINES
 from metakernels.benchmarks.peers import PEERS
 from metakernels.benchmarks.suite import Record, run_config
 
-RECORD_FIELDS = ("config", "device", "dtype", "backend", "baseline", "seconds_median",
+RECORD_FIELDS = ("config", "tasks", "steps", "support", "d_in", "d_out", "scaled_from", "sweep",
+                 "device", "dtype", "backend", "baseline", "seconds_median",
                  "baseline_seconds_median", "ratio", "peak_memory_bytes",
                  "baseline_peak_memory_bytes", "max_rel_error")
+# The sizes a case may change from its SPEC.md row, and their names in the text.
+SIZE_FIELDS = {"tasks": "B", "steps": "T", "support": "n", "d_in": "d_in", "d_out": "d_out"}
 
 # What the CPU here holds in a few seconds a call: SPEC.md sizes cut where a baseline would take
 # too long (the "GPU" rows) or --quick asks for less.
@@ -67,6 +70,34 @@ class Case:
     def dtype_name(self) -> str:
         return str(self.dtype).replace("torch.", "")
 
+    @property
+    def sizes(self) -> dict[str, int]:
+        """The sizes this case runs: ``{"tasks", "steps", "support", "d_in", "d_out"}``."""
+        return {name: getattr(self.config, name) for name in SIZE_FIELDS}
+
+    @property
+    def scaled_from(self) -> dict[str, int] | None:
+        """SPEC.md's value of every size this case changed (``{"tasks": 64}``), or None where it
+        runs the row's sizes."""
+        spec = CONFIGS.get(self.config.name)
+        if spec is None:
+            return None
+        changed = {name: getattr(spec, name) for name in SIZE_FIELDS
+                   if getattr(spec, name) != getattr(self.config, name)}
+        return changed or None
+
+    def sizes_text(self) -> str:
+        """``B=16 T=5 n=16 64x64``, and the sweep's axis for a sweep point."""
+        sizes = self.sizes
+        text = (f"B={sizes['tasks']} T={sizes['steps']} n={sizes['support']} "
+                f"{sizes['d_in']}x{sizes['d_out']}")
+        return text + (f", sweep {self.sweep[0]}" if self.sweep else "")
+
+    def scaled_from_text(self) -> str:
+        """``B=64 n=25``: SPEC.md's values of the sizes this case changed; empty where none."""
+        return " ".join(f"{SIZE_FIELDS[name]}={value}"
+                        for name, value in (self.scaled_from or {}).items())
+
 
 @dataclass
 class CaseResult:
@@ -82,8 +113,7 @@ def resize(config: BenchConfig, sizes: dict[str, int]) -> tuple[BenchConfig, str
     changed = {name: value for name, value in sizes.items() if getattr(config, name) != value}
     if not changed:
         return config, ""
-    short = {"tasks": "B", "steps": "T", "support": "n", "d_in": "d_in", "d_out": "d_out"}
-    note = "scaled: " + ", ".join(f"{short[name]}={value} of {getattr(config, name)}"
+    note = "scaled: " + ", ".join(f"{SIZE_FIELDS[name]}={value} of {getattr(config, name)}"
                                   for name, value in changed.items())
     return dataclasses.replace(config, **changed), note
 
@@ -180,7 +210,10 @@ def pair_records(result: CaseResult, backends: list[str] | None) -> list[dict]:
             if theirs is mine:
                 continue
             out.append({
-                "config": result.case.label, "device": mine.device, "dtype": mine.dtype,
+                "config": result.case.config.name, **result.case.sizes,
+                "scaled_from": result.case.scaled_from,
+                "sweep": result.case.sweep[0] if result.case.sweep else None,
+                "device": mine.device, "dtype": mine.dtype,
                 "backend": short_name(mine.contestant), "baseline": short_name(theirs.contestant),
                 "seconds_median": mine.median_ms / 1e3,
                 "baseline_seconds_median": theirs.median_ms / 1e3,
@@ -210,6 +243,8 @@ def markdown_rows(result: CaseResult, ceilings: roofline.Ceilings | None) -> lis
     their reason."""
     rows = []
     case = result.case
+    # The configuration's bare name, then its sizes and SPEC.md's where they differ.
+    title = f"| {case.config.name} | {case.sizes_text()} | {case.scaled_from_text()} |"
     for r in result.records:
         if not r.agrees:
             continue
@@ -222,24 +257,24 @@ def markdown_rows(result: CaseResult, ceilings: roofline.Ceilings | None) -> lis
                                                   ceilings, tf32=True)
         roof = _format(fraction, ".1%") + (f" ({tf32:.1%})" if tf32 is not None else "")
         rows.append(
-            f"| {case.label} | {case.dtype_name} | {short_name(r.contestant)} | "
+            f"{title} {case.dtype_name} | {short_name(r.contestant)} | "
             f"{_format(r.median_ms, '.3f')} | "
             f"{_format(ratio_to(result.records, r, 'torch.func'), '.2f')} | "
             f"{_format(ratio_to(result.records, r, 'metakernels:reference'), '.2f')} | "
             f"{roof} | {_format(r.peak_mib, '.1f')} | {r.rel_error:.1e} |")
     for r in result.records:
         if not r.agrees:
-            rows.append(f"| {case.label} | {case.dtype_name} | {short_name(r.contestant)} | "
+            rows.append(f"{title} {case.dtype_name} | {short_name(r.contestant)} | "
                         f"left out: {r.reason} | | | | | |")
     for name, why in result.skipped.items():
-        rows.append(f"| {case.label} | {case.dtype_name} | {short_name(name)} | "
+        rows.append(f"{title} {case.dtype_name} | {short_name(name)} | "
                     f"skipped: {why} | | | | | |")
     return rows
 
 
 MARKDOWN_HEADER = (
-    "| config | dtype | contestant | ms | × vs torch.func | × vs reference | roofline "
-    "| peak MiB | rel. error |\n|---|---|---|---:|---:|---:|---:|---:|---:|")
+    "| config | sizes | scaled from | dtype | contestant | ms | × vs torch.func | × vs reference "
+    "| roofline | peak MiB | rel. error |\n|---|---|---|---|---|---:|---:|---:|---:|---:|---:|")
 
 
 def markdown_report(results: list[CaseResult], ceilings: roofline.Ceilings | None,
@@ -253,6 +288,9 @@ def markdown_report(results: list[CaseResult], ceilings: roofline.Ceilings | Non
     for result in results:
         lines += markdown_rows(result, ceilings)
     lines += ["",
+              "config: the SPEC.md row; sizes: those run (B tasks, T inner steps, n support "
+              "rows, d_in x d_out); scaled from: SPEC.md's value of each size cut or changed "
+              "here. "
               "ms: median of one meta-step (forward + backward of the whole second-order "
               "meta-gradient), contestants interleaved; × vs X: X's median / this one's (above 1: "
               "faster than X); rel. error: of the meta-gradient against the reference backend "
@@ -263,12 +301,14 @@ def markdown_report(results: list[CaseResult], ceilings: roofline.Ceilings | Non
                   "better of storing or recomputing W_t; model in "
                   "metakernels/benchmarks/roofline.py) over the measured time; in brackets "
                   "against the TF32 matmul rate.", "",
-                  "| config | dtype | GFLOP | +recompute GFLOP | compulsory MB | W_t states MB "
-                  "| floor ms |", "|---|---|---:|---:|---:|---:|---:|"]
+                  "| config | sizes | scaled from | dtype | GFLOP | +recompute GFLOP "
+                  "| compulsory MB | W_t states MB | floor ms |",
+                  "|---|---|---|---|---:|---:|---:|---:|---:|"]
         for result in results:
             w, case = result.work, result.case
             floor = w.floor_seconds(ceilings.matmul_rate(case.dtype), ceilings.copy_bytes_per_s)
-            lines.append(f"| {case.label} | {case.dtype_name} | {w.flops / 1e9:.2f} | "
+            lines.append(f"| {case.config.name} | {case.sizes_text()} | "
+                         f"{case.scaled_from_text()} | {case.dtype_name} | {w.flops / 1e9:.2f} | "
                          f"{w.recompute_flops / 1e9:.2f} | {w.io_bytes / 1e6:.1f} | "
                          f"{w.state_bytes / 1e6:.1f} | {floor * 1e3:.4f} |")
     methods = sorted({r.memory_method for res in results for r in res.records

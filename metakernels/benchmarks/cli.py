@@ -23,6 +23,8 @@ from pathlib import Path
 import torch
 
 import metakernels
+from metakernels import _extras
+from metakernels._argtypes import positive_float, positive_int
 from metakernels.benchmarks import bench, plots, roofline
 from metakernels.benchmarks.configs import CONFIGS
 from metakernels.benchmarks.suite import format_table, machine_description
@@ -46,18 +48,6 @@ def _config_spec(text: str) -> tuple[str, str | None]:
     return name, dtype or None
 
 
-def _positive(kind):
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            value = 0
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-        return value
-    return parse
-
-
 def add_parser(commands) -> argparse.ArgumentParser:
     """Adds ``bench`` to the ``metakernels`` subcommands; its handler is ``args.handler``."""
     parser = commands.add_parser(
@@ -79,10 +69,10 @@ def add_parser(commands) -> argparse.ArgumentParser:
     parser.add_argument("--quick", action="store_true",
                         help=f"smaller sizes, {QUICK_REPEATS} repeats, no memory column: a smoke "
                              "run (under 2 minutes on a 2-core CPU)")
-    parser.add_argument("--repeats", type=_positive(int), metavar="N",
+    parser.add_argument("--repeats", type=positive_int, metavar="N",
                         help=f"timed repeats per contestant, at most (default {DEFAULT_REPEATS}, "
                              f"{QUICK_REPEATS} with --quick)")
-    parser.add_argument("--time-budget", type=_positive(float), metavar="S",
+    parser.add_argument("--time-budget", type=positive_float, metavar="S",
                         help="seconds of timed rounds per case: fewer repeats (at least 3) where "
                              f"a round is slow (default {DEFAULT_BUDGET_S:g}, {QUICK_BUDGET_S:g} "
                              "with --quick)")
@@ -100,7 +90,7 @@ def add_parser(commands) -> argparse.ArgumentParser:
                              "time's fraction of the roofline floor (default on CUDA)")
     parser.add_argument("--memory", action=argparse.BooleanOptionalAction, default=None,
                         help="measure peak memory (default: yes, but not with --quick)")
-    parser.add_argument("--threads", type=_positive(int), metavar="N",
+    parser.add_argument("--threads", type=positive_int, metavar="N",
                         help="torch.set_num_threads(N) first")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, metavar="PATH",
@@ -130,6 +120,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda, but torch sees no CUDA device", file=sys.stderr)
         return 2
+    if args.plot:   # before anything runs, not after the sweeps
+        _extras.require("--plot", "matplotlib", extra="bench")
     quick = args.quick
     repeats = args.repeats or (QUICK_REPEATS if quick else DEFAULT_REPEATS)
     budget = args.time_budget or (QUICK_BUDGET_S if quick else DEFAULT_BUDGET_S)

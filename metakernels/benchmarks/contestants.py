@@ -28,48 +28,15 @@ import torch
 from torch import Tensor
 
 import metakernels
+from metakernels._losses import mean_loss
+from metakernels.benchmarks import peers
 from metakernels.benchmarks.configs import MetaProblem
+from metakernels.benchmarks.objective import MetaGrad, model, outer_loss, step_inputs
 
-MetaGrad = dict[str, Tensor]
 Contestant = Callable[[MetaProblem], MetaGrad]
 InnerGrad = Callable[[dict[str, Tensor], Tensor, Tensor], dict[str, Tensor]]
 
 BASELINES = ("torch.func", "autograd-loop")
-
-
-def mean_loss(logits: Tensor, targets: Tensor, loss: str) -> Tensor:
-    """The loss of SPEC.md section 1, summed over every leading index (tasks, steps).
-
-    logits ``[..., rows, d_out]``; targets float ``[..., rows, d_out]`` (mse) or int64 labels
-    ``[..., rows]`` (ce). mse: ½‖z − y‖² / rows; ce: the cross-entropy averaged over the rows.
-    Inside ``vmap`` the leading task index is hidden, so this is one task's loss.
-    """
-    rows = logits.shape[-2]
-    if loss == "mse":
-        # One fused op forward (and mse_loss_backward backward) instead of sub, pow, sum and two
-        # scalings with their five backward nodes: the same sum, ~0.1 ms less per maml-small
-        # meta-step and two fewer [B, T, m, d_out] temporaries on trajectory, for every
-        # contestant alike (torch.func's inner loss and the outer loss of each are this function).
-        return torch.nn.functional.mse_loss(logits, targets, reduction="sum") * (0.5 / rows)
-    log_probs = torch.log_softmax(logits, dim=-1)
-    return -log_probs.gather(-1, targets.unsqueeze(-1)).sum() / rows
-
-
-def model(x: Tensor, fast: dict[str, Tensor]) -> Tensor:
-    """The linear model ``x W + 1 bᵀ``: x ``[..., rows, d_in]`` -> ``[..., rows, d_out]``."""
-    logits = x @ fast["weight"]
-    if "bias" in fast:
-        logits = logits + fast["bias"].unsqueeze(-2)
-    return logits
-
-
-def outer_loss(batch: dict[str, Tensor], fast: dict[str, Tensor], readout: Tensor | None,
-               loss: str) -> Tensor:
-    """The meta-objective: the readout's loss (``[..., T, m, d_out]``) when the problem has one,
-    else the adapted model's loss on the query set."""
-    if "readout_y" in batch:
-        return mean_loss(readout, batch["readout_y"], loss)
-    return mean_loss(model(batch["query_x"], fast), batch["query_y"], loss)
 
 
 def unrolled_outer_loss(fast: dict[str, Tensor], batch: dict[str, Tensor], problem: MetaProblem,
@@ -90,21 +57,6 @@ def unrolled_outer_loss(fast: dict[str, Tensor], batch: dict[str, Tensor], probl
             readouts.append(model(batch["readout_queries"].select(-3, t), fast))
     readout = torch.stack(readouts, dim=-3) if readouts else None
     return outer_loss(batch, fast, readout, config.loss)
-
-
-def step_inputs(batch: dict[str, Tensor], problem: MetaProblem,
-                t: int) -> tuple[Tensor, Tensor, float | Tensor]:
-    """Step t's support rows, targets and inner lr, for a batch with or without the leading
-    ``[B]``."""
-    config = problem.config
-    x_t, y_t = batch["support_x"], batch["support_y"]
-    if config.x_per_step:
-        # T's place counted from the right (-3 for x and mse targets, -2 for ce labels), so
-        # the same code serves [B, T, n, d_in] and, inside vmap, [T, n, d_in].
-        x_t = x_t.select(-3, t)
-        y_t = y_t.select(-3 if config.loss == "mse" else -2, t)
-    inner_lr = problem.inner_lr[t] if isinstance(problem.inner_lr, Tensor) else problem.inner_lr
-    return x_t, y_t, inner_lr
 
 
 def _metakernels(backend: str) -> Contestant:
@@ -190,7 +142,6 @@ def contestant_names(device: str | torch.device = "cpu") -> list[str]:
 def get_contestant(name: str) -> Contestant:
     """The contestant called ``name`` (see :func:`contestant_names`; the optional peers of
     :mod:`metakernels.benchmarks.peers` too)."""
-    from metakernels.benchmarks import peers  # it builds on this module
     if name.startswith("metakernels:") and name.endswith("+loss"):
         return _metakernels_loss(name.split(":", 1)[1][:-len("+loss")])
     if name.startswith("metakernels:"):

@@ -1,7 +1,8 @@
 """The optional peers: libraries a user would pick instead of metakernels, each computing the same
-second-order meta-gradient as the contestants of :mod:`metakernels.benchmarks.contestants`.
+second-order meta-gradient as the contestants of :mod:`metakernels.benchmarks.contestants` (the
+objective of :mod:`metakernels.benchmarks.objective`).
 
-Installed by ``pip install .[bench]`` where they install; a peer that is missing, or that cannot
+Installed by ``pip install 'metakernels[bench]'`` (``.[bench]`` in a checkout) where they install; a peer that is missing, or that cannot
 run a configuration (device, dtype, model form), says why in :meth:`Peer.unavailable`, and the
 suite prints that reason instead of a row.
 
@@ -32,9 +33,10 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
+from metakernels import _extras
+from metakernels._losses import mean_loss
 from metakernels.benchmarks.configs import BenchConfig, MetaProblem
-from metakernels.benchmarks.contestants import (MetaGrad, mean_loss, model, outer_loss,
-                                                step_inputs)
+from metakernels.benchmarks.objective import MetaGrad, model, outer_loss, step_inputs
 
 HALF = (torch.bfloat16, torch.float16)
 
@@ -183,7 +185,7 @@ def _fla(problem: MetaProblem) -> MetaGrad:
 
 def _missing(module: str, note: str = "") -> str | None:
     if importlib.util.find_spec(module) is None:
-        return f"{module} is not installed (pip install .[bench]{note})"
+        return f"{module} is not installed ({_extras.install_command('bench')}{note})"
     try:
         importlib.import_module(module)
     except Exception as error:  # a broken install is reported, not fatal

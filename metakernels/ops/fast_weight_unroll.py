@@ -19,9 +19,9 @@ import torch
 from torch import Tensor
 
 from metakernels import reference
+from metakernels._losses import LOSS_CODES
 from metakernels.ops import _backends, _checks
 
-LOSS_CODES = {"mse": 0, "ce": 1}
 # The gradients the backward op can return, in its order.
 GRAD_INPUTS = ("weight", "x", "y", "lr", "bias", "lr_scale", "bias_lr_scale", "queries")
 

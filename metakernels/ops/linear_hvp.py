@@ -8,8 +8,8 @@ import torch
 from torch import Tensor
 
 from metakernels import reference
+from metakernels._losses import LOSS_CODES
 from metakernels.ops import _backends, _checks
-from metakernels.ops.fast_weight_unroll import LOSS_CODES
 
 
 def linear_hvp(weight: Tensor, x: Tensor, v: Tensor, *, loss: str = "mse",

@@ -9,7 +9,8 @@ import json
 import os
 import sys
 
-from metakernels.cli import _positive_int
+from metakernels._argtypes import positive_float, positive_int
+from metakernels._extras import MissingExtra
 from metakernels.train.tasks import ALGORITHMS, TASKS
 
 
@@ -18,23 +19,13 @@ TRAIN_DESCRIPTION = ("Meta-trains on a task family and evaluates the meta-init o
                      "across ranks.")
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
-
-
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--task", choices=TASKS, default="sinusoid",
                         help="sinusoid regression, N-way K-shot classification, or reasoning "
                              "trajectories as inner loops (default sinusoid)")
     parser.add_argument("--algo", choices=ALGORITHMS, default="maml",
                         help="maml (second order), fomaml, metasgd, anil, reptile (default maml)")
-    parser.add_argument("--steps", type=_positive_int, required=True, metavar="N",
+    parser.add_argument("--steps", type=positive_int, required=True, metavar="N",
                         help="total meta-steps (with --resume: continue up to N)")
     parser.add_argument("--out", required=True, metavar="DIR",
                         help="the run's folder: metrics.jsonl, summary.json, checkpoint.pt, "
@@ -46,30 +37,30 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--adapt", choices=("head", "all"),
                         help="head: only the linear head adapts, through the fused op "
                              "(default); all: every parameter adapts, through torch.func")
-    parser.add_argument("--meta-batch", type=_positive_int, metavar="B",
+    parser.add_argument("--meta-batch", type=positive_int, metavar="B",
                         help="tasks per meta-step, split across ranks (default: the task's)")
-    parser.add_argument("--inner-steps", type=_positive_int, metavar="T",
+    parser.add_argument("--inner-steps", type=positive_int, metavar="T",
                         help="inner steps per task (default: the task's)")
-    parser.add_argument("--inner-lr", type=_positive_float, metavar="LR",
+    parser.add_argument("--inner-lr", type=positive_float, metavar="LR",
                         help="inner learning rate (default: the task's)")
-    parser.add_argument("--meta-lr", type=_positive_float, metavar="LR",
+    parser.add_argument("--meta-lr", type=positive_float, metavar="LR",
                         help="Adam's learning rate in the outer loop (default: the task's)")
-    parser.add_argument("--eval-tasks", type=_positive_int, metavar="N",
+    parser.add_argument("--eval-tasks", type=positive_int, metavar="N",
                         help="held-out tasks in the final evaluation (default: the task's)")
-    parser.add_argument("--log-every", type=_positive_int, default=10, metavar="N",
+    parser.add_argument("--log-every", type=positive_int, default=10, metavar="N",
                         help="a metrics.jsonl line every N steps (default 10)")
-    parser.add_argument("--checkpoint-every", type=_positive_int, default=100, metavar="N",
+    parser.add_argument("--checkpoint-every", type=positive_int, default=100, metavar="N",
                         help="a checkpoint every N steps (default 100)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--threads", type=_positive_int, default=1, metavar="N",
+    parser.add_argument("--threads", type=positive_int, default=1, metavar="N",
                         help="torch.set_num_threads(N) first (default 1: these models are too "
                              "small for intra-op threads to pay, and on a shared machine threads "
                              "that wait for a busy core slow them many times over; measured in "
                              "bench/results/train-sinusoid-2026-11-27)")
     reasoning = parser.add_argument_group("reasoning task")
-    reasoning.add_argument("--trajectories", type=_positive_int, metavar="K",
+    reasoning.add_argument("--trajectories", type=positive_int, metavar="K",
                            help="trajectories per question: the support-set size (default 1)")
-    reasoning.add_argument("--trajectory-length", type=_positive_int, metavar="L",
+    reasoning.add_argument("--trajectory-length", type=positive_int, metavar="L",
                            help="steps of each arithmetic chain and its trajectory (default 4)")
     reasoning.add_argument("--no-trajectory", action="store_const", const=True,
                            help="answer from the question alone: no inner loop")
@@ -115,6 +106,9 @@ def run_train(args: argparse.Namespace, argv: list[str] | None = None) -> int:
     except ValueError as error:
         print(f"metakernels train: error: {error}", file=sys.stderr)
         return 2
+    except MissingExtra as error:
+        print(f"metakernels train: {error}", file=sys.stderr)
+        return 2
     except NonFiniteLoss as error:
         print(f"metakernels train: stopped: {error}", file=sys.stderr)
         return 1
@@ -140,7 +134,7 @@ def add_analyze_arguments(parser: argparse.ArgumentParser) -> None:
                     "trajectories and on corrupted ones (one wrong step, then propagated), "
                     "averaged over held-out questions, drawn as a PNG.")
     curve.add_argument("--run", required=True, metavar="DIR", help="the run's folder")
-    curve.add_argument("--questions", type=_positive_int, default=500, metavar="N",
+    curve.add_argument("--questions", type=positive_int, default=500, metavar="N",
                        help="held-out questions to average over (default 500)")
     curve.add_argument("--output", metavar="PNG",
                        help="where to draw it (default DIR/trajectory_loss.png)")

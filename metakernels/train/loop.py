@@ -7,6 +7,8 @@ import dataclasses
 import json
 import math
 import os
+import shlex
+import sys
 import time
 from pathlib import Path
 
@@ -14,6 +16,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from metakernels import _extras
 from metakernels.train import checkpoint
 from metakernels.train.algorithms import evaluate, meta_step, shard, to_device
 from metakernels.train.config import RUN_FIELDS, TASK_OPTIONS, TrainConfig
@@ -120,7 +123,8 @@ def train(config: TrainConfig) -> dict:
       "inner_loss_last"}`` (and ``"accuracy"`` for classification), means over the step's tasks;
     - ``checkpoint.pt`` every ``checkpoint_every`` steps and at the end, atomically;
     - ``summary.json``: ``{"task", "algo", "steps", "seconds_per_step", "eval": {...}}``;
-    - ``curves.png``: the training curves and the inner-loss curve along the inner steps.
+    - ``curves.png``: the training curves and the inner-loss curve along the inner steps, where
+      matplotlib is installed (the ``train`` extra); without it, one line on stderr says so.
 
     Under ``torch.distributed`` every rank draws the same global batch of tasks and trains on its
     share; the meta-gradients are summed (each rank's part is already divided by the global
@@ -255,10 +259,16 @@ def _train(config: TrainConfig, task, saved: dict | None, device: torch.device, 
         if evaluation.query_accuracy_after_adapt is not None:
             summary["eval"]["query_accuracy_after_adapt"] = evaluation.query_accuracy_after_adapt
         (out / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
-        from metakernels.train.plots import plot_curves
-        plot_curves(records, evaluation, out / CURVES,
-                    title=f"{config.task} / {config.algo} (adapt {config.adapt}), "
-                          f"{config.steps} steps")
+        if _extras.installed("matplotlib"):
+            from metakernels.train.plots import plot_curves
+            plot_curves(records, evaluation, out / CURVES,
+                        title=f"{config.task} / {config.algo} (adapt {config.adapt}), "
+                              f"{config.steps} steps")
+        else:
+            # A bare install trains without matplotlib; the plot is the one thing left out.
+            print(f"{CURVES} not drawn: it needs matplotlib ({_extras.install_command('train')}"
+                  f"), after which `metakernels train --task {config.task} --algo {config.algo} "
+                  f"--steps {config.steps} --out {shlex.quote(str(out))} --resume` draws it", file=sys.stderr)
     if world_size > 1:
         dist.barrier()
     return summary

@@ -9,7 +9,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from metakernels.benchmarks.contestants import mean_loss
+from metakernels._losses import mean_loss
 from metakernels.nn import FastWeightLinear
 from metakernels.train.tasks.base import TaskBatch, query_losses
 

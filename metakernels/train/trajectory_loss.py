@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from metakernels import _extras
 from metakernels.train import checkpoint
 from metakernels.train.config import TrainConfig
 from metakernels.train.loop import CHECKPOINT, EVAL_SEED, resolve
@@ -73,6 +74,7 @@ def plot_trajectory_loss(curves: dict[str, list[float]], path: Path, title: str)
 
 
 def trajectory_loss_command(run: str, questions: int = 500, output: str | None = None) -> int:
+    _extras.require("trajectory-loss", "transformers", "matplotlib")
     task, model, config = load_run(run)
     if config.no_trajectory:
         raise ValueError(f"--run {run} was trained with --no-trajectory: it reads no trajectory")

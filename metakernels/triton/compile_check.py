@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from metakernels.ops.fast_weight_unroll import LOSS_CODES
+from metakernels._losses import LOSS_CODES
 from metakernels.triton import linear_hvp, unroll_backward, unroll_forward
 
 

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from metakernels import _attention, _extras
 from metakernels.nn import FastWeightMemory
 from metakernels.train.models import Adapted
 from metakernels.train.tasks import reasoning_data as data
@@ -75,7 +76,14 @@ class Reasoning(Task):
         return correct, dict(correct, trajectory_ids=wrong)
 
     def build_model(self, config) -> "ReasoningModel":
+        _extras.require("--task reasoning", "transformers")
+        from transformers import GPT2Model
+        # Trained in the default dtype; the trajectory's block mask rules flash-attn out.
+        attention, why = _attention.choose(GPT2Model, config.device, torch.get_default_dtype(),
+                                           custom_mask=not config.no_trajectory)
+        _attention.say_once("reasoning task's transformer", attention, why)
         return ReasoningModel(config.trajectories, config.trajectory_length, config.inner_lr,
+                              attention=attention,
                               per_step_lr=config.algo == "metasgd",
                               learn_lr=config.algo == "metasgd",
                               first_order=config.algo == "fomaml",
@@ -83,19 +91,23 @@ class Reasoning(Task):
 
 
 class ReasoningModel(nn.Module):
-    """The question encoder, the fast-weight memory over the trajectory and the answer head."""
+    """The question encoder, the fast-weight memory over the trajectory and the answer head.
+    ``attention``: the encoder's attention implementation (``Reasoning.build_model`` passes the
+    one ``metakernels._attention.choose`` picks for its device, dtype and mask)."""
 
     def __init__(self, trajectories: int, length: int, inner_lr: float, *,
                  per_step_lr: bool = False, learn_lr: bool = False,
-                 first_order: bool = False, answer_every_step: bool = False) -> None:
+                 first_order: bool = False, answer_every_step: bool = False,
+                 attention: str = _attention.SDPA) -> None:
         super().__init__()
+        _extras.require("--task reasoning", "transformers")
         from transformers import GPT2Config, GPT2Model
         prompt = 2 * length + 4
         config = GPT2Config(vocab_size=data.VOCAB_SIZE, n_positions=prompt + data.STEP_TOKENS
                             * length, n_embd=WIDTH, n_layer=LAYERS, n_head=HEADS,
                             resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
                             bos_token_id=data.BOS, eos_token_id=data.EOS,
-                            pad_token_id=data.PAD)
+                            pad_token_id=data.PAD, attn_implementation=attention)
         self.encoder = GPT2Model(config)
         self.memory = FastWeightMemory(WIDTH, KEY_WIDTH, chunk_size=data.STEP_TOKENS * trajectories,
                                        bias=True, max_chunks=length if per_step_lr else None,
