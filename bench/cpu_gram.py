@@ -225,6 +225,11 @@ def memory_child(setting: str, checkpoint: bool, scope: str) -> int:
     else:
         def run():
             return long_meta_step(problem, leaves, checkpoint, cotangents)
+    return peak_increase(run)
+
+
+def peak_increase(run) -> int:
+    """Peak RSS increase of ``run()`` in this process, after a warm-up call, median of 3."""
     run()
     increases = []
     for _ in range(3):

@@ -18,3 +18,18 @@ def unroll_path(weight: Tensor, x: Tensor, targets: Tensor, lr: Tensor, bias: Te
                 lr_scale: Tensor | None, bias_lr_scale: Tensor | None, queries: Tensor | None,
                 loss: int, store_states: bool, grad_bias_lr_scale: bool) -> str: ...
 def set_poison_outputs(poison: bool) -> None: ...
+def meta_loss_forward(weight: Tensor, x: Tensor, targets: Tensor, lr: Tensor, bias: Tensor | None,
+                      lr_scale: Tensor | None, bias_lr_scale: Tensor | None, query_x: Tensor,
+                      query_y: Tensor, loss: int, store_states: bool, keep_weight: bool,
+                      grad_bias_lr_scale: bool) -> list[Tensor]: ...
+def meta_loss_backward(weight: Tensor, x: Tensor, targets: Tensor, lr: Tensor,
+                       bias: Tensor | None, lr_scale: Tensor | None,
+                       bias_lr_scale: Tensor | None, query_x: Tensor, query_y: Tensor,
+                       residual: Tensor, states: Tensor, weight_final: Tensor,
+                       query_residual: Tensor, grad_loss: Tensor, loss: int, first_order: bool,
+                       wanted: list[bool], grad_weight_in: Tensor | None,
+                       grad_bias_in: Tensor | None) -> list[Tensor]: ...
+def meta_loss_path(weight: Tensor, x: Tensor, targets: Tensor, lr: Tensor, bias: Tensor | None,
+                   lr_scale: Tensor | None, bias_lr_scale: Tensor | None, query_x: Tensor,
+                   loss: int, store_states: bool, keep_weight: bool,
+                   grad_bias_lr_scale: bool) -> str: ...

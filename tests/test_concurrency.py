@@ -29,6 +29,7 @@ import torch
 import metakernels as mk
 from conftest import COMPILED_BACKENDS, Case, make_inputs, rel_err, run_hvp, run_unroll
 from metakernels.ops import unroll_path
+from test_fast_weight_meta_loss import make_meta_inputs, run_meta
 
 THREADS = 4
 CALLS_PER_THREAD = 6
@@ -74,7 +75,16 @@ def hvp_once(loss: str, backend: str, seed: int) -> dict:
     return run_hvp(dict(inputs, loss=loss), backend, seed=seed)
 
 
-WORKLOADS = {**{name: (lambda backend, seed, name=name: unroll_once(name, backend, seed))
+def meta_loss_once(form: str, backend: str, seed: int) -> dict:
+    """fast_weight_meta_loss (ce, 4-D x, bias) and every gradient, on fresh inputs."""
+    case = Case(loss="ce", per_step=True, bias="shared", lr_form="full", **SMALL)
+    return run_meta(make_meta_inputs(case, form, m=2, dtype=torch.float32, seed=seed), backend)
+
+
+WORKLOADS = {**{f"meta-loss-{form}": (lambda backend, seed, form=form:
+                                      meta_loss_once(form, backend, seed))
+                for form in ("A", "B")},
+             **{name: (lambda backend, seed, name=name: unroll_once(name, backend, seed))
                 for name in UNROLLS},
              **{f"linear_hvp-{loss}": (lambda backend, seed, loss=loss:
                                        hvp_once(loss, backend, seed))
@@ -132,7 +142,8 @@ def test_threads_match_sequential(workload, backend, intra_op_threads):
 
 @pytest.mark.skipif("triton" not in COMPILED_BACKENDS,
                     reason="Triton on CPU tensors: run with TRITON_INTERPRET=1 (make test-triton)")
-@pytest.mark.parametrize("workload", ["gram", "steps-ce", "checkpoint-ce", "linear_hvp-ce"])
+@pytest.mark.parametrize("workload", ["gram", "steps-ce", "checkpoint-ce", "linear_hvp-ce",
+                                      "meta-loss-B"])
 def test_triton_interpreter_threads_match_sequential(workload):
     """The Triton backend in its interpreter (a second or more per call: 3 threads x 2 calls).
     The interpreter itself is not thread-safe; the backend serialises its launches there, without
@@ -145,7 +156,7 @@ def test_deterministic_across_intra_op_threads(backend, intra_op_threads):
     """The same call is bitwise the same with one intra-op thread and with two, except the Gram
     backward of a shared init, which sums per thread: there only within rounding."""
     for workload in ("steps-ce", "steps-mse", "checkpoint-ce", "linear_hvp-ce", "gram",
-                     "steps/gram"):
+                     "steps/gram", "meta-loss-A", "meta-loss-B"):
         here = WORKLOADS[workload](backend, 5)
         torch.set_num_threads(3 - intra_op_threads)
         other = WORKLOADS[workload](backend, 5)

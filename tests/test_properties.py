@@ -608,6 +608,75 @@ def test_strategy_reaches_every_cpu_path(path):
     find(unroll_problems(), runs, settings=settings(max_examples=500, database=None))
 
 
+# --- fast_weight_meta_loss ----------------------------------------------------------------------
+
+def meta_loss_inputs(problem: Unroll, dtype) -> dict:
+    """fast_weight_meta_loss's arguments from a drawn unroll: its queries (m ≥ 1) become query_x
+    of form B; otherwise form A queries the last support set's rows in reverse order. query_y:
+    fresh targets (requiring grad where y does) or labels."""
+    inputs = unroll_inputs(problem, dtype)
+    queries = inputs.pop("queries", None)
+    if queries is not None and queries.shape[2] > 0:
+        query_x = queries
+    else:
+        x = inputs["x"].detach()
+        query_x = (x[:, -1] if x.dim() == 4 else x).flip(1).clone().requires_grad_(
+            inputs["x"].requires_grad)
+    gen = torch.Generator().manual_seed(problem.seed + 1)
+    lead, d_out = tuple(query_x.shape[:-1]), problem.case.d_out
+    if problem.case.loss == "mse":
+        query_y = torch.randn(lead + (d_out,), generator=gen, dtype=F64).to(dtype)
+        query_y.requires_grad_(inputs["y"].requires_grad)
+    else:
+        query_y = torch.randint(0, d_out, lead, generator=gen)
+    return dict(inputs, query_x=query_x, query_y=query_y)
+
+
+def run_meta_loss(inputs: dict, backend: str) -> dict:
+    """The meta-loss per task and the gradient of every differentiable input."""
+    meta_loss = mk.fast_weight_meta_loss(**inputs, reduction="none", backend=backend)
+    leaves_in = differentiable(inputs)
+    grads = [None] * len(leaves_in)
+    if leaves_in and meta_loss.requires_grad:
+        cot = torch.randn(meta_loss.shape, generator=torch.Generator().manual_seed(5),
+                          dtype=F64).to(meta_loss.dtype)
+        grads = torch.autograd.grad(meta_loss, list(leaves_in.values()), cot, allow_unused=True)
+    return {"loss": meta_loss, **{f"grad_{k}": g for k, g in zip(leaves_in, grads)}}
+
+
+def check_meta_loss(problem: Unroll, backend: str, dtype) -> None:
+    inputs = meta_loss_inputs(problem, dtype)
+    exact = cast_inputs(inputs, F64)
+    well_conditioned(0.0 if problem.no_grad else unroll_cancellation(
+        {k: v for k, v in exact.items() if k not in ("query_x", "query_y")}))
+    with torch.no_grad() if problem.no_grad else contextlib.nullcontext():
+        expected = run_meta_loss(exact, "reference")
+        result = run_meta_loss(inputs, backend)
+    aim(result, expected, dtype)
+    assert_close(result, expected, TOLERANCE[dtype], label=f"{backend} {dtype}")
+
+
+@pytest.mark.parametrize("run", F64_RUNS, ids=run_id)
+@settings(max_examples=40)
+@given(problem=unroll_problems())
+def test_meta_loss_float64(run, problem):
+    check_meta_loss(problem, *run)
+
+
+@pytest.mark.parametrize("run", F32_RUNS, ids=run_id)
+@settings(max_examples=40)
+@given(problem=unroll_problems(F32))
+def test_meta_loss_float32(run, problem):
+    check_meta_loss(problem, *run)
+
+
+@pytest.mark.parametrize("run", TRITON_RUNS, ids=run_id)
+@settings(max_examples=10)
+@given(problem=unroll_problems(F32, TRITON_BUDGET))
+def test_meta_loss_triton(run, problem):
+    check_meta_loss(problem, *run)
+
+
 # --- linear_hvp ---------------------------------------------------------------------------------
 
 HVP_INPUTS = ("weight", "x", "v", "bias", "v_bias")

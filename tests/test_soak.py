@@ -34,6 +34,7 @@ import torch
 import metakernels as mk
 from conftest import Case, differentiable, make_inputs
 from metakernels.ops import unroll_path
+from test_fast_weight_meta_loss import make_meta_inputs
 
 pytestmark = [
     pytest.mark.skipif("cpu" not in mk.available_backends("cpu"), reason="no cpu backend built"),
@@ -139,8 +140,30 @@ def hvp_call(loss: str):
     return call
 
 
+def meta_loss_call(case: Case, form: str, *, x_grad: bool = True, path: str):
+    """One forward and backward of fast_weight_meta_loss on the cpu backend; returns the loss."""
+    inputs = make_meta_inputs(case, form, m=2, dtype=torch.float32, seed=7)
+    if not x_grad:
+        inputs["x"].requires_grad_(False)
+        inputs["query_x"].requires_grad_(False)
+    assert mk.ops.meta_loss_path(**inputs, backend="cpu") == path
+    leaves = list(differentiable(inputs).values())
+
+    def call():
+        meta_loss = mk.fast_weight_meta_loss(**inputs, backend="cpu")
+        torch.autograd.grad(meta_loss, leaves, allow_unused=True)
+        return meta_loss.detach()
+
+    return call
+
+
 SMALL = dict(tasks=3, steps=4, support=3, d_in=16, d_out=8)
 WORKLOADS = {
+    # fast_weight_meta_loss: the fused query loss beside the Gram path and the step loop.
+    "meta-loss-gram": lambda: meta_loss_call(Case(**SMALL), "A", x_grad=False,
+                                             path="fused:gram-space"),
+    "meta-loss-ce-readout": lambda: meta_loss_call(
+        Case(loss="ce", per_step=True, bias="task", lr_scale=True), "B", path="fused:steps"),
     # mse, 3-D x, no x gradient: the Gram-space forward and backward.
     "gram": lambda: unroll_call(Case(**SMALL), x_grad=False, path="gram"),
     # ... with x's gradient: the step-loop forward storing W_t, then the Gram-space backward.

@@ -99,8 +99,6 @@ void fast_weight_unroll_gram_forward(const UnrollDims& dims, const UnrollInputs<
     const T* lr = in.lr + b * T_;
     const T* weight0 = in.weight + b * in.weight_task_stride;
     const T* bias0 = has_bias ? in.bias + b * in.bias_task_stride : nullptr;
-    T* weight = out.weight + b * w_size;
-    T* bias = has_bias ? out.bias + b * d_out : nullptr;
 
     // R_0 = X W_0 + 1 b_0ᵀ − Y.
     cpu::gemm<T>(n, d_in, d_out, T(1), x, d_in, weight0, d_out, false, r0.data(), d_out);
@@ -113,22 +111,32 @@ void fast_weight_unroll_gram_forward(const UnrollDims& dims, const UnrollInputs<
     // E_{T−1} stacked [(T − 1) n, d_out]. Then ℓ_t = ½‖R_t‖² / n = n‖E_t‖² / 2.
     T* residual = out.residual + b * T_ * n * d_out;
     for (int64_t k = 0; k < n * d_out; ++k) residual[k] = r0[k] * inv_n;
-    cpu::gemm<T>((T_ - 1) * n, n, d_out, inv_n, space.power(1), n, r0.data(), d_out, false,
-                 residual + n * d_out, d_out);
-    for (int64_t t = 0; t < T_; ++t) {
-      const T* e = residual + t * n * d_out;
-      out.losses[b * T_ + t] = T(0.5) * T(n) * cpu::dot(n * d_out, e, e);
+    if (out.first_residual_only) {
+      std::fill(residual + n * d_out, residual + T_ * n * d_out, T(0));
+    } else {
+      cpu::gemm<T>((T_ - 1) * n, n, d_out, inv_n, space.power(1), n, r0.data(), d_out, false,
+                   residual + n * d_out, d_out);
+      for (int64_t t = 0; t < T_; ++t) {
+        const T* e = residual + t * n * d_out;
+        out.losses[b * T_ + t] = T(0.5) * T(n) * cpu::dot(n * d_out, e, e);
+      }
     }
 
     // M_{t+1} = S_{t+1} R_0, and W̃_T = W̃_0 − (1/n) X̃ᵀ M_T.
     cpu::gemm<T>((m ? T_ : 1) * n, n, d_out, T(1), m ? space.partial_sum(0) : space.sum(), n,
                  r0.data(), d_out, false, sums_r0.data(), d_out);
     const T* m_last = sums_r0.data() + (m ? (T_ - 1) * n * d_out : 0);
-    cpu::gemm_tn_add<T>(d_in, n, d_out, -inv_n, x, d_in, space.x_transposed.data(), m_last,
-                        d_out, weight0, d_out, weight, d_out);
-    if (has_bias) {
-      std::memcpy(bias, bias0, sizeof(T) * d_out);
-      cpu::add_column_sums(n, d_out, m_last, -inv_n, bias);
+    if (out.sum_residual) {
+      std::memcpy(out.sum_residual + b * n * d_out, m_last, sizeof(T) * n * d_out);
+    } else {
+      T* weight = out.weight + b * w_size;
+      cpu::gemm_tn_add<T>(d_in, n, d_out, -inv_n, x, d_in, space.x_transposed.data(), m_last,
+                          d_out, weight0, d_out, weight, d_out);
+      if (has_bias) {
+        T* bias = out.bias + b * d_out;
+        std::memcpy(bias, bias0, sizeof(T) * d_out);
+        cpu::add_column_sums(n, d_out, m_last, -inv_n, bias);
+      }
     }
 
     // O_t = Q̃_t W̃_{t+1} = Q_t W_0 + 1 b_0ᵀ − (1/n) (Q̃_t X̃ᵀ) M_{t+1}.
@@ -192,10 +200,14 @@ void fast_weight_unroll_gram_backward(const UnrollDims& dims, const UnrollInputs
     if (reverse_loop) cpu::transpose(n, d_out, r0.data(), d_out, r0_transposed.data());
 
     // U = X̃ Ŵ̃_T (kept in `pushed`, which becomes Vc_s below) and V_t = X̃ Q̃_tᵀ Ô_t.
-    cpu::gemm<T>(n, d_in, d_out, T(1), x, d_in, w_adj, d_out, false, pushed.data(), d_out);
-    if (has_bias)
-      for (int64_t i = 0; i < n; ++i)
-        for (int64_t j = 0; j < d_out; ++j) pushed[i * d_out + j] += b_adj[j];
+    if (args.pushed_final) {
+      std::memcpy(pushed.data(), args.pushed_final + b * n * d_out, sizeof(T) * n * d_out);
+    } else {
+      cpu::gemm<T>(n, d_in, d_out, T(1), x, d_in, w_adj, d_out, false, pushed.data(), d_out);
+      if (has_bias)
+        for (int64_t i = 0; i < n; ++i)
+          for (int64_t j = 0; j < d_out; ++j) pushed[i * d_out + j] += b_adj[j];
+    }
     if (m) {
       query_gram(T_ * m, d_in, n, queries, space.x_transposed.data(), has_bias,
                  query_grams.data());

@@ -220,6 +220,9 @@ std::vector<Tensor> linear_hvp(const Tensor& weight_, const Tensor& x_, const Te
 
 }  // namespace
 
+// fast_weight_meta_loss's kernels (meta_loss.cpp).
+void register_meta_loss(pybind11::module& m);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "metakernels fused CPU kernels (eager bodies of the metakernels:: custom ops)";
   // The kernels touch no Python object: they run without the GIL, so that calls from several
@@ -233,4 +236,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "path of mse with 3-D x), 'steps' (the step loop), or 'steps/gram' (forward/backward).");
   m.def("set_poison_outputs", [](bool poison) { poison_outputs() = poison; },
         "Fill every output with NaN before the kernels write it (for tests).");
+  register_meta_loss(m);
 }

@@ -11,6 +11,8 @@ readout ``O_t`` against ``readout_y``, summed over steps.
 
 - ``metakernels:<backend>``: :func:`metakernels.fast_weight_unroll`, the outer loss in plain
   torch, ``torch.autograd.grad``.
+- ``metakernels:<backend>+loss``: :func:`metakernels.fast_weight_meta_loss`, the unroll and the
+  outer loss in one op (fused on ``cpu``).
 - ``torch.func``: ``vmap`` over tasks of a differentiable unrolled loop whose inner gradient is
   ``torch.func.grad`` of the inner loss (not the closed form of SPEC.md), differentiated by
   ``torch.func.grad``: the baseline of SPEC.md section 6.
@@ -73,6 +75,22 @@ def _metakernels(backend: str) -> Contestant:
     return meta_step
 
 
+def _metakernels_loss(backend: str) -> Contestant:
+    """``metakernels:<backend>+loss``: the whole meta-step in one op,
+    :func:`metakernels.fast_weight_meta_loss` (the outer loss summed over tasks)."""
+    def meta_step(problem: MetaProblem) -> MetaGrad:
+        params, batch = problem.params, problem.batch
+        readout = "readout_queries" in batch
+        meta_loss = metakernels.fast_weight_meta_loss(
+            params["weight"], batch["support_x"], batch["support_y"], problem.inner_lr,
+            batch["readout_queries" if readout else "query_x"],
+            batch["readout_y" if readout else "query_y"], steps=problem.steps,
+            loss=problem.config.loss, bias=params.get("bias"), reduction="sum", backend=backend)
+        return dict(zip(params, torch.autograd.grad(meta_loss, tuple(params.values()))))
+    meta_step.__name__ = f"metakernels_{backend}_loss"
+    return meta_step
+
+
 def torch_func(problem: MetaProblem) -> MetaGrad:
     loss = problem.config.loss
 
@@ -116,12 +134,16 @@ def autograd_loop(problem: MetaProblem) -> MetaGrad:
 def contestant_names(device: str | torch.device = "cpu") -> list[str]:
     """Every contestant that can run on ``device``: the metakernels backends, fastest first,
     then the baselines."""
-    return [f"metakernels:{b}" for b in metakernels.available_backends(device)] + list(BASELINES)
+    backends = metakernels.available_backends(device)
+    return ([f"metakernels:{b}" for b in backends]
+            + [f"metakernels:{b}+loss" for b in backends if b != "reference"] + list(BASELINES))
 
 
 def get_contestant(name: str) -> Contestant:
     """The contestant called ``name`` (see :func:`contestant_names`; the optional peers of
     :mod:`metakernels.benchmarks.peers` too)."""
+    if name.startswith("metakernels:") and name.endswith("+loss"):
+        return _metakernels_loss(name.split(":", 1)[1][:-len("+loss")])
     if name.startswith("metakernels:"):
         return _metakernels(name.split(":", 1)[1])
     if name == "torch.func":

@@ -8,7 +8,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from metakernels.ops import UnrollOutput, _checks, fast_weight_unroll
+from metakernels.ops import UnrollOutput, _checks, fast_weight_meta_loss, fast_weight_unroll
 
 
 class FastWeightLinear(nn.Module):
@@ -84,6 +84,43 @@ class FastWeightLinear(nn.Module):
             :class:`metakernels.UnrollOutput`: ``weight [B, d_in, d_out]``, ``bias [B, d_out]``
             (or None), the inner ``losses [B, T]``. Its backward is the exact meta-gradient.
         """
+        total = self._steps(support_x, steps)
+        return fast_weight_unroll(
+            self.weight, support_x, support_y, self.inner_lr[:total],
+            steps=None if support_x.dim() == 4 else total, loss=self.loss, bias=self.bias,
+            lr_scale=self.lr_scale, bias_lr_scale=self.bias_lr_scale,
+            first_order=self.first_order if first_order is None else first_order,
+            backend=self.backend)
+
+    def meta_loss(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor,
+                  steps: int | None = None, *, first_order: bool | None = None,
+                  reduction: str = "mean", checkpoint: bool | None = None) -> Tensor:
+        """The meta-loss of :meth:`adapt` followed by the query loss, in one fused op
+        (:func:`metakernels.fast_weight_meta_loss`): MAML's outer loss on the query set of every
+        task, with the exact meta-gradient as its backward, no adapted weights materialised.
+
+        Args:
+            support_x, support_y, steps, first_order: as in :meth:`adapt`.
+            query_x: ``[B, m, d_in]`` (the loss of the adapted layer) or ``[B, T, m, d_in]``
+                (the readout loss after every step, summed over steps).
+            query_y: mse targets ``[..., m, d_out]``, or ce labels ``[..., m]``.
+            reduction: ``"mean"`` over tasks, ``"sum"`` or ``"none"`` (``[B]``).
+            checkpoint: as in :func:`metakernels.fast_weight_meta_loss`.
+
+        The query loss is the layer's loss averaged over the m rows: mse ``½‖z − y‖²`` per row
+        (PyTorch's ``mse_loss`` over rows and outputs is this times 2/d_out), ce the mean
+        cross-entropy.
+        """
+        total = self._steps(support_x, steps)
+        return fast_weight_meta_loss(
+            self.weight, support_x, support_y, self.inner_lr[:total], query_x, query_y,
+            steps=None if support_x.dim() == 4 else total, loss=self.loss, bias=self.bias,
+            lr_scale=self.lr_scale, bias_lr_scale=self.bias_lr_scale,
+            first_order=self.first_order if first_order is None else first_order,
+            reduction=reduction, checkpoint=checkpoint, backend=self.backend)
+
+    def _steps(self, support_x: Tensor, steps: int | None) -> int:
+        """T for a call of adapt or meta_loss, checked against the layer's learning rates."""
         if not isinstance(support_x, Tensor):
             raise TypeError(f"support_x must be a tensor, got {type(support_x).__name__}")
         total = _checks.check_steps(
@@ -91,12 +128,7 @@ class FastWeightLinear(nn.Module):
         if total > self.steps:
             raise ValueError(f"the layer has learning rates for {self.steps} steps, asked for "
                              f"{total}: build it with steps={total}")
-        return fast_weight_unroll(
-            self.weight, support_x, support_y, self.inner_lr[:total],
-            steps=None if support_x.dim() == 4 else total, loss=self.loss, bias=self.bias,
-            lr_scale=self.lr_scale, bias_lr_scale=self.bias_lr_scale,
-            first_order=self.first_order if first_order is None else first_order,
-            backend=self.backend)
+        return total
 
     def forward(self, x: Tensor, weight: Tensor | None = None,
                 bias: Tensor | None = None) -> Tensor:

@@ -28,6 +28,8 @@ from torch import Tensor, nn
 from metakernels.train.tasks.base import TaskBatch
 
 FIRST_ORDER = {"maml": False, "fomaml": True, "metasgd": False, "anil": False, "reptile": True}
+# The algorithms whose head-only meta-step is fast_weight_meta_loss (HeadModel.meta_losses).
+FUSED_META_LOSS = ("maml", "fomaml", "metasgd", "anil")
 
 
 class StepStats(NamedTuple):
@@ -44,6 +46,14 @@ def meta_step(model: nn.Module, batch: TaskBatch, algo: str, steps: int,
     """Leaves in every parameter's ``.grad`` this shard's part of the meta-gradient of the mean
     query loss over ``global_tasks`` tasks (Reptile: of its displacement), and returns the
     shard's summed statistics."""
+    if algo in FUSED_META_LOSS and getattr(model, "adapt", None) == "head" \
+            and hasattr(model, "meta_losses"):
+        # The head-only meta-step of these algorithms is the fused meta-loss op's: the query loss
+        # and its meta-gradient in one op, no adapted head in PyTorch (the same gradients).
+        per_task, accuracy, inner = model.meta_losses(batch, steps, FIRST_ORDER[algo])
+        (per_task.sum() / global_tasks).backward()
+        return StepStats(per_task.detach().sum(), inner[:, 0].sum(), inner[:, -1].sum(),
+                         None if accuracy is None else accuracy.sum())
     reptile_all = algo == "reptile" and getattr(model, "adapt", "head") == "all"
     with torch.no_grad() if reptile_all else contextlib.nullcontext():
         adapted = model.inner_loop(batch, steps, FIRST_ORDER[algo])

@@ -113,6 +113,24 @@ class HeadModel(nn.Module):
             batch["support_x"], batch["support_y"], batch["query_x"])
         return Adapted(pred, inner_loss_units(losses, loss, self.head.out_features), fast)
 
+    def meta_losses(self, batch: TaskBatch, steps: int,
+                    first_order: bool) -> tuple[Tensor, Tensor | None, Tensor]:
+        """The head-only meta-step through the fused meta-loss op
+        (:meth:`FastWeightLinear.meta_loss`): every task's query loss ``[B]`` in the units of
+        :meth:`query_losses`, differentiable (the exact meta-gradient), with the query accuracy
+        and the inner losses ``[B, T]`` of the same adaptation (a forward without gradient)."""
+        support = self.body(batch["support_x"])
+        query = self.body(batch["query_x"])
+        head = self.head
+        per_task = inner_loss_units(
+            head.meta_loss(support, batch["support_y"], query, batch["query_y"], steps,
+                           first_order=first_order, reduction="none"),
+            head.loss, head.out_features)
+        with torch.no_grad():
+            out = head.adapt(support, batch["support_y"], steps, first_order=first_order)
+            _, accuracy = self.query_losses(head(query, out.weight, out.bias), batch)
+        return per_task, accuracy, inner_loss_units(out.losses, head.loss, head.out_features)
+
     def unadapted(self, batch: TaskBatch) -> Tensor:
         """The meta-init's predictions on the query set, before any inner step."""
         return self(batch["query_x"])

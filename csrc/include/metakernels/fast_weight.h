@@ -54,6 +54,12 @@ struct UnrollForwardOutputs {
   T* residual = nullptr;  // [B, T, n, d_out]       E_t, saved for the backward
   T* states = nullptr;    // [B, T, d_in, d_out]    W_0 … W_{T−1}, or null when the backward
                           //                        needs no W_t (see UnrollBackwardArgs)
+  // The Gram forward only (fast_weight_meta_loss's query loss in Gram space): when set, it gets
+  // M_T = S R_0 [B, n, d_out], and W_T, b_T are not formed (weight and bias may be null).
+  T* sum_residual = nullptr;
+  // The Gram forward only: write E_0 alone (E_1 … E_{T−1} zero) and no losses (may be null),
+  // for a caller whose backward is the Gram backward, which reads E_0 only.
+  bool first_residual_only = false;
 };
 
 // The backward's saved tensors, incoming adjoints and outgoing gradients. A null gradient output
@@ -80,6 +86,9 @@ struct UnrollBackwardArgs {
   // The Gram backward only: grad_weight is one [d_in, d_out] sum that every task of the call
   // adds its gradient to (a shared init: no [B, d_in, d_out] buffer to write and reduce).
   bool sum_grad_weight = false;
+  // The Gram backward only: X̃ Ŵ̃_T [B, n, d_out] given (fast_weight_meta_loss's form A has it
+  // as (Q̃ X̃ᵀ)ᵀ Ô, cheaper), instead of its product from grad_weight_final and grad_bias_final.
+  const T* pushed_final = nullptr;
 };
 
 // x given per step (4-D) or once for all steps (3-D): decides the dense layout of grad_x/grad_y.
