@@ -202,7 +202,7 @@ def test_lm_measurements_agree_with_plain_forwards(tmp_path, arch):
         with torch.no_grad():
             want = answer_loss_curve_loop(
                 model, prompts[i], entries[i].reshape(-1),
-                wd.answer_token(vocab, batch.answer[i:i + 1]), list(range(0, 13, 3)),
+                wd.answer_token(vocab, batch.answer[i:i + 1]), list(range(0, 17, 4)),
                 answer_prefix_ids=torch.tensor([wd.ANSWER]))
         assert torch.allclose(curves[i], want, atol=1e-5)
     loss, _ = lm.final_answer(model, vocab, batch, trajectory=True)
@@ -228,7 +228,7 @@ def test_fast_weight_memory_task_reads_one_entry_per_inner_step():
     torch.manual_seed(0)
     model = task.build_model(config.replace(trajectory_length=5))
     batch = task.sample(4, torch.Generator().manual_seed(0), "train")
-    assert batch["trajectory_ids"].shape == (4, 1, 5, 3)
+    assert batch["trajectory_ids"].shape == (4, 1, 5, 4)
     assert bool((batch["answer"] >= 0).all() and (batch["answer"] <= 10).all())
     adapted = model.inner_loop(batch)
     assert adapted.pred.shape == (4, 6, 11)            # after 0, 1, …, 5 entries
@@ -278,3 +278,21 @@ def test_raml_smoke(tmp_path):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert set(itertools.chain(result["criteria"])) >= {"lm_ends_at_most_0.1",
                                                         "fwm_ends_at_most_0.2"}
+
+
+def test_read_every_chunk_equals_reading_each_prefix():
+    """The memory's readout after every chunk (one fused call) against one unroll per prefix."""
+    from metakernels.nn import FastWeightMemory
+    torch.manual_seed(0)
+    memory = FastWeightMemory(8, 5, 3, chunk_size=2, bias=True).double()
+    hidden, query = torch.randn(3, 8, 8, dtype=torch.float64), torch.randn(3, 2, 8,
+                                                                          dtype=torch.float64)
+    read = memory.read_every_chunk(hidden, query)
+    assert read.shape == (3, 4, 2, 3)
+    q = torch.nn.functional.normalize(memory.to_query(query), dim=-1)
+    for t in range(4):
+        _, state = memory(hidden[:, :2 * (t + 1)], return_state=True)
+        want = q @ state.weight + state.bias[:, None]
+        assert torch.allclose(read[:, t], want, atol=1e-10), t
+    with pytest.raises(ValueError, match="query"):
+        memory.read_every_chunk(hidden, query[0])

@@ -44,14 +44,14 @@ KS = (1, 2, 4, 8)
 # steps of each run, per size
 SIZES = {
     "smoke": dict(length=4, lm_steps=30, none_steps=20, fwm_steps=6, sweep_steps=20,
-                  sweep_questions=16, questions=12, samples=4, pass_ks=(1, 2), ks=(1, 2),
-                  fwm_eval=16, batch=16),
-    "quick": dict(length=12, lm_steps=3000, none_steps=1500, fwm_steps=600, sweep_steps=1200,
-                  sweep_questions=2000, questions=500, samples=16, pass_ks=tuple(range(1, 9)),
-                  ks=KS, fwm_eval=1000, batch=64),
-    "full": dict(length=12, lm_steps=6000, none_steps=3000, fwm_steps=1500, sweep_steps=3000,
-                 sweep_questions=2000, questions=1000, samples=16, pass_ks=tuple(range(1, 9)),
-                 ks=KS, fwm_eval=1000, batch=64),
+                  sweep_questions=16, sweep_batch=16, questions=12, samples=4, pass_ks=(1, 2),
+                  ks=(1, 2), fwm_eval=16, batch=16),
+    "quick": dict(length=12, lm_steps=800, none_steps=500, fwm_steps=600, sweep_steps=400,
+                  sweep_questions=1000, sweep_batch=32, questions=500, samples=16,
+                  pass_ks=tuple(range(1, 9)), ks=KS, fwm_eval=1000, batch=64),
+    "full": dict(length=12, lm_steps=2000, none_steps=1000, fwm_steps=1500, sweep_steps=1000,
+                 sweep_questions=1000, sweep_batch=32, questions=1000, samples=16,
+                 pass_ks=tuple(range(1, 9)), ks=KS, fwm_eval=1000, batch=64),
 }
 
 
@@ -131,7 +131,8 @@ def plan(size: dict, group: str) -> dict:
     }
     for k in size["ks"]:
         jobs[f"lm-K{k}"] = (lm_job, dict(group=group, length=s, steps=size["sweep_steps"],
-                                         batch=batch, questions=size["sweep_questions"],
+                                         batch=size["sweep_batch"],
+                                         questions=size["sweep_questions"],
                                          trajectories=k))
     return jobs
 
@@ -266,6 +267,7 @@ def main(argv=None) -> int:
                 fwm["answer_loss_corrupted"], "accuracy": fwm["accuracy"]}},
         "trajectories_per_question": [
             {"K": k, "questions": size["sweep_questions"], "steps": size["sweep_steps"],
+             "batch": size["sweep_batch"],
              "accuracy": results[f"lm-K{k}"]["accuracy"],
              "accuracy_given_trajectory": results[f"lm-K{k}"]["accuracy_given_trajectory"],
              "answer_loss": results[f"lm-K{k}"]["answer_loss"][-1],

@@ -13,12 +13,15 @@ where U is a fixed third of G (:attr:`Group.upper`). The answer is r_S ∈ [−S
 As tokens (one vocabulary per group and maximum length, :class:`Vocabulary`)::
 
     prompt      <bos> Q: c_1 … c_S T:                      S + 3 tokens
-    entry       s{k} g{q_k} n{r_k}                         ENTRY_TOKENS = 3 tokens (after step k)
+    entry       s{k} g{c_k} g{q_k} n{r_k}                  ENTRY_TOKENS = 4 tokens (after step k)
     answer      A: n{r_S} <eos>
 
 The canonical trajectory writes an entry after every step (S entries); another valid trajectory
 groups the steps, writing after one or two symbols at a time (:func:`sample_groupings`); every
-entry names its step k, so a grouped trajectory is unambiguous.
+entry names its step k, so a grouped trajectory is unambiguous. An entry restates the symbol it
+read last (c_k), as the ``reasoning`` task's steps restate their operands: the composition
+q_{k−1} · c_k then reads two nearby tokens instead of a symbol far back in the question (a
+grouped entry restates only the last of its two symbols; the other is in the question).
 
 The reference without look-ahead (:func:`no_lookahead_entropy`): as c_k is uniform, q_k is uniform
 and independent of q_{k−1}, so every step goes up with probability 1/3 independently of the past.
@@ -40,7 +43,7 @@ import torch
 from torch import Tensor
 
 GROUPS = ("S3", "A5")
-ENTRY_TOKENS = 3
+ENTRY_TOKENS = 4
 SPECIALS = ["<pad>", "<bos>", "<eos>", "Q:", "T:", "A:"]
 PAD, BOS, EOS, QUESTION, TRAJECTORY, ANSWER = range(len(SPECIALS))
 # U is drawn once, from this seed, so it is the same third in every run.
@@ -269,13 +272,13 @@ def prompt_ids(vocab: Vocabulary, batch: WalkBatch) -> Tensor:
 
 
 def entry_ids(vocab: Vocabulary, batch: WalkBatch) -> Tensor:
-    """``[B, S, 3]`` the canonical trajectory's entries ``s{k} g{q_k} n{r_k}``, k = 1 … S."""
+    """``[B, S, 4]`` the canonical trajectory's entries ``s{k} g{c_k} g{q_k} n{r_k}``, k = 1 … S."""
     b, s = batch.symbols.shape
     if s > vocab.max_length:
         raise ValueError(f"questions of {s} steps need a vocabulary of max_length >= {s}")
     steps = vocab.step0 + torch.arange(1, s + 1).expand(b, s)
-    return torch.stack([steps, vocab.element0 + batch.states, vocab.position0 + batch.positions],
-                       -1)
+    return torch.stack([steps, vocab.element0 + batch.symbols, vocab.element0 + batch.states,
+                        vocab.position0 + batch.positions], -1)
 
 
 def answer_token(vocab: Vocabulary, answer: Tensor) -> Tensor:
