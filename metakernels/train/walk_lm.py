@@ -35,6 +35,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from metakernels.train import checkpoint
+from metakernels.train.loop import _read_metrics
 from metakernels.train.tasks import walk_data as wd
 
 CHECKPOINT, METRICS, SUMMARY = "checkpoint.pt", "metrics.jsonl", "summary.json"
@@ -198,18 +199,12 @@ def train_lm(config: WalkLMConfig) -> dict:
     config.check()
     out = Path(config.out)
     path = out / CHECKPOINT
-    saved = None
-    if config.resume:
-        if not path.exists():
-            raise ValueError(f"resume: there is no {CHECKPOINT} in {out} to continue from")
-        saved = checkpoint.load(path)
+    saved = checkpoint.load_for_resume(path, config.resume)
+    if saved is not None:
         for name in RUN_FIELDS:
             if saved["config"][name] != getattr(config, name):
                 raise ValueError(f"resume: the run in {out} has {name}={saved['config'][name]!r}, "
                                  f"this one asks for {getattr(config, name)!r}")
-    elif path.exists():
-        raise ValueError(f"{out} already holds a run ({CHECKPOINT}); resume it or choose another "
-                         "out")
     threads = torch.get_num_threads()
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -239,11 +234,9 @@ def _train(config: WalkLMConfig, saved: dict | None) -> dict:
         torch.set_rng_state(saved["torch_rng"])
         start, seconds = saved["step"], saved["seconds"]
     metrics = out / METRICS
-    kept = []
-    if saved is not None and metrics.exists():
-        kept = [line for line in metrics.read_text().splitlines()
-                if line.strip() and json.loads(line)["step"] <= start]
-    metrics.write_text("".join(line + "\n" for line in kept))
+    # Lines past the checkpoint (a crash after logging) are replayed by the resumed run.
+    kept = _read_metrics(metrics, start) if saved is not None else []
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
     def save(step: int) -> None:
         checkpoint.save_atomic({"step": step, "config": dataclasses.asdict(config),

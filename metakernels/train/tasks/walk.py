@@ -25,15 +25,16 @@ from torch import nn
 from metakernels.nn import FastWeightMemory
 from metakernels.train.models import Adapted
 from metakernels.train.tasks import walk_data as wd
-from metakernels.train.tasks.base import Defaults, Task, TaskBatch
-from metakernels.train.tasks.reasoning import KEY_WIDTH, WIDTH, ReasoningModel
+from metakernels.train.tasks.base import Defaults, TaskBatch
+from metakernels.train.tasks.reasoning import KEY_WIDTH, WIDTH, Reasoning, ReasoningModel
 
 GROUP = "S3"
 
 
-class Walk(Task):
+class Walk(Reasoning):
+    """The walk task; it refuses what the reasoning task refuses, for the same reasons."""
+
     name = "walk"
-    loss = "ce"
     # meta_lr 1e-3, not the reasoning task's 3e-3: with 3e-3 (and 1e-2) the every-step objective
     # sat at the prior (L̂ = H_0 after every prefix) for 400 steps; with 1e-3 it leaves it at once
     # (bench/results/raml/README.md).
@@ -41,12 +42,6 @@ class Walk(Task):
                         eval_tasks=1000)
     option_defaults = {"trajectories": 1, "trajectory_length": 12, "no_trajectory": False,
                        "answer_every_step": True}
-    rejected_algorithms = {
-        "reptile": "Reptile moves the init towards the weights adapted on the trajectory and "
-                   "never looks at the answer, so nothing would learn to read the answer out",
-    }
-    rejects_adapt_all = ("the inner loop of a question is the fast-weight memory reading its "
-                         "trajectory; adapting the whole transformer per entry is another model")
 
     def configure(self, config) -> None:
         if config.inner_steps is not None:
