@@ -49,7 +49,7 @@ SIZES = {
     "quick": dict(length=12, lm_steps=800, none_steps=500, fwm_steps=600, sweep_steps=400,
                   sweep_questions=1000, sweep_batch=32, questions=500, samples=16,
                   pass_ks=tuple(range(1, 9)), ks=KS, fwm_eval=1000, batch=64),
-    "full": dict(length=12, lm_steps=2000, none_steps=1000, fwm_steps=1500, sweep_steps=1000,
+    "full": dict(length=12, lm_steps=1500, none_steps=800, fwm_steps=1500, sweep_steps=800,
                  sweep_questions=1000, sweep_batch=32, questions=1000, samples=16,
                  pass_ks=tuple(range(1, 9)), ks=KS, fwm_eval=1000, batch=64),
 }
