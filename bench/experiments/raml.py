@@ -189,6 +189,7 @@ def plot(result: dict, out: Path) -> None:
     left.set(xscale="log", xlabel="trajectories per question K", ylabel="accuracy",
              title=f"{sweep[0]['questions']} training questions" if sweep else "")
     left.set_xticks(ks_sweep, [str(k) for k in ks_sweep])
+    left.set_xticks([], minor=True)
     left.legend(fontsize=8)
     for row in sweep:
         right.plot(ks, row["answer_loss_curve"], "o-", label=f"K = {row['K']}")
@@ -220,7 +221,12 @@ def main(argv=None) -> int:
     parser.add_argument("--group", default="S3", choices=("S3", "A5"),
                         help="the causal LMs' group (the fast-weight memory's task is S3)")
     parser.add_argument("--jobs", type=int, default=2, help="runs at once (one thread each)")
+    parser.add_argument("--replot", action="store_true",
+                        help="only redraw the plots from an existing OUT/raml.json")
     args = parser.parse_args(argv)
+    if args.replot:
+        plot(json.loads((args.out / "raml.json").read_text()), args.out)
+        return 0
     if args.quick and args.smoke:
         parser.error("--quick and --smoke exclude each other")
     size_name = "smoke" if args.smoke else "quick" if args.quick else "full"
