@@ -274,6 +274,7 @@ def test_raml_smoke(tmp_path):
     assert math.isfinite(lm["no_trajectory"]["answer_loss"])
     assert 0 <= result["fast_weight_memory"]["trajectory"]["accuracy"] <= 1
     assert [row["K"] for row in result["trajectories_per_question"]] == [1, 2]
+    assert "| H_k (reference) |" in (tmp_path / "tables.md").read_text()
     for png in ("answer_loss.png", "k_sweep.png", "pass_at_k.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert set(itertools.chain(result["criteria"])) >= {"lm_ends_at_most_0.1",

@@ -211,6 +211,49 @@ def plot(result: dict, out: Path) -> None:
     figure.savefig(out / "pass_at_k.png", dpi=110)
 
 
+def tables(result: dict) -> str:
+    """The measured numbers as markdown tables (written to OUT/tables.md)."""
+    reference = result["no_lookahead"]
+    lm, fwm = result["causal_lm"]["trajectory"], result["fast_weight_memory"]["trajectory"]
+    none = result["causal_lm"]["no_trajectory"]
+    cell = lambda v: f"{v:.3f}"  # noqa: E731
+    lines = [f"`{result['command']}` ({result['size']}, {result['held_out_questions']} held-out "
+             f"questions)", "",
+             "| k | " + " | ".join(str(k) for k in range(len(reference))) + " |",
+             "|---|" + "---|" * len(reference)]
+    rows = [("H_k (reference)", reference), ("causal LM, correct", lm["answer_loss"]),
+            ("causal LM, corrupted", lm["answer_loss_corrupted"]),
+            ("bound max(1.15 H, H + 0.1)", [max(1.15 * h, h + 0.1) for h in reference]),
+            ("fast-weight memory, correct", fwm["answer_loss"]),
+            ("fast-weight memory, corrupted", fwm["answer_loss_corrupted"]),
+            ("bound max(1.25 H, H + 0.2)", [max(1.25 * h, h + 0.2) for h in reference])]
+    lines += [f"| {name} | " + " | ".join(cell(v) for v in values) + " |" for name, values in rows]
+    lines += ["", "| model | accuracy (greedy, own trajectory) | accuracy given the true "
+              "trajectory | answer loss |", "|---|---|---|---|",
+              f"| causal LM with trajectory | {cell(lm['accuracy'])} | "
+              f"{cell(lm['accuracy_given_trajectory'])} | {cell(lm['answer_loss'][-1])} |",
+              f"| causal LM without trajectory | {cell(none['accuracy'])} | - | "
+              f"{cell(none['answer_loss'])} |",
+              f"| fast-weight memory (after all S entries) | - | {cell(fwm['accuracy'])} | "
+              f"{cell(fwm['answer_loss'][-1])} |", ""]
+    ks = list(lm["pass_at_k"])
+    lines += [f"| {lm['samples']} samples at T = 1 | " + " | ".join(ks) + " |",
+              "|---|" + "---|" * len(ks),
+              "| Pass@k | " + " | ".join(cell(lm["pass_at_k"][k]) for k in ks) + " |",
+              "| mG-Pass@k | " + " | ".join(cell(lm["mg_pass_at_k"][k]) for k in ks) + " |", ""]
+    lines += ["| K | training questions | steps × batch | accuracy (greedy) | accuracy given "
+              "the true trajectory | L̂ after S | L̂ mean over prefixes |",
+              "|---|---|---|---|---|---|---|"]
+    lines += [f"| {row['K']} | {row['questions']} | {row['steps']} × {row['batch']} | "
+              f"{cell(row['accuracy'])} | {cell(row['accuracy_given_trajectory'])} | "
+              f"{cell(row['answer_loss'])} | {cell(row['answer_loss_mean_over_prefixes'])} |"
+              for row in result["trajectories_per_question"]]
+    criteria = {k: v for k, v in result["criteria"].items() if not k.endswith("reference")}
+    lines += ["", "Criteria of issue 19: " + ", ".join(f"`{k}`: {v}" for k, v in
+                                                         criteria.items()), ""]
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="results folder")
@@ -225,7 +268,9 @@ def main(argv=None) -> int:
                         help="only redraw the plots from an existing OUT/raml.json")
     args = parser.parse_args(argv)
     if args.replot:
-        plot(json.loads((args.out / "raml.json").read_text()), args.out)
+        result = json.loads((args.out / "raml.json").read_text())
+        plot(result, args.out)
+        (args.out / "tables.md").write_text(tables(result))
         return 0
     if args.quick and args.smoke:
         parser.error("--quick and --smoke exclude each other")
@@ -290,6 +335,7 @@ def main(argv=None) -> int:
     }
     (args.out / "raml.json").write_text(json.dumps(result, indent=2) + "\n")
     plot(result, args.out)
+    (args.out / "tables.md").write_text(tables(result))
     print(json.dumps(result["criteria"], indent=2))
     print(f"wrote {args.out / 'raml.json'} in {time.perf_counter() - began:.0f} s")
     return 0
