@@ -16,7 +16,6 @@ from metakernels.train.loop import resolve
 from metakernels.train.tasks import make_task
 from metakernels.train.tasks import walk_data as wd
 
-pytest.importorskip("transformers")
 
 
 @pytest.mark.parametrize("name, order", [("S3", 6), ("A5", 60)])
@@ -166,6 +165,7 @@ def _tiny_lm(out, **changes):
 
 
 def test_lm_resume_is_bitwise_and_checks_settings(tmp_path):
+    pytest.importorskip("transformers")
     from metakernels.train import checkpoint
     from metakernels.train import walk_lm as lm
     lm.train_lm(_tiny_lm(tmp_path / "whole", questions=10, trajectories=3))
@@ -190,6 +190,7 @@ def test_lm_resume_is_bitwise_and_checks_settings(tmp_path):
 def test_lm_measurements_agree_with_plain_forwards(tmp_path, arch):
     """answer_loss_curves (one batched pass per question) against the loop of plain forwards,
     and final_answer against the curve's last point."""
+    pytest.importorskip("transformers")
     from metakernels.analysis import answer_loss_curve_loop
     from metakernels.train import walk_lm as lm
     lm.train_lm(_tiny_lm(tmp_path, arch=arch, steps=2))
@@ -221,6 +222,7 @@ def test_pass_curves_average_the_estimators():
 
 
 def test_fast_weight_memory_task_reads_one_entry_per_inner_step():
+    pytest.importorskip("transformers")
     task = make_task("walk")
     config = resolve(TrainConfig(task="walk", algo="maml"), task, None)
     assert config.answer_every_step and config.trajectory_length == 12
@@ -251,6 +253,7 @@ def test_fast_weight_memory_task_reads_one_entry_per_inner_step():
 def test_raml_smoke(tmp_path):
     """The whole pipeline of bench/experiments/raml.py at tiny sizes: every field of raml.json
     and every plot (the numbers mean nothing at this size)."""
+    pytest.importorskip("transformers")
     import importlib.util
     import pathlib
     path = pathlib.Path(__file__).resolve().parents[1] / "bench" / "experiments" / "raml.py"
