@@ -46,7 +46,7 @@ SIZES = {
     "smoke": dict(length=4, lm_steps=8, none_steps=4, fwm_steps=3, sweep_steps=4,
                   sweep_questions=8, sweep_batch=8, questions=6, samples=4, pass_ks=(1, 2),
                   ks=(1, 2), fwm_eval=8, batch=8),
-    "quick": dict(length=12, lm_steps=800, none_steps=500, fwm_steps=600, sweep_steps=400,
+    "quick": dict(length=12, lm_steps=800, none_steps=500, fwm_steps=1000, sweep_steps=400,
                   sweep_questions=1000, sweep_batch=32, questions=500, samples=16,
                   pass_ks=tuple(range(1, 9)), ks=KS, fwm_eval=1000, batch=64),
     "full": dict(length=12, lm_steps=1500, none_steps=800, fwm_steps=1500, sweep_steps=800,
