@@ -23,7 +23,7 @@ def tiny(task: str, algo: str, out, **changes) -> TrainConfig:
     """A run small enough for a test: a few tasks, few steps, a short evaluation."""
     settings = dict(task=task, algo=algo, steps=3, out=str(out), meta_batch=4, inner_steps=2,
                     eval_tasks=4, log_every=1, checkpoint_every=2, progress=False)
-    if task == "reasoning":
+    if task in ("reasoning", "walk"):
         settings.update(inner_steps=None, trajectory_length=2)
     settings.update(changes)
     return TrainConfig(**settings)

@@ -119,9 +119,8 @@ class FastWeightMemory(nn.Module):
         lr = F.softplus(self.inner_lr_raw)
         return lr if self.max_chunks is None or chunks is None else lr[:chunks]
 
-    def forward(self, hidden: Tensor, *, return_state: bool = False):
-        """``hidden [B, L, d_model]`` -> ``[B, L, d_model]``, and a :class:`MemoryState` with
-        ``return_state=True``."""
+    def _project(self, hidden: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Checks ``hidden`` and returns its keys, values and queries, ``[B, T, c, ·]``."""
         if not isinstance(hidden, Tensor):
             raise TypeError(f"hidden must be a torch.Tensor, got {type(hidden).__name__}")
         if hidden.dim() != 3 or hidden.shape[-1] != self.d_model:
@@ -146,6 +145,33 @@ class FastWeightMemory(nn.Module):
         keys = keys.reshape(batch, chunks, c, self.d_key)
         values = values.reshape(batch, chunks, c, self.d_value)
         queries = queries.reshape(batch, chunks, c, self.d_key)
+        return keys, values, queries
+
+    def read_every_chunk(self, hidden: Tensor, query: Tensor) -> Tensor:
+        """``[B, T, m, d_value]``: the hidden states ``query [B, m, d_model]`` read out of the
+        fast weights after every chunk of ``hidden [B, T·c, d_model]``, ``q W_{t+1} + b_{t+1}``
+        for t = 0 … T − 1 (q: ``query``'s query projection, normalised as every query), all from
+        one call of the fused op (its readout). The inner loop is :meth:`forward`'s."""
+        keys, values, _ = self._project(hidden)
+        if not isinstance(query, Tensor) or query.dim() != 3 or query.shape[0] != keys.shape[0] \
+                or query.shape[-1] != self.d_model:
+            raise ValueError(f"query must be a [B, m, d_model] tensor with B = {keys.shape[0]} "
+                             f"and d_model = {self.d_model}, got "
+                             f"{list(query.shape) if isinstance(query, Tensor) else query!r}")
+        read = self.to_query(query)
+        if self.normalize_keys:
+            read = F.normalize(read, dim=-1)
+        read = read[:, None].expand(-1, keys.shape[1], -1, -1)
+        return fast_weight_unroll(self.init_weight, keys, values, self.inner_lr(keys.shape[1]),
+                                  bias=self.init_bias, queries=read, first_order=self.first_order,
+                                  backend=self.backend).readout
+
+    def forward(self, hidden: Tensor, *, return_state: bool = False):
+        """``hidden [B, L, d_model]`` -> ``[B, L, d_model]``, and a :class:`MemoryState` with
+        ``return_state=True``."""
+        keys, values, queries = self._project(hidden)
+        batch, chunks, c = keys.shape[:3]
+        length = chunks * c
         if self.readout == "before":
             # Step t's readout is Q W_{t+1}: chunk t+1 reads it there; chunk 0 reads W_0 below,
             # and the last step's readout rows (zeros) are dropped.

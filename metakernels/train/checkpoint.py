@@ -32,3 +32,19 @@ def save_atomic(state: dict, path: str | os.PathLike) -> None:
 def load(path: str | os.PathLike) -> dict:
     """A checkpoint written by :func:`save_atomic` (tensors and plain Python values only)."""
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_for_resume(path: str | os.PathLike, resume: bool) -> dict | None:
+    """The checkpoint at ``path`` to continue from with ``resume``, else None. ValueError if
+    ``resume`` finds no checkpoint, or if a checkpoint is there without ``resume`` (a run would
+    overwrite another)."""
+    path = Path(path)
+    if resume:
+        if not path.exists():
+            raise ValueError(f"--resume: there is no {path.name} in {path.parent} to continue "
+                             "from")
+        return load(path)
+    if path.exists():
+        raise ValueError(f"{path.parent} already holds a run ({path.name}); pass --resume to "
+                         "continue it, or choose another --out")
+    return None

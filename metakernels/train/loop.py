@@ -138,14 +138,7 @@ def train(config: TrainConfig) -> dict:
     rank, world_size = world()
     out = Path(config.out)
     checkpoint_path = out / CHECKPOINT
-    saved = None
-    if config.resume:
-        if not checkpoint_path.exists():
-            raise ValueError(f"--resume: there is no {CHECKPOINT} in {out} to continue from")
-        saved = checkpoint.load(checkpoint_path)
-    elif checkpoint_path.exists():
-        raise ValueError(f"{out} already holds a run ({CHECKPOINT}); pass --resume to continue "
-                         "it, or choose another --out")
+    saved = checkpoint.load_for_resume(checkpoint_path, config.resume)
     task = make_task(config.task)
     config = resolve(config, task, saved)
     _check_config(config, world_size)

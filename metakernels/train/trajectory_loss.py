@@ -30,11 +30,11 @@ def load_run(run: str | Path):
         raise ValueError(f"--run {run}: there is no {CHECKPOINT} (train a run there first)")
     saved = checkpoint.load(path)
     stored = saved["config"]
-    if stored["task"] != "reasoning":
+    if stored["task"] not in ("reasoning", "walk"):
         raise ValueError(f"--run {run} trained --task {stored['task']}; the trajectory loss is "
-                         "defined for --task reasoning runs")
-    task = make_task("reasoning")
-    config = resolve(TrainConfig(task="reasoning", algo=stored["algo"], out=str(run)), task,
+                         "defined for --task reasoning and --task walk runs")
+    task = make_task(stored["task"])
+    config = resolve(TrainConfig(task=stored["task"], algo=stored["algo"], out=str(run)), task,
                      saved)
     task.configure(config)
     model = task.build_model(config)

@@ -1,10 +1,10 @@
-"""The trainer's tasks: ``sinusoid``, ``fewshot`` and ``reasoning``."""
+"""The trainer's tasks: ``sinusoid``, ``fewshot``, ``reasoning`` and ``walk``."""
 
 from __future__ import annotations
 
 from metakernels.train.tasks.base import ALGORITHMS, Defaults, Task, TaskBatch
 
-TASKS = ("sinusoid", "fewshot", "reasoning")
+TASKS = ("sinusoid", "fewshot", "reasoning", "walk")
 
 
 def make_task(name: str) -> Task:
@@ -18,6 +18,9 @@ def make_task(name: str) -> Task:
     if name == "reasoning":
         from metakernels.train.tasks.reasoning import Reasoning
         return Reasoning()
+    if name == "walk":
+        from metakernels.train.tasks.walk import Walk
+        return Walk()
     raise ValueError(f"task must be one of {', '.join(TASKS)}, got {name!r}")
 
 
