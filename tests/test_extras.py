@@ -60,14 +60,15 @@ def one_line(stderr: str) -> str:
     return lines[0]
 
 
-def test_reasoning_without_transformers_says_which_extra(hide, tmp_path, capsys):
+@pytest.mark.parametrize("task", ["reasoning", "walk"])
+def test_transformer_task_without_transformers_says_which_extra(task, hide, tmp_path, capsys):
     hide.add("transformers")
     out = tmp_path / "run"
-    code = metakernels_main(["train", "--task", "reasoning", "--steps", "2", "--out", str(out),
+    code = metakernels_main(["train", "--task", task, "--steps", "2", "--out", str(out),
                              "--no-progress"])
     line = one_line(capsys.readouterr().err)
     assert code == 2
-    assert line == ("metakernels train: --task reasoning needs transformers, which is not "
+    assert line == (f"metakernels train: --task {task} needs transformers, which is not "
                     "installed: pip install 'metakernels[train]'")
     assert not out.exists()
 

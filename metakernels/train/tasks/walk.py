@@ -22,6 +22,7 @@ import copy
 import torch
 from torch import nn
 
+from metakernels import _extras
 from metakernels.nn import FastWeightMemory
 from metakernels.train.models import Adapted
 from metakernels.train.tasks import walk_data as wd
@@ -75,6 +76,7 @@ class Walk(Reasoning):
         return self._batch(questions, questions), self._batch(questions, wrong)
 
     def build_model(self, config) -> "WalkModel":
+        _extras.require("--task walk", "transformers")
         return WalkModel(self.vocab, config.trajectory_length, config.inner_lr,
                          per_step_lr=config.algo == "metasgd", learn_lr=config.algo == "metasgd",
                          first_order=config.algo == "fomaml",
