@@ -1,0 +1,67 @@
+// The chunked (WY/UT) path of fast_weight_unroll (mse, 4-D x): the maths is README.md, "The
+// chunked form", and its plain-PyTorch spec metakernels/reference/fast_weight_chunked.py.
+//
+// With mse, x given per step, no lr_scale and bias_lr_scale absent or all ones, the bias folds
+// into the weights as a row (X̃ = [X 1], S = W̃ = [W; bᵀ], D = d_in + 1). Per chunk of C steps,
+// K the chunk's stacked rows (Cn × D), β_r = η_{t(r)}/n, M block-strictly-lower (a step's n rows
+// see the updates of earlier steps only):
+//   (I + M ∘ (K Kᵀ) diag β) R = K S − Y,   E = R / n,   S′ = S − Kᵀ diag(β) R,
+//   O = Q̃ S − (N ∘ (Q̃ Kᵀ)) diag(β) R.
+// The steps of a chunk become C·n × D by D × d_out products instead of T rank-n updates of the
+// whole state. Same outputs as fast_weight_unroll_forward (E_t of every step, never states);
+// the backward reads E_t and W_0 and rebuilds the chunk starts (one product a chunk), holding
+// those of one task at a time.
+#pragma once
+
+#include <cstdint>
+
+#include "metakernels/fast_weight.h"
+
+namespace metakernels {
+
+// The chunk length in steps for n rows per step: about 64 stacked rows (the products' inner
+// size), at least one step. A knob: chunked_rows_target.
+inline int64_t chunked_chunk_steps(int64_t n, int64_t rows_target = 64) {
+  const int64_t steps = rows_target / (n > 0 ? n : 1);
+  return steps > 1 ? steps : 1;
+}
+
+// Whether the chunked path is expected to beat the step loop for these sizes. The step loop's
+// rank-n updates of a d_in × d_out state are bound by memory traffic while n is small; from
+// about 8 rows a step they are products in their own right and the chunked path's extra C·n·D
+// per row (K Kᵀ, the solve) costs more than it saves. T ≥ 2 (one step is one chunk of the loop).
+// Measured: bench/chunked_switch.py, README "The chunked form".
+inline bool unroll_chunked_cheaper(int64_t steps, int64_t n, int64_t d_in, int64_t d_out) {
+  return steps >= 2 && n <= 4 && d_in * d_out >= 256;
+}
+
+// Whether the chunked path computes this call exactly: mse, 4-D x, no lr_scale, bias_lr_scale
+// absent or all ones (its values are read here, as on the Gram path). Whether it runs is this
+// and unroll_chunked_cheaper (the caller may override the second, for tests and measurements).
+template <typename T>
+bool unroll_chunked_exact(const UnrollDims& dims, const UnrollInputs<T>& in) {
+  if (dims.loss != Loss::kMse || !unroll_x_per_step(in.x_step_stride) || in.lr_scale != nullptr)
+    return false;
+  if (in.bias_lr_scale != nullptr)
+    for (int64_t j = 0; j < dims.d_out; ++j)
+      if (!(in.bias_lr_scale[j] == T(1))) return false;
+  return true;
+}
+
+// The chunked forward: the outputs of fast_weight_unroll_forward (out.states is not written),
+// chunks of `chunk` steps.
+template <typename T>
+void fast_weight_unroll_chunked_forward(const UnrollDims& dims, const UnrollInputs<T>& in,
+                                        const UnrollForwardOutputs<T>& out, int64_t chunk,
+                                        int64_t task_begin, int64_t task_end);
+
+// The chunked backward: the gradients of fast_weight_unroll_backward for a call where
+// unroll_chunked_exact holds; reads args.residual (E_t of every step) and never args.states.
+// grad_lr_scale and grad_bias_lr_scale must be null (the caller runs the loop when the last is
+// wanted). `chunk` need not be the forward's: the chunk starts are rebuilt here.
+template <typename T>
+void fast_weight_unroll_chunked_backward(const UnrollDims& dims, const UnrollInputs<T>& in,
+                                         const UnrollBackwardArgs<T>& args, int64_t chunk,
+                                         int64_t task_begin, int64_t task_end);
+
+}  // namespace metakernels
