@@ -71,6 +71,7 @@ test-python: setup
 # triton is imported, hence a pytest of its own.
 test-triton: setup
 	TRITON_INTERPRET=1 $(PY) -m pytest -q tests/test_triton.py tests/test_properties.py -k triton
+	TRITON_INTERPRET=1 $(PY) -m pytest -q tests/test_triton_chunked.py
 	TRITON_INTERPRET=1 $(PY) -m pytest -q tests/test_edge_cases.py tests/test_concurrency.py -k triton
 
 # The wheel, built from a clean copy of the tree, installed into a fresh virtual environment

@@ -138,7 +138,7 @@ def test_reference_matches_fla_naive_delta_rule():
 # --- the cpu backend's chunked path ---------------------------------------------------------------
 
 @contextlib.contextmanager
-def chunked_knobs(force: int, rows: int = 64):
+def chunked_knobs(force: int, rows: int = 32):
     """Force the cpu chunked path on (1) or off (0), chunks of max(1, rows // n) steps."""
     from metakernels.ops import _backends
     module = _backends.kernels("cpu")
@@ -146,7 +146,7 @@ def chunked_knobs(force: int, rows: int = 64):
     try:
         yield
     finally:
-        module.set_chunked_knobs(-1, 64)
+        module.set_chunked_knobs(-1, 32)
 
 
 @needs_cpu
@@ -191,7 +191,7 @@ def test_cpu_chunked_checkpointed(form):
 def test_cpu_chunked_against_fla_naive_delta_rule():
     """The delta rule by the cpu chunked path (default knobs) against fla's recurrence."""
     recurrence = fla_delta_rule_recurrence()
-    batch, heads, length, d_k, d_v = 2, 2, 70, 16, 16
+    batch, heads, length, d_k, d_v = 2, 2, 70, 32, 32
     gen = torch.Generator().manual_seed(9)
     q = torch.randn(batch, heads, length, d_k, generator=gen, dtype=torch.float64)
     k = torch.nn.functional.normalize(
@@ -227,25 +227,27 @@ def test_path_switch():
         inputs.update(overrides)
         return unroll_path(**inputs, backend="cpu")
 
-    inside = Case(per_step=True, steps=2, support=4, d_in=16, d_out=16, queries=2, bias="shared")
+    inside = Case(per_step=True, steps=2, support=16, d_in=128, d_out=8, queries=2,
+                  bias="shared", tasks=2)
     assert path(inside) == "chunked"
-    assert path(Case(**{**inside.__dict__, "support": 5})) == "steps"       # n above the rule
+    assert path(Case(**{**inside.__dict__, "support": 17, "d_in": 160})) == "steps"  # n > 16
+    assert path(Case(**{**inside.__dict__, "d_in": 127})) == "steps"        # 8n > d_in
     assert path(Case(**{**inside.__dict__, "steps": 1})) == "steps"         # T = 1
-    assert path(Case(**{**inside.__dict__, "d_in": 8, "d_out": 31})) == "steps"  # tiny state
+    assert path(Case(**{**inside.__dict__, "d_out": 7})) == "steps"         # d_in·d_out < 1024
     assert path(Case(**{**inside.__dict__, "loss": "ce"})) == "steps"
     assert path(Case(**{**inside.__dict__, "lr_scale": True})) == "steps"
     assert path(Case(**{**inside.__dict__, "per_step": False})) in ("gram", "steps")
-    ones = torch.ones(16, dtype=torch.float64)
+    ones = torch.ones(8, dtype=torch.float64)
     # bias_lr_scale all ones is exact; the forward stores W_t for x's gradient, so "steps/chunked".
     assert path(inside, bias_lr_scale=ones) == "steps/chunked"
     with torch.no_grad():
         assert path(inside, bias_lr_scale=ones) == "chunked"
     assert path(inside, bias_lr_scale=ones.clone().requires_grad_()) == "steps"
-    assert path(inside, bias_lr_scale=torch.full((16,), 1.5, dtype=torch.float64)) == "steps"
+    assert path(inside, bias_lr_scale=torch.full((8,), 1.5, dtype=torch.float64)) == "steps"
     with chunked_knobs(0):
         assert path(inside) == "steps"
     with chunked_knobs(1):
-        assert path(Case(**{**inside.__dict__, "support": 5})) == "chunked"
+        assert path(Case(**{**inside.__dict__, "d_in": 127})) == "chunked"
         assert path(Case(**{**inside.__dict__, "lr_scale": True})) == "steps"
 
 

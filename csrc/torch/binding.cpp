@@ -46,7 +46,7 @@ bool backward_runs_gram(const metakernels::UnrollDims& d, const metakernels::Unr
 // is wanted. Chunks of chunked_chunk_steps(n) steps. The knobs (set_chunked_knobs): force the
 // path on (1) or off (0) instead of unroll_chunked_cheaper (-1), and the rows of a chunk.
 struct ChunkedKnobs {
-  int64_t force = -1, rows = 64;
+  int64_t force = -1, rows = 32;
 };
 ChunkedKnobs& chunked_knobs() {
   static ChunkedKnobs knobs;
@@ -296,7 +296,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       },
       "The chunked path's knobs, for tests and measurements: force it on (1), off (0) or leave "
       "it to the size rule (-1), and the stacked rows of a chunk (chunk = max(1, rows // n) "
-      "steps; default 64).");
+      "steps; default 32).");
   m.def("set_poison_outputs", [](bool poison) { poison_outputs() = poison; },
         "Fill every output with NaN before the kernels write it (for tests).");
 }

@@ -168,14 +168,14 @@ def _plan(weight, x, y, lr, steps, loss, bias, lr_scale, bias_lr_scale, queries,
 
 
 def _chunked_backward(backend: str, loss: int, weight, x, lr_scale, bias_lr_scale) -> bool:
-    """Whether the backward of this call runs the cpu backend's chunked path (mse, 4-D x, no
+    """Whether the backward of this call runs the chunked path (cpu, triton; mse, 4-D x, no
     lr_scale or bias_lr_scale, sizes where it is expected to be faster: README, "The chunked
     form"), which needs no W_t: then the forward keeps none. From shapes and flags only (with
     bias_lr_scale given, all ones, the kernels may still take it; the forward then keeps W_t)."""
-    if backend != "cpu" or loss != LOSS_CODES["mse"] or x.dim() != 4 or lr_scale is not None \
-            or bias_lr_scale is not None:
+    if backend not in ("cpu", "triton") or loss != LOSS_CODES["mse"] or x.dim() != 4 \
+            or lr_scale is not None or bias_lr_scale is not None:
         return False
-    return _backends.kernels("cpu").chunked_expected(
+    return _backends.kernels(backend).chunked_expected(
         x.shape[1], x.shape[2], weight.shape[-2], weight.shape[-1])
 
 

@@ -271,7 +271,10 @@ def chunked_applies(x, loss, lr_scale, bias_lr_scale) -> bool:
     absent or all ones (read here: the Triton launchers see real tensors)."""
     if loss != 0 or x.dim() != 4 or lr_scale is not None:
         return False
-    return bias_lr_scale is None or bool((bias_lr_scale == 1).all())
+    if bias_lr_scale is None:
+        return True
+    # meta tensors (compile-only checks) have no values: not known to be ones.
+    return bias_lr_scale.device.type != "meta" and bool((bias_lr_scale == 1).all())
 
 
 class _Chunked:
@@ -400,3 +403,65 @@ def chunked_backward(weight, x, targets, lr, bias, queries, residual, grad_weigh
         _launch.no_output(u.weight),
         finish(want[7], grad_queries_part, True),
     ]
+
+
+# --- which kernels a call runs (the triton backend's counterpart of the cpu binding's choice) ----
+
+# Force the chunked kernels on (1) or off (0) instead of chunked_expected's size rule (-1).
+_FORCE = -1
+
+
+def set_chunked_knobs(force: int, rows: int) -> None:
+    """The chunked kernels' knobs, as the cpu module's: force them on (1), off (0) or leave them
+    to the size rule (-1), and the stacked rows of a chunk (a power of two ≥ 16)."""
+    global _FORCE, CHUNK_ROWS
+    _FORCE, CHUNK_ROWS = int(force), int(rows)
+
+
+def chunked_expected(steps: int, n: int, d_in: int, d_out: int) -> bool:
+    """Whether the chunked kernels run at these sizes when they apply: T ≥ 2 and n ≤ 16 (a
+    chunk then holds at least CHUNK_ROWS // 16 steps). Not yet measured on a GPU: the rule
+    follows the cpu backend's (bench/gpu/check.sh times both on delta-rule)."""
+    if _FORCE >= 0:
+        return _FORCE == 1
+    return steps >= 2 and n <= 16
+
+
+def _runs_chunked(weight, x, lr, loss, lr_scale, bias_lr_scale) -> bool:
+    return (lr.shape[0] > 0 and chunked_applies(x, loss, lr_scale, bias_lr_scale)
+            and chunked_expected(lr.shape[1], x.shape[-2], weight.shape[-2], weight.shape[-1]))
+
+
+def unroll_forward(weight, x, targets, lr, bias, lr_scale, bias_lr_scale, queries, loss,
+                   store_states):
+    """metakernels/_C.pyi's unroll_forward: the chunked kernels where they apply and no W_t is
+    to be stored, else the step kernels."""
+    from metakernels.triton import fast_weight_unroll as steps
+    if not store_states and _runs_chunked(weight, x, lr, loss, lr_scale, bias_lr_scale):
+        return chunked_forward(weight, x, targets, lr, bias, queries)
+    return steps.unroll_forward(weight, x, targets, lr, bias, lr_scale, bias_lr_scale, queries,
+                                loss, store_states)
+
+
+def unroll_backward(weight, x, targets, lr, bias, lr_scale, bias_lr_scale, queries, residual,
+                    states, weight_final, grad_weight_final, grad_bias_final, grad_readout, loss,
+                    first_order, wanted):
+    """metakernels/_C.pyi's unroll_backward: the chunked kernels where they apply (they read no
+    W_t) unless bias_lr_scale's gradient is wanted, else the step kernels."""
+    from metakernels.triton import fast_weight_unroll as steps
+    if not wanted[6] and _runs_chunked(weight, x, lr, loss, lr_scale, bias_lr_scale):
+        return chunked_backward(weight, x, targets, lr, bias, queries, residual,
+                                grad_weight_final, grad_bias_final, grad_readout, first_order,
+                                wanted)
+    return steps.unroll_backward(weight, x, targets, lr, bias, lr_scale, bias_lr_scale, queries,
+                                 residual, states, weight_final, grad_weight_final,
+                                 grad_bias_final, grad_readout, loss, first_order, wanted)
+
+
+def unroll_path(weight, x, targets, lr, bias, lr_scale, bias_lr_scale, queries, loss,
+                store_states, grad_bias_lr_scale) -> str:
+    """"chunked", "steps" or "steps/chunked" (forward/backward), as the cpu module's."""
+    runs = _runs_chunked(weight, x, lr, loss, lr_scale, bias_lr_scale)
+    forward = "chunked" if runs and not store_states else "steps"
+    backward = "chunked" if runs and not grad_bias_lr_scale else "steps"
+    return forward if forward == backward else f"{forward}/{backward}"

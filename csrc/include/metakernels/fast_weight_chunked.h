@@ -19,20 +19,21 @@
 
 namespace metakernels {
 
-// The chunk length in steps for n rows per step: about 64 stacked rows (the products' inner
-// size), at least one step. A knob: chunked_rows_target.
-inline int64_t chunked_chunk_steps(int64_t n, int64_t rows_target = 64) {
+// The chunk length in steps for n rows per step: about rows_target stacked rows (the products'
+// inner size), at least one step. rows_target is a knob (set_chunked_knobs); 32 measured best
+// on the CPU at n = 1 … 16, d = 128 (README, "The chunked form").
+inline int64_t chunked_chunk_steps(int64_t n, int64_t rows_target = 32) {
   const int64_t steps = rows_target / (n > 0 ? n : 1);
   return steps > 1 ? steps : 1;
 }
 
-// Whether the chunked path is expected to beat the step loop for these sizes. The step loop's
-// rank-n updates of a d_in × d_out state are bound by memory traffic while n is small; from
-// about 8 rows a step they are products in their own right and the chunked path's extra C·n·D
-// per row (K Kᵀ, the solve) costs more than it saves. T ≥ 2 (one step is one chunk of the loop).
-// Measured: bench/chunked_switch.py, README "The chunked form".
+// Whether the chunked path is expected to beat the step loop for these sizes (measured with
+// bench/cpu_chunked.py --switch, README "The chunked form"): the step loop's rank-n updates of
+// the d_in × d_out state run at the speed of memory while n is small next to d_in, and the
+// chunked path turns them into products; it wins from n = 1 (≈6×) to n = 16 at d_in = 128
+// (≈1.1×), and loses on states too small for products to pay (d_in·d_out < 1024). T ≥ 2.
 inline bool unroll_chunked_cheaper(int64_t steps, int64_t n, int64_t d_in, int64_t d_out) {
-  return steps >= 2 && n <= 4 && d_in * d_out >= 256;
+  return steps >= 2 && n <= 16 && 8 * n <= d_in && d_in * d_out >= 1024;
 }
 
 // Whether the chunked path computes this call exactly: mse, 4-D x, no lr_scale, bias_lr_scale
