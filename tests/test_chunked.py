@@ -191,7 +191,7 @@ def test_cpu_chunked_checkpointed(form):
 def test_cpu_chunked_against_fla_naive_delta_rule():
     """The delta rule by the cpu chunked path (default knobs) against fla's recurrence."""
     recurrence = fla_delta_rule_recurrence()
-    batch, heads, length, d_k, d_v = 2, 2, 70, 32, 32
+    batch, heads, length, d_k, d_v = 2, 2, 70, 64, 64
     gen = torch.Generator().manual_seed(9)
     q = torch.randn(batch, heads, length, d_k, generator=gen, dtype=torch.float64)
     k = torch.nn.functional.normalize(
@@ -221,34 +221,56 @@ def test_cpu_chunked_against_fla_naive_delta_rule():
 
 @needs_cpu
 def test_path_switch():
-    """The chunked path runs just inside its conditions and not just outside them."""
-    def path(case, **overrides):
+    """The chunked path runs just inside its conditions and not just outside them: the size
+    rule without stored states (the init's meta-gradient; the forward always) and with them
+    (x's or the queries' gradient wanted, where the step loop would store W_t)."""
+    def path(case, states=True, **overrides):
         inputs = make_inputs(case, seed=4)
         inputs.update(overrides)
+        if not states:
+            for name in ("x", "queries"):
+                if isinstance(inputs.get(name), torch.Tensor):
+                    inputs[name].requires_grad_(False)
         return unroll_path(**inputs, backend="cpu")
 
-    inside = Case(per_step=True, steps=2, support=16, d_in=128, d_out=8, queries=2,
-                  bias="shared", tasks=2)
-    assert path(inside) == "chunked"
-    assert path(Case(**{**inside.__dict__, "support": 17, "d_in": 160})) == "steps"  # n > 16
-    assert path(Case(**{**inside.__dict__, "d_in": 127})) == "steps"        # 8n > d_in
-    assert path(Case(**{**inside.__dict__, "steps": 1})) == "steps"         # T = 1
-    assert path(Case(**{**inside.__dict__, "d_out": 7})) == "steps"         # d_in·d_out < 1024
-    assert path(Case(**{**inside.__dict__, "loss": "ce"})) == "steps"
-    assert path(Case(**{**inside.__dict__, "lr_scale": True})) == "steps"
-    assert path(Case(**{**inside.__dict__, "per_step": False})) in ("gram", "steps")
-    ones = torch.ones(8, dtype=torch.float64)
-    # bias_lr_scale all ones is exact; the forward stores W_t for x's gradient, so "steps/chunked".
-    assert path(inside, bias_lr_scale=ones) == "steps/chunked"
+    def case(**changes):
+        base = dict(per_step=True, tasks=2, steps=2, support=2, d_in=64, d_out=64, queries=4,
+                    bias="shared")
+        return Case(**{**base, **changes})
+
+    # Without stored states: n ≤ 2, m ≤ 2n, d_in ≥ 64, d_in·d_out ≥ 4096, T ≥ 2.
+    assert path(case(), states=False) == "chunked"
+    assert path(case(support=3), states=False) == "steps"
+    assert path(case(queries=5), states=False) == "steps"
+    assert path(case(d_in=63, d_out=70), states=False) == "steps"
+    assert path(case(d_out=63), states=False) == "steps"
+    assert path(case(steps=1), states=False) == "steps"
+    # With them: the forward by the rule above, the backward for n ≤ 16, 8n ≤ d_in,
+    # d_in·d_out ≥ 1024.
+    assert path(case()) == "chunked"
+    assert path(case(support=3)) == "steps/chunked"
+    wide = dict(support=16, d_in=128, d_out=8, queries=2)
+    assert path(case(**wide)) == "steps/chunked"
+    assert path(case(**{**wide, "support": 17, "d_in": 160})) == "steps"
+    assert path(case(**{**wide, "d_in": 127})) == "steps"
+    assert path(case(**{**wide, "d_out": 7})) == "steps"
+    assert path(case(steps=1)) == "steps"
+    # Outside the exact conditions.
+    assert path(case(loss="ce")) == "steps"
+    assert path(case(lr_scale=True)) == "steps"
+    assert "chunked" not in path(case(per_step=False))  # 3-D x: the Gram path or the loop
+    ones = torch.ones(64, dtype=torch.float64)
+    # bias_lr_scale all ones is exact; ops cannot see its values, so the forward stores W_t.
+    assert path(case(), bias_lr_scale=ones) == "steps/chunked"
     with torch.no_grad():
-        assert path(inside, bias_lr_scale=ones) == "chunked"
-    assert path(inside, bias_lr_scale=ones.clone().requires_grad_()) == "steps"
-    assert path(inside, bias_lr_scale=torch.full((8,), 1.5, dtype=torch.float64)) == "steps"
+        assert path(case(), bias_lr_scale=ones) == "chunked"
+    assert path(case(), bias_lr_scale=ones.clone().requires_grad_()) == "steps"
+    assert path(case(), bias_lr_scale=torch.full((64,), 1.5, dtype=torch.float64)) == "steps"
     with chunked_knobs(0):
-        assert path(inside) == "steps"
+        assert path(case()) == "steps"
     with chunked_knobs(1):
-        assert path(Case(**{**inside.__dict__, "d_in": 127})) == "chunked"
-        assert path(Case(**{**inside.__dict__, "lr_scale": True})) == "steps"
+        assert path(case(support=3), states=False) == "chunked"
+        assert path(case(lr_scale=True)) == "steps"
 
 
 # --- numerics: float32 over long unrolls ----------------------------------------------------------

@@ -270,8 +270,11 @@ def unroll_problems(draw, dtype=F64, budget: int = BUDGET) -> Unroll:
     # Half the draws: the forms and sizes where the cpu backend may run its Gram-space path (mse,
     # 3-D x, T >= 2, no lr_scale, bias_lr_scale absent or ones, n small next to d_in).
     gram = draw(st.booleans(), label="gram")
-    loss = "mse" if gram else draw(st.sampled_from(["mse", "ce"]), label="loss")
-    per_step = False if gram else draw(st.booleans(), label="per_step")
+    # Half the others: where it may run its chunked path (mse, 4-D x, T >= 2, no lr_scale,
+    # bias_lr_scale absent or ones, n small next to d_in, few query rows, d_in·d_out >= 1024).
+    chunked = not gram and draw(st.booleans(), label="chunked")
+    loss = "mse" if gram or chunked else draw(st.sampled_from(["mse", "ce"]), label="loss")
+    per_step = chunked or (False if gram else draw(st.booleans(), label="per_step"))
     readout = draw(st.sampled_from([None, "rows", "empty"]), label="readout")
     ranges = dict(tasks=(1, MAX_SIZE), steps=(1, max_steps), support=(1, MAX_SIZE),
                   d_in=(1, MAX_SIZE), d_out=(1, MAX_SIZE),
@@ -279,6 +282,10 @@ def unroll_problems(draw, dtype=F64, budget: int = BUDGET) -> Unroll:
     if gram:
         ranges.update(steps=(min(2, max_steps), max_steps), support=(1, 6), d_in=(16, MAX_SIZE))
         order = ["support", "d_in", "steps", "d_out", "tasks", "queries"]
+    elif chunked:
+        ranges.update(steps=(min(2, max_steps), max_steps), support=(1, 4), d_in=(32, MAX_SIZE),
+                      d_out=(32, MAX_SIZE), queries=(1, 2) if readout == "rows" else (0, 0))
+        order = ["support", "d_in", "d_out", "steps", "tasks", "queries"]
     else:
         order = draw(st.permutations(list(ranges)), label="order")
     sizes = draw_sizes(draw, ranges, budget, order)
@@ -286,14 +293,15 @@ def unroll_problems(draw, dtype=F64, budget: int = BUDGET) -> Unroll:
     bias = draw(st.sampled_from([None, "shared", "task"]), label="bias")
     bias_lr_scale = None
     if bias is not None:
-        bias_lr_scale = draw(st.sampled_from([None, "ones"] if gram else [None, "random", "ones"]),
+        bias_lr_scale = draw(st.sampled_from([None, "ones"] if gram or chunked
+                                             else [None, "random", "ones"]),
                              label="bias_lr_scale")
     case = Case(
         loss=loss, per_step=per_step, **sizes,
         weight=draw(st.sampled_from(["shared", "task"]), label="weight"), bias=bias,
         lr_form=draw(st.sampled_from(["float", "scalar", "one", "steps", "one-one", "row",
                                       "tasks", "full"]), label="lr_form"),
-        lr_scale=False if gram else draw(st.booleans(), label="lr_scale"),
+        lr_scale=False if gram or chunked else draw(st.booleans(), label="lr_scale"),
         bias_lr_scale=bias_lr_scale is not None,
         first_order=draw(st.booleans(), label="first_order"))
 
@@ -596,9 +604,10 @@ def test_regression_ce_weight_equal_across_classes():
 
 @pytest.mark.skipif("cpu" not in AVAILABLE, reason="the cpu backend is not built")
 @pytest.mark.parametrize("path", ["gram", "steps", "steps/gram", "gram/steps",
-                                  "gram + checkpoint", "steps + checkpoint"])
+                                  "gram + checkpoint", "steps + checkpoint", "chunked",
+                                  "steps/chunked", "chunked + checkpoint"])
 def test_strategy_reaches_every_cpu_path(path):
-    """The strategy reaches both algorithms of the cpu backend (metakernels.ops.unroll_path), and
+    """The strategy reaches every algorithm of the cpu backend (metakernels.ops.unroll_path), and
     each forward/backward mix, with and without checkpointing."""
 
     def runs(problem):

@@ -22,6 +22,19 @@ namespace metakernels {
 
 namespace {
 
+// C (+)= alpha A B for the chunk's K̃ S-shaped products (rows × D by D × d_out), one panel of
+// B's columns at a time: a D × panel slice of B (16.5 KB at D = 129 in float32) stays in L1
+// while every row block of A passes over it, where the whole of B (66 KB) would be streamed
+// from L2 once per row block.
+template <typename T>
+void gemm_panels(int64_t rows, int64_t inner, int64_t cols, T alpha, const T* a, int64_t lda,
+                 const T* b, int64_t ldb, bool accumulate, T* c, int64_t ldc) {
+  constexpr int64_t kPanel = cpu::kBlockVectors * cpu::Vec<T>::lanes;
+  for (int64_t j = 0; j < cols; j += kPanel)
+    cpu::gemm<T>(rows, inner, std::min(kPanel, cols - j), alpha, a, lda, b + j, ldb, accumulate,
+                 c + j, ldc);
+}
+
 // One task's chunk: the stacked rows and what the forward and backward build from them.
 // Sizes: rows = C·n (at most), cols D = d_in + [bias], q = C·m.
 template <typename T>
@@ -67,28 +80,27 @@ struct Chunk {
     }
   }
 
-  // The blocks of G = K̃ K̃ᵀ left of the diagonal blocks: row block j, columns [0, j n).
+  // G = K̃ K̃ᵀ [rows, rows], of which only the blocks left of the diagonal blocks are read. One
+  // product of the whole square (twice the blocks needed) runs faster than a product per row
+  // block, whose first blocks are too narrow for the vector kernel.
   void build_gram() {
-    for (int64_t j = 1; j < steps; ++j)
-      cpu::gemm<T>(n, dim, j * n, T(1), keys.data() + j * n * dim, dim, keys_t.data(), rows,
-                   false, gram.data() + j * n * max_rows, max_rows);
+    cpu::gemm<T>(rows, dim, rows, T(1), keys.data(), dim, keys_t.data(), rows, false,
+                 gram.data(), max_rows);
   }
 
   // Q̃ K̃ᵀ where the query's step s sees the rows of steps ≤ s (N), zero elsewhere: [q, rows].
   void build_cross() {
-    for (int64_t s = 0; s < steps; ++s) {
-      T* out = cross.data() + s * m * max_rows;
-      const int64_t seen = (s + 1) * n;
-      cpu::gemm<T>(m, dim, seen, T(1), query_keys.data() + s * m * dim, dim, keys_t.data(),
-                   rows, false, out, max_rows);
-      for (int64_t i = 0; i < m; ++i)
-        std::fill(out + i * max_rows + seen, out + i * max_rows + rows, T(0));
+    cpu::gemm<T>(queries, dim, rows, T(1), query_keys.data(), dim, keys_t.data(), rows, false,
+                 cross.data(), max_rows);
+    for (int64_t i = 0; i < queries; ++i) {
+      T* out = cross.data() + i * max_rows;
+      std::fill(out + (i / m + 1) * n, out + rows, T(0));
     }
   }
 
-  // weighted = diag(β) R.
-  void weigh() {
-    for (int64_t r = 0; r < rows; ++r)
+  // weighted = diag(β) R, rows [begin, end).
+  void weigh(int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r)
       for (int64_t j = 0; j < d_out; ++j)
         weighted[r * d_out + j] = beta[r] * residual[r * d_out + j];
   }
@@ -132,8 +144,8 @@ void fast_weight_unroll_chunked_forward(const UnrollDims& dims, const UnrollInpu
       c.load(in, b, T_, start, steps);
       c.build_gram();
       // V = K̃ S − Y, then row block by row block R_j = V_j − G_{j,<j} diag(β) R_{<j}.
-      cpu::gemm<T>(c.rows, dim, d_out, T(1), c.keys.data(), dim, state.data(), d_out, false,
-                   c.residual.data(), d_out);
+      gemm_panels<T>(c.rows, dim, d_out, T(1), c.keys.data(), dim, state.data(), d_out, false,
+                     c.residual.data(), d_out);
       for (int64_t s = 0; s < steps; ++s) {
         const T* y = cpu::at_step(in.y, in.y_task_stride, in.y_step_stride, b, start + s);
         T* r = c.residual.data() + s * n * d_out;
@@ -141,8 +153,7 @@ void fast_weight_unroll_chunked_forward(const UnrollDims& dims, const UnrollInpu
         if (s > 0)
           cpu::gemm<T>(n, s * n, d_out, T(-1), c.gram.data() + s * n * c.max_rows, c.max_rows,
                        c.weighted.data(), d_out, true, r, d_out);
-        for (int64_t k = 0; k < n * d_out; ++k)
-          c.weighted[s * n * d_out + k] = c.beta[s * n + k / d_out] * r[k];
+        c.weigh(s * n, (s + 1) * n);
         // E_t = R_t / n, ℓ_t = ½‖R_t‖² / n.
         T* e = out.residual + (b * T_ + start + s) * n * d_out;
         for (int64_t k = 0; k < n * d_out; ++k) e[k] = r[k] * inv_n;
@@ -153,8 +164,8 @@ void fast_weight_unroll_chunked_forward(const UnrollDims& dims, const UnrollInpu
         c.load_queries(in, b, T_, start);
         c.build_cross();
         T* readout = out.readout + (b * T_ + start) * m * d_out;
-        cpu::gemm<T>(c.queries, dim, d_out, T(1), c.query_keys.data(), dim, state.data(), d_out,
-                     false, readout, d_out);
+        gemm_panels<T>(c.queries, dim, d_out, T(1), c.query_keys.data(), dim, state.data(),
+                       d_out, false, readout, d_out);
         cpu::gemm<T>(c.queries, c.rows, d_out, T(-1), c.cross.data(), c.max_rows,
                      c.weighted.data(), d_out, true, readout, d_out);
       }
@@ -193,7 +204,7 @@ void fast_weight_unroll_chunked_backward(const UnrollDims& dims, const UnrollInp
       c.load(in, b, T_, start, chunk);
       for (int64_t k = 0; k < c.rows * d_out; ++k)
         c.residual[k] = T(n) * residual_all[start * n * d_out + k];
-      c.weigh();
+      c.weigh(0, c.rows);
       std::memcpy(starts.data() + (index + 1) * state_size, starts.data() + index * state_size,
                   sizeof(T) * state_size);
       advance_state(c, starts.data() + (index + 1) * state_size);
@@ -220,8 +231,8 @@ void fast_weight_unroll_chunked_backward(const UnrollDims& dims, const UnrollInp
 
       // Through S′ = S − K̃ᵀ diag(β) R: R̂ = −diag(β) K̃ Ŝ′, β̂ = −rowsum(K̃ Ŝ′ ∘ R),
       // K̂ = −diag(β) R Ŝ′ᵀ.
-      cpu::gemm<T>(rows, dim, d_out, T(1), c.keys.data(), dim, state_adj.data(), d_out, false,
-                   pushed.data(), d_out);
+      gemm_panels<T>(rows, dim, d_out, T(1), c.keys.data(), dim, state_adj.data(), d_out, false,
+                     pushed.data(), d_out);
       for (int64_t r = 0; r < rows; ++r) {
         beta_adj[r] = -cpu::dot(d_out, pushed.data() + r * d_out, c.residual.data() + r * d_out);
         for (int64_t j = 0; j < d_out; ++j)
@@ -289,28 +300,33 @@ void fast_weight_unroll_chunked_backward(const UnrollDims& dims, const UnrollInp
             cpu::gemm_tn<T>(n, later, d_out, T(1), c.gram.data() + (s + 1) * n * R + s * n, R,
                             nullptr, value_adj.data() + (s + 1) * n * d_out, d_out, false, v,
                             d_out);
-            for (int64_t k = 0; k < n * d_out; ++k)
-              v[k] = residual_adj[s * n * d_out + k] - c.beta[s * n + k / d_out] * v[k];
+            for (int64_t i = 0; i < n; ++i) {
+              const T beta = c.beta[s * n + i];
+              for (int64_t j = 0; j < d_out; ++j)
+                v[i * d_out + j] = residual_adj[(s * n + i) * d_out + j] - beta * v[i * d_out + j];
+            }
           } else {
             std::memcpy(v, residual_adj.data() + s * n * d_out, sizeof(T) * n * d_out);
           }
         }
         // product = Ĝ + Ĝᵀ with Ĝ_{r r'} = −(V̂ Rᵀ)_{r r'} β_{r'} below the diagonal blocks;
-        // β̂_{r'} −= Σ_r (V̂ Rᵀ)_{r r'} G_{r r'}.
-        std::fill(product.begin(), product.begin() + rows * R, T(0));
-        for (int64_t s = 1; s < steps; ++s) {
-          T* h = product.data() + s * n * R;
-          cpu::gemm<T>(n, d_out, s * n, T(1), value_adj.data() + s * n * d_out, d_out,
-                       c.residual_t.data(), rows, false, h, R);
-          for (int64_t i = 0; i < n; ++i)
-            for (int64_t r = 0; r < s * n; ++r) {
-              const T hv = h[i * R + r];
-              beta_adj[r] -= hv * c.gram[(s * n + i) * R + r];
-              h[i * R + r] = -hv * c.beta[r];
+        // β̂_{r'} −= Σ_r (V̂ Rᵀ)_{r r'} G_{r r'}. Only for x's or lr's gradient.
+        if (want_x || args.grad_lr) {
+          cpu::gemm<T>(rows, d_out, rows, T(1), value_adj.data(), d_out, c.residual_t.data(),
+                       rows, false, product.data(), R);
+          for (int64_t i = 0; i < rows; ++i) {
+            T* h = product.data() + i * R;
+            const T* g = c.gram.data() + i * R;
+            const int64_t earlier = i - i % n;
+            for (int64_t r = 0; r < earlier; ++r) {
+              beta_adj[r] -= h[r] * g[r];
+              h[r] = -h[r] * c.beta[r];
             }
+            std::fill(h + earlier, h + rows, T(0));
+          }
+          for (int64_t i = 0; i < rows; ++i)
+            for (int64_t r = 0; r < i - i % n; ++r) product[r * R + i] = product[i * R + r];
         }
-        for (int64_t i = 0; i < rows; ++i)
-          for (int64_t r = 0; r < i - i % n; ++r) product[r * R + i] = product[i * R + r];
         // Ŝ += K̃ᵀ V̂; K̂ += V̂ Sᵀ + (Ĝ + Ĝᵀ) K̃; Ŷ = −V̂.
         cpu::gemm<T>(dim, rows, d_out, T(1), c.keys_t.data(), rows, value_adj.data(), d_out, true,
                      new_adj.data(), d_out);

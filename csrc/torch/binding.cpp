@@ -53,15 +53,19 @@ ChunkedKnobs& chunked_knobs() {
   return knobs;
 }
 
-bool chunked_expected(int64_t steps, int64_t n, int64_t d_in, int64_t d_out) {
+bool chunked_expected(int64_t steps, int64_t n, int64_t d_in, int64_t d_out, int64_t m,
+                      bool wants_states) {
   const auto& k = chunked_knobs();
-  return k.force >= 0 ? k.force == 1 : metakernels::unroll_chunked_cheaper(steps, n, d_in, d_out);
+  return k.force >= 0 ? k.force == 1
+                      : metakernels::unroll_chunked_cheaper(steps, n, d_in, d_out, m, wants_states);
 }
 
 template <typename T>
-bool runs_chunked(const metakernels::UnrollDims& d, const metakernels::UnrollInputs<T>& in) {
+bool runs_chunked(const metakernels::UnrollDims& d, const metakernels::UnrollInputs<T>& in,
+                  bool wants_states) {
   return d.tasks > 0 && metakernels::unroll_chunked_exact(d, in) &&
-         chunked_expected(d.steps, d.support, d.d_in, d.d_out);
+         chunked_expected(d.steps, d.support, d.d_in, d.d_out, in.queries ? d.queries : 0,
+                          wants_states);
 }
 
 int64_t chunk_steps(int64_t n) { return metakernels::chunked_chunk_steps(n, chunked_knobs().rows); }
@@ -69,13 +73,14 @@ int64_t chunk_steps(int64_t n) { return metakernels::chunked_chunk_steps(n, chun
 template <typename T>
 bool forward_runs_chunked(const metakernels::UnrollDims& d,
                           const metakernels::UnrollInputs<T>& in, bool store_states) {
-  return !store_states && runs_chunked(d, in);
+  return !store_states && runs_chunked(d, in, false);
 }
 
 template <typename T>
 bool backward_runs_chunked(const metakernels::UnrollDims& d,
-                           const metakernels::UnrollInputs<T>& in, bool grad_bias_lr_scale) {
-  return !grad_bias_lr_scale && runs_chunked(d, in);
+                           const metakernels::UnrollInputs<T>& in, bool grad_bias_lr_scale,
+                           bool wants_states) {
+  return !grad_bias_lr_scale && runs_chunked(d, in, wants_states);
 }
 
 // "gram" or "steps" for the forward and the backward of a call with these arguments, as
@@ -84,7 +89,7 @@ std::string unroll_path(const Tensor& weight, const Tensor& x, const Tensor& tar
                         const Tensor& lr, const optional<Tensor>& bias,
                         const optional<Tensor>& lr_scale, const optional<Tensor>& bias_lr_scale,
                         const optional<Tensor>& queries, int64_t loss, bool store_states,
-                        bool grad_bias_lr_scale) {
+                        bool grad_bias_lr_scale, bool wants_states) {
   const Unroll u(weight, x, targets, lr, bias, lr_scale, bias_lr_scale, queries, loss,
                  /*strided_tasks=*/true);
   std::string forward, backward;
@@ -94,7 +99,7 @@ std::string unroll_path(const Tensor& weight, const Tensor& x, const Tensor& tar
               : forward_runs_chunked(u.dims, in, store_states) ? "chunked"
                                                                : "steps";
     backward = backward_runs_gram(u.dims, in, grad_bias_lr_scale)      ? "gram"
-               : backward_runs_chunked(u.dims, in, grad_bias_lr_scale) ? "chunked"
+               : backward_runs_chunked(u.dims, in, grad_bias_lr_scale, wants_states) ? "chunked"
                                                                        : "steps";
   });
   return forward == backward ? forward : forward + "/" + backward;
@@ -161,9 +166,11 @@ std::vector<Tensor> unroll_backward(const Tensor& weight, const Tensor& x, const
                  /*strided_tasks=*/true);
   const auto& d = u.dims;
   const auto opts = u.weight.options();
-  bool states_needed = (wanted[1] && !first_order) || wanted[7];
+  const bool wants_states = (wanted[1] && !first_order) || wanted[7];
+  bool states_needed = wants_states;
   AT_DISPATCH_FLOATING_TYPES(u.weight.scalar_type(), "unroll_backward_path", [&] {
-    if (backward_runs_chunked(d, u.inputs<scalar_t>(), wanted[6])) states_needed = false;
+    if (backward_runs_chunked(d, u.inputs<scalar_t>(), wanted[6], wants_states))
+      states_needed = false;
   });
   TORCH_CHECK(!states_needed || states.dim() == 4,
               "metakernels internal error: the backward needs the stored fast weights");
@@ -204,7 +211,7 @@ std::vector<Tensor> unroll_backward(const Tensor& weight, const Tensor& x, const
     args.grad_bias_lr_scale = out_ptr_or_null<scalar_t>(grad_bias_lr_scale);
     args.grad_queries = out_ptr_or_null<scalar_t>(grad_queries);
     const bool gram = backward_runs_gram(d, in, wanted[6]);
-    const bool chunked = !gram && backward_runs_chunked(d, in, wanted[6]);
+    const bool chunked = !gram && backward_runs_chunked(d, in, wanted[6], wants_states);
     // A shared init on the Gram path: each thread sums its tasks' gradients into its own
     // [d_in, d_out] slot, instead of every task writing [d_in, d_out] to be reduced after.
     sum_per_thread = gram && wanted[0] && weight.dim() == 2;
@@ -284,10 +291,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_hvp", &linear_hvp, without_gil);
   m.def("unroll_path", &unroll_path,
         "Which algorithm unroll_forward/_backward run for these arguments: 'gram' (the Gram-space "
-        "path of mse with 3-D x), 'steps' (the step loop), or 'steps/gram' (forward/backward).");
+        "path of mse with 3-D x), 'chunked' (mse with 4-D x), 'steps' (the step loop), or "
+        "'forward/backward' where they differ.");
   m.def("chunked_expected", &chunked_expected,
-        "Whether the chunked path (mse, 4-D x) runs at these sizes (steps, n, d_in, d_out) when it "
-        "applies: metakernels/ops keeps no W_t for a call that may take it.");
+        "Whether the chunked path (mse, 4-D x) runs at these sizes (steps, n, d_in, d_out, m, "
+        "wants_states: x's or the queries' gradient wanted) when it applies: metakernels/ops "
+        "keeps no W_t for a call whose backward takes it.");
   m.def(
       "set_chunked_knobs",
       [](int64_t force, int64_t rows) {

@@ -155,9 +155,8 @@ def _plan(weight, x, y, lr, steps, loss, bias, lr_scale, bias_lr_scale, queries,
     weight, x, y, lr, steps, bias, lr_scale, bias_lr_scale, queries = args
     which = _backends.resolve(backend, weight.device, weight.dtype)
     grad = torch.is_grad_enabled()
-    store_states = grad and (
-        (x.requires_grad and not first_order) or (queries is not None and queries.requires_grad)
-    ) and not _chunked_backward(which, LOSS_CODES[loss], weight, x, lr_scale, bias_lr_scale)
+    store_states = _wants_states(x, queries, first_order) and not _chunked_backward(
+        which, LOSS_CODES[loss], weight, x, lr_scale, bias_lr_scale, queries)
     if checkpoint is None:
         tasks, support, d_in, d_out = x.shape[0], x.shape[-2], weight.shape[-2], weight.shape[-1]
         per_step = support * d_out + (d_in * d_out if store_states else 0)
@@ -167,16 +166,26 @@ def _plan(weight, x, y, lr, steps, loss, bias, lr_scale, bias_lr_scale, queries,
     return _Plan(args, which, store_states, segment)
 
 
-def _chunked_backward(backend: str, loss: int, weight, x, lr_scale, bias_lr_scale) -> bool:
-    """Whether the backward of this call runs the chunked path (cpu, triton; mse, 4-D x, no
-    lr_scale or bias_lr_scale, sizes where it is expected to be faster: README, "The chunked
-    form"), which needs no W_t: then the forward keeps none. From shapes and flags only (with
-    bias_lr_scale given, all ones, the kernels may still take it; the forward then keeps W_t)."""
+def _wants_states(x, queries, first_order) -> bool:
+    """Whether the backward wants W_t of every step, in the current grad mode: x's gradient in
+    second order, or the queries'."""
+    return torch.is_grad_enabled() and (
+        (x.requires_grad and not first_order) or (queries is not None and queries.requires_grad))
+
+
+def _chunked_backward(backend: str, loss: int, weight, x, lr_scale, bias_lr_scale,
+                      queries) -> bool:
+    """Whether the backward of a call that wants W_t (x's gradient in second order, or the
+    queries') runs the chunked path instead (cpu, triton; mse, 4-D x, no lr_scale or
+    bias_lr_scale, sizes where it is expected to be faster: README, "The chunked form"), which
+    needs none: then the forward keeps none. From shapes and flags only (with bias_lr_scale
+    given, all ones, the kernels may still take it; the forward then keeps W_t)."""
     if backend not in ("cpu", "triton") or loss != LOSS_CODES["mse"] or x.dim() != 4 \
             or lr_scale is not None or bias_lr_scale is not None:
         return False
     return _backends.kernels(backend).chunked_expected(
-        x.shape[1], x.shape[2], weight.shape[-2], weight.shape[-1])
+        x.shape[1], x.shape[2], weight.shape[-2], weight.shape[-1],
+        0 if queries is None else queries.shape[2], True)
 
 
 def unroll_path(weight: Tensor, x: Tensor, y: Tensor, lr, *, steps: int | None = None,
@@ -201,7 +210,8 @@ def unroll_path(weight: Tensor, x: Tensor, y: Tensor, lr, *, steps: int | None =
         path = module.unroll_path(
             weight, x, y, lr, bias, lr_scale, bias_lr_scale, queries, LOSS_CODES[loss],
             plan.store_states and not plan.segment,
-            bias_lr_scale is not None and bias_lr_scale.requires_grad and torch.is_grad_enabled())
+            bias_lr_scale is not None and bias_lr_scale.requires_grad and torch.is_grad_enabled(),
+            _wants_states(x, queries, first_order))
     return path + (f" + checkpoint({plan.segment})" if plan.segment else "")
 
 
@@ -408,7 +418,7 @@ def _unroll_backward(ctx, grad_weight_t, grad_bias_t, _grad_losses, grad_readout
         weight, x, y, lr, bias, lr_scale, bias_lr_scale, queries, residual, states, weight_t,
         grad_weight_t, grad_bias_t, grad_readout)
     if (wanted[1] or wanted[7]) and states.dim() != 4 and not _chunked_backward(
-            ctx.backend, ctx.loss, weight, x, lr_scale, bias_lr_scale):
+            ctx.backend, ctx.loss, weight, x, lr_scale, bias_lr_scale, queries):
         # The forward was told no W_t would be needed (store_states is a memory hint); recompute.
         args = (weight, x, y, lr, bias, lr_scale, bias_lr_scale, queries, ctx.loss)
         states = (_forward_kernels(*args, True, ctx.backend) if direct else
@@ -587,7 +597,7 @@ def _ckpt_bwd(weight: Tensor, x: Tensor, y: Tensor, lr: Tensor, bias: Optional[T
     return _backward_by_segments(
         _backends.kernels(backend), starts, x, y, lr, lr_scale, bias_lr_scale, queries,
         grad_weight_t, grad_bias_t, grad_readout, loss, first_order, wanted, segment, nest=True,
-        chunked=_chunked_backward(backend, loss, weight, x, lr_scale, bias_lr_scale))
+        chunked=_chunked_backward(backend, loss, weight, x, lr_scale, bias_lr_scale, queries))
 
 
 def _backward_by_segments(kernels, starts, x, y, lr, lr_scale, bias_lr_scale, queries,

@@ -418,7 +418,8 @@ def set_chunked_knobs(force: int, rows: int) -> None:
     _FORCE, CHUNK_ROWS = int(force), int(rows)
 
 
-def chunked_expected(steps: int, n: int, d_in: int, d_out: int) -> bool:
+def chunked_expected(steps: int, n: int, d_in: int, d_out: int, m: int = 0,
+                     wants_states: bool = True) -> bool:
     """Whether the chunked kernels run at these sizes when they apply: T ≥ 2 and n ≤ 16 (a
     chunk then holds at least CHUNK_ROWS // 16 steps). Not yet measured on a GPU: the rule
     follows the cpu backend's (bench/gpu/check.sh times both on delta-rule)."""
@@ -459,7 +460,7 @@ def unroll_backward(weight, x, targets, lr, bias, lr_scale, bias_lr_scale, queri
 
 
 def unroll_path(weight, x, targets, lr, bias, lr_scale, bias_lr_scale, queries, loss,
-                store_states, grad_bias_lr_scale) -> str:
+                store_states, grad_bias_lr_scale, wants_states=True) -> str:
     """"chunked", "steps" or "steps/chunked" (forward/backward), as the cpu module's."""
     runs = _runs_chunked(weight, x, lr, loss, lr_scale, bias_lr_scale)
     forward = "chunked" if runs and not store_states else "steps"

@@ -28,17 +28,26 @@ inline int64_t chunked_chunk_steps(int64_t n, int64_t rows_target = 32) {
 }
 
 // Whether the chunked path is expected to beat the step loop for these sizes (measured with
-// bench/cpu_chunked.py --switch, README "The chunked form"): the step loop's rank-n updates of
-// the d_in × d_out state run at the speed of memory while n is small next to d_in, and the
-// chunked path turns them into products; it wins from n = 1 (≈6×) to n = 16 at d_in = 128
-// (≈1.1×), and loses on states too small for products to pay (d_in·d_out < 1024). T ≥ 2.
-inline bool unroll_chunked_cheaper(int64_t steps, int64_t n, int64_t d_in, int64_t d_out) {
-  return steps >= 2 && n <= 16 && 8 * n <= d_in && d_in * d_out >= 1024;
+// bench/cpu_chunked.py --switch; README "The chunked form"). Two cases:
+//  - wants_states (the backward wants x's gradient in second order, or the queries'): the step
+//    loop would store W_t of every step ([B, T, d_in, d_out]) and read them back, the chunked
+//    backward needs none; it wins from n = 1 (≈6×) to n = 16 at d_in = 128.
+//  - otherwise (the meta-gradient of the init, lr, y): the step loop's rank-n updates run at the
+//    speed of memory while n is small, and the chunked path turns them into products; it wins
+//    at n = 1 (≈1.3× on this project's 2-core AVX2 machine), ties at n = 2, loses from n = 4 or
+//    with more query rows than support rows.
+// Both need T ≥ 2 and a state large enough for products to pay.
+inline bool unroll_chunked_cheaper(int64_t steps, int64_t n, int64_t d_in, int64_t d_out,
+                                   int64_t m, bool wants_states) {
+  if (wants_states) return steps >= 2 && n <= 16 && 8 * n <= d_in && d_in * d_out >= 1024;
+  return steps >= 2 && n <= 2 && m <= 2 * n && d_in >= 64 && d_in * d_out >= 4096;
 }
 
 // Whether the chunked path computes this call exactly: mse, 4-D x, no lr_scale, bias_lr_scale
 // absent or all ones (its values are read here, as on the Gram path). Whether it runs is this
-// and unroll_chunked_cheaper (the caller may override the second, for tests and measurements).
+// and unroll_chunked_cheaper (the caller may override the second, for tests and measurements):
+// the forward by the rule without stored states (it cannot know the backward's wants), the
+// backward by the rule of what it computes.
 template <typename T>
 bool unroll_chunked_exact(const UnrollDims& dims, const UnrollInputs<T>& in) {
   if (dims.loss != Loss::kMse || !unroll_x_per_step(in.x_step_stride) || in.lr_scale != nullptr)
