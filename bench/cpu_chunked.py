@@ -90,34 +90,39 @@ def op_inputs(tasks, steps, n, d, m, seed=0, dtype=torch.float32):
     return {k: v.to(dtype).requires_grad_() for k, v in inputs.items()}
 
 
-def op_step(inputs):
+def op_step(inputs, wrt):
     out = metakernels.fast_weight_unroll(**inputs, backend="cpu")
-    return torch.autograd.grad(out.weight.sum() + out.readout.sum(), tuple(inputs.values()))
+    return torch.autograd.grad(out.weight.sum() + out.readout.sum(),
+                               tuple(inputs[k] for k in wrt))
 
 
 def switch(repeats: int, log) -> None:
-    log(f"\nthe op alone (fwd + bwd, every input's gradient), B = 4, T = 128, CPU time "
-        f"({uptime()}): step loop / chunked")
-    log(f"  {'n':>3}{'d':>5}{'m':>4}{'chunked ms':>12}{'steps ms':>10}{'ratio':>7}  rule")
-    for d in (16, 32, 64, 128):
-        for n in (1, 2, 4, 8, 16, 32):
-            if n > d:
-                continue
+    log(f"\nthe op alone (fwd + bwd), B = 4, T = 128, CPU time ({uptime()}): step loop ms / "
+        "chunked ms, for the init's gradient alone and for every input's (x and queries' "
+        "included: the step loop stores W_t)")
+    log(f"  {'n':>3}{'d':>5}{'m':>4}{'init: chunked':>15}{'steps':>8}{'ratio':>7}  rule"
+        f"{'all: chunked':>15}{'steps':>8}{'ratio':>7}  rule")
+    expected = _backends.kernels("cpu").chunked_expected
+    for d in (32, 64, 128):
+        for n in (1, 2, 4, 8, 16):
             for m in sorted({1, n}):
                 inputs = op_inputs(4, 128, n, d, m)
+                row = f"  {n:>3}{d:>5}{m:>4}"
+                for wrt, states in ((("weight",), False), (tuple(inputs), True)):
+                    only = {k: (v if k in wrt else v.detach()) for k, v in inputs.items()}
 
-                def forced(force):
-                    def run():
-                        with chunked(force):
-                            return op_step(inputs)
-                    return run
-                samples = timing.time_interleaved({"chunked": forced(1), "steps": forced(0)},
-                                                  repeats=repeats, warmup=1,
-                                                  clock=time.thread_time)
-                c, s = median_ms(samples["chunked"]), median_ms(samples["steps"])
-                rule = _backends.kernels("cpu").chunked_expected(128, n, d, d)
-                log(f"  {n:>3}{d:>5}{m:>4}{c:>12.2f}{s:>10.2f}{s / c:>7.2f}  "
-                    f"{'chunked' if rule else 'steps'}")
+                    def forced(force, only=only, wrt=wrt):
+                        def run():
+                            with chunked(force):
+                                return op_step(only, wrt)
+                        return run
+                    samples = timing.time_interleaved({"chunked": forced(1), "steps": forced(0)},
+                                                      repeats=repeats, warmup=1,
+                                                      clock=time.thread_time)
+                    c, s = median_ms(samples["chunked"]), median_ms(samples["steps"])
+                    rule = "chunked" if expected(128, n, d, d, m, states) else "steps"
+                    row += f"{c:>15.2f}{s:>8.2f}{s / c:>7.2f}  {rule:<7}"
+                log(row)
 
 
 def numerics(log) -> None:

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import metakernels as mk
-from conftest import COMPILED_BACKENDS, TOLERANCE, Case, assert_close, make_inputs, rel_err, \
-    run_unroll
+from conftest import (COMPILED_BACKENDS, TOLERANCE, Case, assert_close, cast_inputs, cotangents,
+                      differentiable, make_inputs, rel_err, run_unroll)
 from metakernels.ops import unroll_path
 from metakernels.reference import fast_weight_chunked as chunked
 from test_judges import fla_delta_rule_recurrence
@@ -69,7 +69,6 @@ def test_reference_matches_step_reference(shape, form):
     want = run_unroll(inputs, "reference")
     out = run_chunked_reference(inputs, shape[-1])
     got = {"weight": out.weight, "bias": out.bias, "losses": out.losses, "readout": out.readout}
-    from conftest import cotangents, differentiable
     pairs = [(t, g) for t, g in zip((out.weight, out.bias, out.readout), cotangents(out))
              if t is not None]
     leaves = differentiable(inputs)
@@ -113,17 +112,23 @@ def test_written_out_backward_matches_autograd(shape, form):
         assert rel_err(got[name], expected) < 1e-10, name
 
 
-def test_reference_matches_fla_naive_delta_rule():
-    """At n = 1 without bias the chunked form is fla's delta rule (as test_judges holds the op)."""
-    recurrence = fla_delta_rule_recurrence()
-    batch, heads, length, d_k, d_v = 2, 3, 19, 7, 5
-    gen = torch.Generator().manual_seed(5)
+def fla_inputs(batch, heads, length, d_k, d_v, seed):
+    """q, k (normalised), v, β, S_0 in fla's [B, H, T, ·] layout, float64."""
+    gen = torch.Generator().manual_seed(seed)
     q = torch.randn(batch, heads, length, d_k, generator=gen, dtype=torch.float64)
     k = torch.nn.functional.normalize(
         torch.randn(batch, heads, length, d_k, generator=gen, dtype=torch.float64), dim=-1)
     v = torch.randn(batch, heads, length, d_v, generator=gen, dtype=torch.float64)
     beta = torch.rand(batch, heads, length, generator=gen, dtype=torch.float64).sigmoid()
     state0 = torch.randn(batch, heads, d_k, d_v, generator=gen, dtype=torch.float64)
+    return q, k, v, beta, state0
+
+
+def test_reference_matches_fla_naive_delta_rule():
+    """At n = 1 without bias the chunked form is fla's delta rule (as test_judges holds the op)."""
+    recurrence = fla_delta_rule_recurrence()
+    batch, heads, length, d_k, d_v = 2, 3, 19, 7, 5
+    q, k, v, beta, state0 = fla_inputs(batch, heads, length, d_k, d_v, seed=5)
     o_fla, state_fla = recurrence(q, k, v, beta, initial_state=state0)
     tasks = batch * heads
     weight_t, _, _, readout = chunked.fast_weight_unroll_chunked(
@@ -157,7 +162,6 @@ def test_cpu_chunked_matches_reference(shape, form, dtype):
     n, chunk = shape[0], shape[-1]
     inputs = make_inputs(chunk_case(shape, form), seed=sum(shape) + 1)
     want = run_unroll(inputs, "reference")
-    from conftest import cast_inputs
     cast = cast_inputs(inputs, dtype)
     with chunked_knobs(1, rows=chunk * n):
         path = unroll_path(**cast, backend="cpu")
@@ -175,7 +179,6 @@ def test_cpu_chunked_checkpointed(form):
     with chunked_knobs(1, rows=4):
         path = unroll_path(**inputs, backend="cpu", checkpoint=True)
         out = mk.fast_weight_unroll(**inputs, backend="cpu", checkpoint=True)
-        from conftest import cotangents, differentiable
         pairs = [(t, g) for t, g in zip((out.weight, out.bias, out.readout), cotangents(out))
                  if t is not None]
         leaves = differentiable(inputs)
@@ -192,13 +195,7 @@ def test_cpu_chunked_against_fla_naive_delta_rule():
     """The delta rule by the cpu chunked path (default knobs) against fla's recurrence."""
     recurrence = fla_delta_rule_recurrence()
     batch, heads, length, d_k, d_v = 2, 2, 70, 64, 64
-    gen = torch.Generator().manual_seed(9)
-    q = torch.randn(batch, heads, length, d_k, generator=gen, dtype=torch.float64)
-    k = torch.nn.functional.normalize(
-        torch.randn(batch, heads, length, d_k, generator=gen, dtype=torch.float64), dim=-1)
-    v = torch.randn(batch, heads, length, d_v, generator=gen, dtype=torch.float64)
-    beta = torch.rand(batch, heads, length, generator=gen, dtype=torch.float64).sigmoid()
-    state0 = torch.randn(batch, heads, d_k, d_v, generator=gen, dtype=torch.float64)
+    q, k, v, beta, state0 = fla_inputs(batch, heads, length, d_k, d_v, seed=9)
     for t in (q, k, v, beta, state0):
         t.requires_grad_()
     o_fla, state_fla = recurrence(q, k, v, beta, initial_state=state0)
@@ -295,7 +292,6 @@ def float32_errors(inputs, force: int) -> dict:
         if isinstance(value, torch.Tensor):
             value.requires_grad_(True)
     want = run_unroll(inputs, "reference")
-    from conftest import cast_inputs
     cast = cast_inputs(inputs, torch.float32)
     with chunked_knobs(force):
         got = run_unroll(cast, "cpu")

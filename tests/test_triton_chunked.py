@@ -13,10 +13,9 @@ import torch
 
 pytest.importorskip("triton")
 
-from conftest import Case, TOLERANCE, assert_close, make_inputs  # noqa: E402
+from conftest import TOLERANCE, Case, assert_close, make_inputs, run_unroll  # noqa: E402
 from metakernels.ops import _backends, unroll_path  # noqa: E402
 from test_triton import HALF_TOLERANCE, rounded_reference  # noqa: E402
-from conftest import run_unroll  # noqa: E402
 
 INTERPRETER = _backends.triton_interpreter()
 pytestmark = pytest.mark.skipif(

@@ -67,6 +67,23 @@ def _chunk_system(b_x, b_beta, s_r, m_r, HAS_BIAS: tl.constexpr, BC: tl.constexp
 
 
 @triton.jit
+def _initial_state(p_weight, p_bias, i_b, i_v, s_w_b, s_b_b, d_in, d_out,
+                   HAS_BIAS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    """Column tile i_v of task i_b: its columns and masks, W's [d_in, BV] offsets, and W_0, b_0
+    in float32 (b_0 zero without a bias)."""
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_v = o_v < d_out
+    o_k = tl.arange(0, BK)
+    m_kv = (o_k < d_in)[:, None] & m_v[None, :]
+    o_kv = o_k[:, None] * d_out + o_v[None, :]
+    b_w = tl.load(p_weight + i_b * s_w_b + o_kv, mask=m_kv, other=0.0).to(tl.float32)
+    b_b = tl.zeros([BV], dtype=tl.float32)
+    if HAS_BIAS:
+        b_b = tl.load(p_bias + i_b * s_b_b + o_v, mask=m_v, other=0.0).to(tl.float32)
+    return o_v, m_v, m_kv, o_kv, b_w, b_b
+
+
+@triton.jit
 def fast_weight_chunked_fwd_kernel(
     p_weight, p_bias, p_x, p_y, p_lr, p_queries,
     p_weight_out, p_bias_out, p_losses, p_readout, p_residual,
@@ -78,15 +95,8 @@ def fast_weight_chunked_fwd_kernel(
 ):
     i_b = tl.program_id(0).to(tl.int64)
     i_v = tl.program_id(1).to(tl.int64)
-    o_v = i_v * BV + tl.arange(0, BV)
-    m_v = o_v < d_out
-    o_k0 = tl.arange(0, BK)
-    m_kv = (o_k0 < d_in)[:, None] & m_v[None, :]
-    o_kv = o_k0[:, None] * d_out + o_v[None, :]
-    b_w = tl.load(p_weight + i_b * s_w_b + o_kv, mask=m_kv, other=0.0).to(tl.float32)
-    b_b = tl.zeros([BV], dtype=tl.float32)
-    if HAS_BIAS:
-        b_b = tl.load(p_bias + i_b * s_b_b + o_v, mask=m_v, other=0.0).to(tl.float32)
+    o_v, m_v, m_kv, o_kv, b_w, b_b = _initial_state(p_weight, p_bias, i_b, i_v, s_w_b, s_b_b,
+                                                    d_in, d_out, HAS_BIAS, BK, BV)
 
     for i_c in range(0, tl.cdiv(T, CS)):
         t0, o_r, o_q, o_k, m_r, m_q, s_r, s_q, m_k = _chunk_tiles(i_c, T, n, m, d_in, CS, BC,
@@ -147,15 +157,8 @@ def fast_weight_chunked_bwd_kernel(
 ):
     i_b = tl.program_id(0).to(tl.int64)
     i_v = tl.program_id(1).to(tl.int64)
-    o_v = i_v * BV + tl.arange(0, BV)
-    m_v = o_v < d_out
-    o_k0 = tl.arange(0, BK)
-    m_kv = (o_k0 < d_in)[:, None] & m_v[None, :]
-    o_kv = o_k0[:, None] * d_out + o_v[None, :]
-    b_w = tl.load(p_weight + i_b * s_w_b + o_kv, mask=m_kv, other=0.0).to(tl.float32)
-    b_b = tl.zeros([BV], dtype=tl.float32)
-    if HAS_BIAS:
-        b_b = tl.load(p_bias + i_b * s_b_b + o_v, mask=m_v, other=0.0).to(tl.float32)
+    o_v, m_v, m_kv, o_kv, b_w, b_b = _initial_state(p_weight, p_bias, i_b, i_v, s_w_b, s_b_b,
+                                                    d_in, d_out, HAS_BIAS, BK, BV)
 
     # The chunk starts: S′ = S − X̃ᵀ diag(β) R, with R = n E as saved.
     for i_c in range(0, NC):
