@@ -183,9 +183,16 @@ def _chunked_backward(backend: str, loss: int, weight, x, lr_scale, bias_lr_scal
     if backend not in ("cpu", "triton") or loss != LOSS_CODES["mse"] or x.dim() != 4 \
             or lr_scale is not None or bias_lr_scale is not None:
         return False
-    return _backends.kernels(backend).chunked_expected(
-        x.shape[1], x.shape[2], weight.shape[-2], weight.shape[-1],
-        0 if queries is None else queries.shape[2], True)
+    return _chunked_expected(backend, x.shape[1], x.shape[2], weight.shape[-2], weight.shape[-1],
+                             0 if queries is None else queries.shape[2])
+
+
+@torch.compiler.assume_constant_result
+def _chunked_expected(backend: str, steps: int, n: int, d_in: int, d_out: int, m: int) -> bool:
+    """The kernel module's size rule with stored states wanted (False for a module without a
+    chunked path); a constant for torch.compile, which cannot trace into the extension."""
+    expected = getattr(_backends.kernels(backend), "chunked_expected", None)
+    return bool(expected is not None and expected(steps, n, d_in, d_out, m, True))
 
 
 def unroll_path(weight: Tensor, x: Tensor, y: Tensor, lr, *, steps: int | None = None,
