@@ -231,26 +231,26 @@ def test_path_switch():
         return unroll_path(**inputs, backend="cpu")
 
     def case(**changes):
-        base = dict(per_step=True, tasks=2, steps=2, support=2, d_in=64, d_out=64, queries=4,
+        base = dict(per_step=True, tasks=2, steps=2, support=1, d_in=64, d_out=64, queries=2,
                     bias="shared")
         return Case(**{**base, **changes})
 
-    # Without stored states: n ≤ 2, m ≤ 2n, d_in ≥ 64, d_in·d_out ≥ 4096, T ≥ 2.
+    # Without stored states: n = 1, m ≤ 2, d_in ≥ 64, d_in·d_out ≥ 4096, T ≥ 2.
     assert path(case(), states=False) == "chunked"
-    assert path(case(support=3), states=False) == "steps"
-    assert path(case(queries=5), states=False) == "steps"
+    assert path(case(support=2), states=False) == "steps"
+    assert path(case(queries=3), states=False) == "steps"
     assert path(case(d_in=63, d_out=70), states=False) == "steps"
     assert path(case(d_out=63), states=False) == "steps"
     assert path(case(steps=1), states=False) == "steps"
-    # With them: the forward by the rule above, the backward for n ≤ 16, 8n ≤ d_in,
+    # With them: the forward by the rule above, the backward for n ≤ 8, 8n ≤ d_in,
     # d_in·d_out ≥ 1024.
     assert path(case()) == "chunked"
-    assert path(case(support=3)) == "steps/chunked"
-    wide = dict(support=16, d_in=128, d_out=8, queries=2)
+    assert path(case(support=2)) == "steps/chunked"
+    wide = dict(support=8, d_in=64, d_out=16, queries=2)
     assert path(case(**wide)) == "steps/chunked"
-    assert path(case(**{**wide, "support": 17, "d_in": 160})) == "steps"
-    assert path(case(**{**wide, "d_in": 127})) == "steps"
-    assert path(case(**{**wide, "d_out": 7})) == "steps"
+    assert path(case(**{**wide, "support": 9, "d_in": 80})) == "steps"
+    assert path(case(**{**wide, "d_in": 63})) == "steps"
+    assert path(case(**{**wide, "d_out": 15})) == "steps"
     assert path(case(steps=1)) == "steps"
     # Outside the exact conditions.
     assert path(case(loss="ce")) == "steps"

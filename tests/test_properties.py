@@ -271,7 +271,7 @@ def unroll_problems(draw, dtype=F64, budget: int = BUDGET) -> Unroll:
     # 3-D x, T >= 2, no lr_scale, bias_lr_scale absent or ones, n small next to d_in).
     gram = draw(st.booleans(), label="gram")
     # Half the others: where it may run its chunked path (mse, 4-D x, T >= 2, no lr_scale,
-    # bias_lr_scale absent or ones, n small next to d_in, few query rows, d_in·d_out >= 1024).
+    # bias_lr_scale absent or ones, n small next to d_in, few query rows, d_in·d_out >= 4096).
     chunked = not gram and draw(st.booleans(), label="chunked")
     loss = "mse" if gram or chunked else draw(st.sampled_from(["mse", "ce"]), label="loss")
     per_step = chunked or (False if gram else draw(st.booleans(), label="per_step"))
@@ -283,8 +283,8 @@ def unroll_problems(draw, dtype=F64, budget: int = BUDGET) -> Unroll:
         ranges.update(steps=(min(2, max_steps), max_steps), support=(1, 6), d_in=(16, MAX_SIZE))
         order = ["support", "d_in", "steps", "d_out", "tasks", "queries"]
     elif chunked:
-        ranges.update(steps=(min(2, max_steps), max_steps), support=(1, 4), d_in=(32, MAX_SIZE),
-                      d_out=(32, MAX_SIZE), queries=(1, 2) if readout == "rows" else (0, 0))
+        ranges.update(steps=(min(2, max_steps), max_steps), support=(1, 3), d_in=(64, MAX_SIZE),
+                      d_out=(64, MAX_SIZE), queries=(1, 2) if readout == "rows" else (0, 0))
         order = ["support", "d_in", "d_out", "steps", "tasks", "queries"]
     else:
         order = draw(st.permutations(list(ranges)), label="order")

@@ -205,14 +205,14 @@ void check_conditions() {
   CHECK(!with([&](UnrollDims&, UnrollInputs<double>& in) { in.x_step_stride = 0; }));
   CHECK(!with([&](UnrollDims& d, UnrollInputs<double>&) { d.loss = Loss::kCrossEntropy; }));
   // With stored states wanted (x's or the queries' gradient), and without.
-  CHECK(metakernels::unroll_chunked_cheaper(2, 16, 128, 8, 16, true));
+  CHECK(metakernels::unroll_chunked_cheaper(2, 8, 64, 16, 16, true));
   CHECK(!metakernels::unroll_chunked_cheaper(1, 1, 128, 128, 1, true));
-  CHECK(!metakernels::unroll_chunked_cheaper(64, 17, 256, 128, 1, true));
-  CHECK(!metakernels::unroll_chunked_cheaper(64, 16, 127, 128, 1, true));
+  CHECK(!metakernels::unroll_chunked_cheaper(64, 9, 128, 128, 1, true));
+  CHECK(!metakernels::unroll_chunked_cheaper(64, 8, 63, 128, 1, true));
   CHECK(!metakernels::unroll_chunked_cheaper(64, 1, 32, 31, 1, true));
-  CHECK(metakernels::unroll_chunked_cheaper(2, 2, 64, 64, 4, false));
-  CHECK(!metakernels::unroll_chunked_cheaper(2, 3, 64, 64, 0, false));
-  CHECK(!metakernels::unroll_chunked_cheaper(2, 2, 64, 64, 5, false));
+  CHECK(metakernels::unroll_chunked_cheaper(2, 1, 64, 64, 2, false));
+  CHECK(!metakernels::unroll_chunked_cheaper(2, 2, 64, 64, 0, false));
+  CHECK(!metakernels::unroll_chunked_cheaper(2, 1, 64, 64, 3, false));
   CHECK(!metakernels::unroll_chunked_cheaper(2, 1, 63, 128, 1, false));
   CHECK(!metakernels::unroll_chunked_cheaper(2, 1, 64, 63, 1, false));
   CHECK(!metakernels::unroll_chunked_cheaper(1, 1, 128, 128, 1, false));

@@ -28,19 +28,20 @@ inline int64_t chunked_chunk_steps(int64_t n, int64_t rows_target = 32) {
 }
 
 // Whether the chunked path is expected to beat the step loop for these sizes (measured with
-// bench/cpu_chunked.py --switch; README "The chunked form"). Two cases:
+// bench/cpu_chunked.py --switch, bench/results/cpu-chunked-2026-12-06.txt; README "The chunked
+// path"). Two cases:
 //  - wants_states (the backward wants x's gradient in second order, or the queries'): the step
 //    loop would store W_t of every step ([B, T, d_in, d_out]) and read them back, the chunked
-//    backward needs none; it wins from n = 1 (≈6×) to n = 16 at d_in = 128.
-//  - otherwise (the meta-gradient of the init, lr, y): the step loop's rank-n updates run at the
-//    speed of memory while n is small, and the chunked path turns them into products; it wins
-//    at n = 1 (≈1.3× on this project's 2-core AVX2 machine), ties at n = 2, loses from n = 4 or
-//    with more query rows than support rows.
+//    backward needs none: it wins for n ≤ 8 with 8n ≤ d_in (4.2× at n = 1, d = 128; 1.0–1.2×
+//    at n = 8), loses at n = 16.
+//  - otherwise (the meta-gradient of the init, lr, y): the step loop's rank-1 updates run at the
+//    speed of memory, and the chunked path turns them into products: it wins at n = 1 with
+//    d_in ≥ 64 (1.1–1.6×), ties at n = 2, loses from n = 4 or with more query rows.
 // Both need T ≥ 2 and a state large enough for products to pay.
 inline bool unroll_chunked_cheaper(int64_t steps, int64_t n, int64_t d_in, int64_t d_out,
                                    int64_t m, bool wants_states) {
-  if (wants_states) return steps >= 2 && n <= 16 && 8 * n <= d_in && d_in * d_out >= 1024;
-  return steps >= 2 && n <= 2 && m <= 2 * n && d_in >= 64 && d_in * d_out >= 4096;
+  if (wants_states) return steps >= 2 && n <= 8 && 8 * n <= d_in && d_in * d_out >= 1024;
+  return steps >= 2 && n == 1 && m <= 2 && d_in >= 64 && d_in * d_out >= 4096;
 }
 
 // Whether the chunked path computes this call exactly: mse, 4-D x, no lr_scale, bias_lr_scale
