@@ -243,7 +243,7 @@ def test_path_switch():
     assert path(case(d_out=63), states=False) == "steps"
     assert path(case(steps=1), states=False) == "steps"
     # With them: the forward by the rule above, the backward for n ≤ 8, 8n ≤ d_in,
-    # d_in·d_out ≥ 1024.
+    # d_in·d_out ≥ 1024, any T (checkpointed segments take it down to one step).
     assert path(case()) == "chunked"
     assert path(case(support=2)) == "steps/chunked"
     wide = dict(support=8, d_in=64, d_out=16, queries=2)
@@ -251,7 +251,7 @@ def test_path_switch():
     assert path(case(**{**wide, "support": 9, "d_in": 80})) == "steps"
     assert path(case(**{**wide, "d_in": 63})) == "steps"
     assert path(case(**{**wide, "d_out": 15})) == "steps"
-    assert path(case(steps=1)) == "steps"
+    assert path(case(steps=1)) == "steps/chunked"
     # Outside the exact conditions.
     assert path(case(loss="ce")) == "steps"
     assert path(case(lr_scale=True)) == "steps"

@@ -423,17 +423,20 @@ def set_chunked_knobs(force: int, rows: int) -> None:
 
 def chunked_expected(steps: int, n: int, d_in: int, d_out: int, m: int = 0,
                      wants_states: bool = True) -> bool:
-    """Whether the chunked kernels run at these sizes when they apply: T ≥ 2 and n ≤ 16 (a
-    chunk then holds at least CHUNK_ROWS // 16 steps). Not yet measured on a GPU: the rule
-    follows the cpu backend's (bench/gpu/check.sh times both on delta-rule)."""
+    """Whether the chunked kernels run at these sizes when they apply: n ≤ 16 (a chunk then
+    holds at least CHUNK_ROWS // 16 steps), and T ≥ 2 unless the backward wants W_t (x's or the
+    queries' gradient: checkpointed segments, down to one step, must then take the chunked
+    backward the call was planned for). Not yet measured on a GPU (bench/gpu/check.sh times
+    the chunked and step kernels on delta-rule)."""
     if _FORCE >= 0:
         return _FORCE == 1
-    return steps >= 2 and n <= 16
+    return n <= 16 and (wants_states or steps >= 2)
 
 
-def _runs_chunked(weight, x, lr, loss, lr_scale, bias_lr_scale) -> bool:
+def _runs_chunked(weight, x, lr, loss, lr_scale, bias_lr_scale, wants_states) -> bool:
     return (lr.shape[0] > 0 and chunked_applies(x, loss, lr_scale, bias_lr_scale)
-            and chunked_expected(lr.shape[1], x.shape[-2], weight.shape[-2], weight.shape[-1]))
+            and chunked_expected(lr.shape[1], x.shape[-2], weight.shape[-2], weight.shape[-1],
+                                 wants_states=wants_states))
 
 
 def unroll_forward(weight, x, targets, lr, bias, lr_scale, bias_lr_scale, queries, loss,
@@ -441,7 +444,7 @@ def unroll_forward(weight, x, targets, lr, bias, lr_scale, bias_lr_scale, querie
     """metakernels/_C.pyi's unroll_forward: the chunked kernels where they apply and no W_t is
     to be stored, else the step kernels."""
     from metakernels.triton import fast_weight_unroll as steps
-    if not store_states and _runs_chunked(weight, x, lr, loss, lr_scale, bias_lr_scale):
+    if not store_states and _runs_chunked(weight, x, lr, loss, lr_scale, bias_lr_scale, False):
         return chunked_forward(weight, x, targets, lr, bias, queries)
     return steps.unroll_forward(weight, x, targets, lr, bias, lr_scale, bias_lr_scale, queries,
                                 loss, store_states)
@@ -453,7 +456,9 @@ def unroll_backward(weight, x, targets, lr, bias, lr_scale, bias_lr_scale, queri
     """metakernels/_C.pyi's unroll_backward: the chunked kernels where they apply (they read no
     W_t) unless bias_lr_scale's gradient is wanted, else the step kernels."""
     from metakernels.triton import fast_weight_unroll as steps
-    if not wanted[6] and _runs_chunked(weight, x, lr, loss, lr_scale, bias_lr_scale):
+    wants_states = (wanted[1] and not first_order) or wanted[7]
+    if not wanted[6] and _runs_chunked(weight, x, lr, loss, lr_scale, bias_lr_scale,
+                                       wants_states):
         return chunked_backward(weight, x, targets, lr, bias, queries, residual,
                                 grad_weight_final, grad_bias_final, grad_readout, first_order,
                                 wanted)
@@ -465,7 +470,8 @@ def unroll_backward(weight, x, targets, lr, bias, lr_scale, bias_lr_scale, queri
 def unroll_path(weight, x, targets, lr, bias, lr_scale, bias_lr_scale, queries, loss,
                 store_states, grad_bias_lr_scale, wants_states=True) -> str:
     """"chunked", "steps" or "steps/chunked" (forward/backward), as the cpu module's."""
-    runs = _runs_chunked(weight, x, lr, loss, lr_scale, bias_lr_scale)
-    forward = "chunked" if runs and not store_states else "steps"
-    backward = "chunked" if runs and not grad_bias_lr_scale else "steps"
+    forward = ("chunked" if not store_states and _runs_chunked(
+        weight, x, lr, loss, lr_scale, bias_lr_scale, False) else "steps")
+    backward = ("chunked" if not grad_bias_lr_scale and _runs_chunked(
+        weight, x, lr, loss, lr_scale, bias_lr_scale, wants_states) else "steps")
     return forward if forward == backward else f"{forward}/{backward}"

@@ -37,10 +37,12 @@ inline int64_t chunked_chunk_steps(int64_t n, int64_t rows_target = 32) {
 //  - otherwise (the meta-gradient of the init, lr, y): the step loop's rank-1 updates run at the
 //    speed of memory, and the chunked path turns them into products: it wins at n = 1 with
 //    d_in ≥ 64 (1.1–1.6×), ties at n = 2, loses from n = 4 or with more query rows.
-// Both need T ≥ 2 and a state large enough for products to pay.
+// Both need a state large enough for products to pay; the second T ≥ 2. The first does not
+// look at T: checkpointed segments (of any length, down to one step) must take the backward
+// the whole call was planned for, which keeps no W_t.
 inline bool unroll_chunked_cheaper(int64_t steps, int64_t n, int64_t d_in, int64_t d_out,
                                    int64_t m, bool wants_states) {
-  if (wants_states) return steps >= 2 && n <= 8 && 8 * n <= d_in && d_in * d_out >= 1024;
+  if (wants_states) return n <= 8 && 8 * n <= d_in && d_in * d_out >= 1024;
   return steps >= 2 && n == 1 && m <= 2 && d_in >= 64 && d_in * d_out >= 4096;
 }
 
