@@ -325,3 +325,19 @@ def test_torch_compile_takes_the_chunked_path():
     want = torch.autograd.grad(meta_step("reference", *args), args)
     for g, w in zip(got, want):
         assert rel_err(g, w) < 1e-10
+
+
+@needs_cpu
+def test_checkpointed_segment_of_one_expanded_step():
+    """A checkpointed segment of one step sliced from an x expanded over T has step stride 0;
+    it still takes the chunked backward the call was planned for (found by test_properties)."""
+    case = chunk_case((1, 64, 64, 3, 0), dict(bias=None, lr_form="float"), tasks=1)
+    inputs = make_inputs(case, seed=0)
+    inputs["x"] = inputs["x"].detach()[:, :1].expand(1, 3, 1, 64).requires_grad_()
+    inputs["weight"].requires_grad_(False)
+    inputs["y"].requires_grad_(False)
+    assert unroll_path(**inputs, backend="cpu", checkpoint=True) == "chunked + checkpoint(2)"
+    out = mk.fast_weight_unroll(**inputs, backend="cpu", checkpoint=True)
+    got = torch.autograd.grad(out.weight.sum(), inputs["x"])[0]
+    ref = mk.fast_weight_unroll(**inputs, backend="reference")
+    assert rel_err(got, torch.autograd.grad(ref.weight.sum(), inputs["x"])[0]) < 1e-10
