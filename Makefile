@@ -49,7 +49,7 @@ test-cpp:
 SANITIZE_LIB := build/sanitize-py/lib
 SANITIZE_TESTS ?= test_fast_weight_unroll.py test_gram.py test_checkpoint.py test_linear_hvp.py \
 	test_checks.py test_judges.py test_edge_cases.py test_properties.py \
-	test_fast_weight_meta_loss.py
+	test_fast_weight_meta_loss.py test_chunked.py
 test-sanitize: setup
 	cmake -S . -B $(CMAKE_BUILD)-sanitize -DCMAKE_BUILD_TYPE=Release -DMETAKERNELS_SANITIZE=ON \
 		-DMETAKERNELS_BUILD_CUDA=OFF
@@ -72,7 +72,7 @@ test-python: setup
 # triton is imported, hence a pytest of its own.
 test-triton: setup
 	TRITON_INTERPRET=1 $(PY) -m pytest -q tests/test_triton.py tests/test_properties.py -k triton
-	TRITON_INTERPRET=1 $(PY) -m pytest -q tests/test_triton_meta_loss.py
+	TRITON_INTERPRET=1 $(PY) -m pytest -q tests/test_triton_meta_loss.py tests/test_triton_chunked.py
 	TRITON_INTERPRET=1 $(PY) -m pytest -q tests/test_edge_cases.py tests/test_concurrency.py -k triton
 
 # The wheel, built from a clean copy of the tree, installed into a fresh virtual environment

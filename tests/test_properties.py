@@ -262,16 +262,20 @@ def draw_sizes(draw, ranges: dict, budget: int, order) -> dict:
 
 
 @st.composite
-def unroll_problems(draw, dtype=F64, budget: int = BUDGET) -> Unroll:
+def unroll_problems(draw, dtype=F64, budget: int = BUDGET, chunked: bool = False) -> Unroll:
     """Problems for comparisons in ``dtype``: float64 draws T up to 70 and lets the residual
     shrink by e^−8 (rounding 1e-16, tolerance 1e-10); float32 and float16 draw T ≤ 16 (SPEC.md
     bounds float32 at 1e-4 for T ≤ 16) and e^−3 (rounding 6e-8, tolerance 1e-4)."""
     max_steps, decay = (MAX_SIZE, 8.0) if dtype == F64 else (16, 3.0)
     # Half the draws: the forms and sizes where the cpu backend may run its Gram-space path (mse,
     # 3-D x, T >= 2, no lr_scale, bias_lr_scale absent or ones, n small next to d_in).
-    gram = draw(st.booleans(), label="gram")
-    loss = "mse" if gram else draw(st.sampled_from(["mse", "ce"]), label="loss")
-    per_step = False if gram else draw(st.booleans(), label="per_step")
+    # chunked: the forms and sizes where it may run its chunked path (mse, 4-D x, T >= 2, no
+    # lr_scale, bias_lr_scale absent or ones, n small next to d_in, few query rows,
+    # d_in·d_out >= 4096). A flag of the strategy rather than a draw, so that the draws of the
+    # other problems stay as they were.
+    gram = False if chunked else draw(st.booleans(), label="gram")
+    loss = "mse" if gram or chunked else draw(st.sampled_from(["mse", "ce"]), label="loss")
+    per_step = chunked or (False if gram else draw(st.booleans(), label="per_step"))
     readout = draw(st.sampled_from([None, "rows", "empty"]), label="readout")
     ranges = dict(tasks=(1, MAX_SIZE), steps=(1, max_steps), support=(1, MAX_SIZE),
                   d_in=(1, MAX_SIZE), d_out=(1, MAX_SIZE),
@@ -279,6 +283,10 @@ def unroll_problems(draw, dtype=F64, budget: int = BUDGET) -> Unroll:
     if gram:
         ranges.update(steps=(min(2, max_steps), max_steps), support=(1, 6), d_in=(16, MAX_SIZE))
         order = ["support", "d_in", "steps", "d_out", "tasks", "queries"]
+    elif chunked:
+        ranges.update(steps=(min(2, max_steps), max_steps), support=(1, 3), d_in=(64, MAX_SIZE),
+                      d_out=(64, MAX_SIZE), queries=(1, 2) if readout == "rows" else (0, 0))
+        order = ["support", "d_in", "d_out", "steps", "tasks", "queries"]
     else:
         order = draw(st.permutations(list(ranges)), label="order")
     sizes = draw_sizes(draw, ranges, budget, order)
@@ -286,14 +294,15 @@ def unroll_problems(draw, dtype=F64, budget: int = BUDGET) -> Unroll:
     bias = draw(st.sampled_from([None, "shared", "task"]), label="bias")
     bias_lr_scale = None
     if bias is not None:
-        bias_lr_scale = draw(st.sampled_from([None, "ones"] if gram else [None, "random", "ones"]),
+        bias_lr_scale = draw(st.sampled_from([None, "ones"] if gram or chunked
+                                             else [None, "random", "ones"]),
                              label="bias_lr_scale")
     case = Case(
         loss=loss, per_step=per_step, **sizes,
         weight=draw(st.sampled_from(["shared", "task"]), label="weight"), bias=bias,
         lr_form=draw(st.sampled_from(["float", "scalar", "one", "steps", "one-one", "row",
                                       "tasks", "full"]), label="lr_form"),
-        lr_scale=False if gram else draw(st.booleans(), label="lr_scale"),
+        lr_scale=False if gram or chunked else draw(st.booleans(), label="lr_scale"),
         bias_lr_scale=bias_lr_scale is not None,
         first_order=draw(st.booleans(), label="first_order"))
 
@@ -480,6 +489,23 @@ def test_unroll_float32(backend, problem):
     check_unroll(problem, backend, F32)
 
 
+@pytest.mark.skipif("cpu" not in AVAILABLE, reason="the cpu backend is not built")
+@pytest.mark.parametrize("dtype", [F64, F32], ids=str)
+@settings(max_examples=30)
+@given(data=st.data())
+def test_unroll_chunked(dtype, data):
+    """The forms and sizes of the chunked path (cpu: its kernels where the size rule takes them,
+    README "The chunked path")."""
+    check_unroll(data.draw(unroll_problems(dtype, chunked=True), label="problem"), "cpu", dtype)
+
+
+@pytest.mark.parametrize("run", TRITON_RUNS, ids=run_id)
+@settings(max_examples=8)
+@given(problem=unroll_problems(F32, TRITON_BUDGET, chunked=True))
+def test_unroll_triton_chunked(run, problem):
+    check_unroll(problem, *run)
+
+
 @pytest.mark.parametrize("run", TRITON_RUNS, ids=run_id)
 @settings(max_examples=25)
 @given(problem=unroll_problems(F32, TRITON_BUDGET), tile=st.sampled_from([None, 256]))
@@ -496,7 +522,8 @@ def test_unroll_triton(run, problem, tile):
 def test_unroll_fuzz(run, data):
     backend, dtype = run
     budget = TRITON_BUDGET * 4 if backend == "triton" else FUZZ_BUDGET
-    problem = data.draw(unroll_problems(dtype, budget), label="problem")
+    problem = data.draw(st.one_of(unroll_problems(dtype, budget),
+                                  unroll_problems(dtype, budget, chunked=True)), label="problem")
     tile = data.draw(st.sampled_from([None, 256]), label="tile") if backend == "triton" else None
     with weight_tile(tile):
         check_unroll(problem, backend, dtype)
@@ -596,16 +623,18 @@ def test_regression_ce_weight_equal_across_classes():
 
 @pytest.mark.skipif("cpu" not in AVAILABLE, reason="the cpu backend is not built")
 @pytest.mark.parametrize("path", ["gram", "steps", "steps/gram", "gram/steps",
-                                  "gram + checkpoint", "steps + checkpoint"])
+                                  "gram + checkpoint", "steps + checkpoint", "chunked",
+                                  "steps/chunked", "chunked + checkpoint"])
 def test_strategy_reaches_every_cpu_path(path):
-    """The strategy reaches both algorithms of the cpu backend (metakernels.ops.unroll_path), and
+    """The strategy reaches every algorithm of the cpu backend (metakernels.ops.unroll_path), and
     each forward/backward mix, with and without checkpointing."""
 
     def runs(problem):
         got = unroll_path(**unroll_inputs(problem, F64), backend="cpu")
         return got.split("(")[0] == path
 
-    find(unroll_problems(), runs, settings=settings(max_examples=500, database=None))
+    find(st.one_of(unroll_problems(), unroll_problems(chunked=True)), runs,
+         settings=settings(max_examples=500, database=None))
 
 
 # --- fast_weight_meta_loss ----------------------------------------------------------------------

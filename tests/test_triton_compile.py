@@ -25,26 +25,42 @@ from conftest import Case, make_inputs  # noqa: E402
 from metakernels.triton import _launch  # noqa: E402
 from metakernels.triton.compile_check import compile_unroll, compile_linear_hvp  # noqa: E402
 
+STEP_KERNELS = ["fast_weight_unroll_bwd_kernel", "fast_weight_unroll_fwd_kernel"]
+CHUNKED_KERNELS = ["fast_weight_chunked_bwd_kernel", "fast_weight_chunked_fwd_kernel"]
+# (case, dtype, store_states, the kernels its forward and backward launch). 4-D mse without
+# lr_scale takes the chunked kernels: its forward when no W_t is stored, its backward always.
 CASES = {
-    "maml-small-f32": (Case(tasks=64, steps=5, support=16, d_in=64, d_out=64), torch.float32),
+    "maml-small-f32": (Case(tasks=64, steps=5, support=16, d_in=64, d_out=64), torch.float32,
+                       True, STEP_KERNELS),
     "maml-ce-bf16": (Case(loss="ce", tasks=64, steps=5, support=25, d_in=64, d_out=5,
-                          bias="shared", bias_lr_scale=True), torch.bfloat16),
+                          bias="shared", bias_lr_scale=True), torch.bfloat16, True, STEP_KERNELS),
     "trajectory-f16": (Case(per_step=True, tasks=16, steps=4, support=16, d_in=128, d_out=128,
-                            queries=16, lr_form="steps"), torch.float16),
+                            queries=16, lr_form="steps"), torch.float16, True,
+                       ["fast_weight_chunked_bwd_kernel", "fast_weight_unroll_fwd_kernel"]),
     "delta-rule-odd-f32": (Case(per_step=True, tasks=4, steps=3, support=1, d_in=37, d_out=45,
                                 queries=1, weight="task", bias="task", lr_scale=True),
-                           torch.float32),
+                           torch.float32, True, STEP_KERNELS),
+    "delta-rule-chunked-bf16": (Case(per_step=True, tasks=4, steps=70, support=1, d_in=128,
+                                     d_out=128, queries=1, weight="task", lr_form="full"),
+                                torch.bfloat16, False, CHUNKED_KERNELS),
+    "delta-rule-chunked-f32": (Case(per_step=True, tasks=4, steps=70, support=1, d_in=128,
+                                    d_out=128, queries=1, bias="shared", lr_form="full"),
+                               torch.float32, False, CHUNKED_KERNELS),
+    "ttt-chunked-f16": (Case(per_step=True, tasks=4, steps=9, support=16, d_in=64, d_out=64,
+                             queries=16, bias="task", lr_form="full"), torch.float16, False,
+                        CHUNKED_KERNELS),
 }
 
 
 @pytest.mark.parametrize("capability", [90, 80])
 @pytest.mark.parametrize("name", list(CASES))
 def test_unroll_kernels_compile(name, capability):
-    case, dtype = CASES[name]
+    case, dtype, store_states, expected = CASES[name]
     with _launch.compile_only(capability) as records:
-        compile_unroll(make_inputs(case), dtype, loss=case.loss, first_order=case.first_order)
+        compile_unroll(make_inputs(case), dtype, loss=case.loss, first_order=case.first_order,
+                       store_states=store_states)
     kernels = sorted({r["kernel"] for r in records})
-    assert kernels == ["fast_weight_unroll_bwd_kernel", "fast_weight_unroll_fwd_kernel"]
+    assert kernels == expected
     assert all(0 <= r["shared_bytes"] <= _launch.SHARED_MEMORY_LIMIT[capability]
                for r in records)
 

@@ -6,12 +6,14 @@
 #   4. the benchmark: SPEC.md maml-small, maml-ce, trajectory, delta-rule (float32 and bfloat16,
 #      with flash-linear-attention's chunk_delta_rule) and large, at full size, every GPU backend
 #      against the reference and torch.func, with the roofline floor measured on this card;
+#   4b. the Triton chunked kernels against fla's chunk_delta_rule and the Triton step kernels on
+#      the delta rule (bench/gpu/chunked_delta_rule.py);
 #   5. compute-sanitizer memcheck (CUDA and Triton kernels) and racecheck (CUDA kernels) on
 #      bench/gpu/sanitize_case.py, after checking that its cases launch every GPU kernel.
 # Every stage has a time limit, goes on after a failure, and prints one summary line; the whole
 # script stays under about 9 minutes (MK_CHECK_BUDGET seconds, default 540). Logs and results go to $OUT
 # (default ./gpu-out): summary.txt, build.log, pytest.log, bench.log, gpu-results.md,
-# gpu-results.json, coverage.log, memcheck.log, memcheck-triton.log, racecheck.log.
+# gpu-results.json, chunked.log, chunked-delta-rule.md, coverage.log, memcheck.log, memcheck-triton.log, racecheck.log.
 #
 #   bash bench/gpu/check.sh
 set -u
@@ -100,13 +102,21 @@ grep -E "passed|failed|error|skipped|deselected" "$OUT/pytest.log" | tail -n 1 |
 #    are rewritten after each configuration, so a run cut short keeps what it measured.
 SANITIZE_RESERVE=0
 [[ -f bench/gpu/sanitize_case.py ]] && SANITIZE_RESERVE=170
-stage bench "${MK_BENCH_CAP:-210}" "$SANITIZE_RESERVE" "$OUT/bench.log" \
+CHUNKED_CAP=${MK_CHUNKED_CAP:-100}
+stage bench "${MK_BENCH_CAP:-210}" $(( SANITIZE_RESERVE + CHUNKED_CAP )) "$OUT/bench.log" \
     "$PY" -m metakernels bench --device cuda \
         --config large --config trajectory --config maml-small --config maml-ce \
         --config delta-rule:bfloat16 --config delta-rule \
         --time-budget 6 --repeats 20 \
         --json "$OUT/gpu-results.json" --markdown "$OUT/gpu-results.md"
 grep -E "^(PASS|FAIL)" "$OUT/bench.log" | tail -n 1 | sed 's/^/  bench: /' | tee -a "$SUMMARY"
+
+# 4b. The Triton chunked kernels on the delta rule (issue 14): against fla's chunk_delta_rule and
+#     the Triton step kernels, bfloat16 and float32, SPEC's delta-rule and fla's own shapes; the
+#     table (with the ratios chunked / fla and chunked / steps) goes to chunked-delta-rule.md.
+stage chunked-delta-rule "$CHUNKED_CAP" "$SANITIZE_RESERVE" "$OUT/chunked.log" \
+    "$PY" bench/gpu/chunked_delta_rule.py --repeats 10 --out "$OUT/chunked-delta-rule.md"
+grep -E "^\| delta-rule" "$OUT/chunked.log" | sed 's/^/  chunked: /' | tee -a "$SUMMARY"
 
 # 5. compute-sanitizer on small cases that launch every GPU kernel: first (without the sanitizer)
 #    the check that they do, then memcheck on the CUDA and the Triton kernels, racecheck on the

@@ -42,7 +42,7 @@ def rel_err(got, want) -> float:
 
 
 def unroll_case(loss, per_step, dtype, B=3, T=3, n=5, d_in=7, d_out=6, m=2, seed=0,
-                lr_scale=True):
+                lr_scale=True, bias_lr_scale=True):
     gen = torch.Generator().manual_seed(seed)
 
     def randn(*shape, scale=1.0):
@@ -64,6 +64,8 @@ def unroll_case(loss, per_step, dtype, B=3, T=3, n=5, d_in=7, d_out=6, m=2, seed
         kwargs["steps"] = T
     if not lr_scale:
         del kwargs["lr_scale"]
+    if not bias_lr_scale:
+        del kwargs["bias_lr_scale"]
     return kwargs
 
 
@@ -103,6 +105,11 @@ def unroll_cases():
     cases += [("mse", True, torch.float32, mma, None), ("ce", False, torch.bfloat16, mma, None),
               ("mse", True, torch.float32, mma, ("weight", "bias", "y")),
               ("mse", False, torch.float16, mma, ("weight", "bias"))]
+    # The chunked kernels (Triton; mse, 4-D x, no lr_scale or bias_lr_scale): T over two chunks
+    # and a bit, d_out over several column tiles.
+    chunked = dict(B=2, T=70, n=1, d_in=33, d_out=70, m=1, lr_scale=False, bias_lr_scale=False)
+    cases += [("mse", True, torch.float32, chunked, None),
+              ("mse", True, torch.bfloat16, dict(chunked, n=3, T=23, m=2), None)]
     return cases
 
 

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "metakernels/fast_weight.h"
+#include "metakernels/fast_weight_chunked.h"
 #include "unroll_tensors.h"
 
 namespace {
@@ -40,20 +41,66 @@ bool backward_runs_gram(const metakernels::UnrollDims& d, const metakernels::Unr
   return !grad_bias_lr_scale && d.tasks > 0 && metakernels::unroll_gram_applies(d, in);
 }
 
+// The chunked path (mse, 4-D x; metakernels/fast_weight_chunked.h) likewise: the forward where
+// no W_t is to be stored, the backward (which never reads W_t) unless bias_lr_scale's gradient
+// is wanted. Chunks of chunked_chunk_steps(n) steps. The knobs (set_chunked_knobs): force the
+// path on (1) or off (0) instead of unroll_chunked_cheaper (-1), and the rows of a chunk.
+struct ChunkedKnobs {
+  int64_t force = -1, rows = 32;
+};
+ChunkedKnobs& chunked_knobs() {
+  static ChunkedKnobs knobs;
+  return knobs;
+}
+
+bool chunked_expected(int64_t steps, int64_t n, int64_t d_in, int64_t d_out, int64_t m,
+                      bool wants_states) {
+  const auto& k = chunked_knobs();
+  return k.force >= 0 ? k.force == 1
+                      : metakernels::unroll_chunked_cheaper(steps, n, d_in, d_out, m, wants_states);
+}
+
+template <typename T>
+bool runs_chunked(const metakernels::UnrollDims& d, const metakernels::UnrollInputs<T>& in,
+                  bool wants_states) {
+  return d.tasks > 0 && metakernels::unroll_chunked_exact(d, in) &&
+         chunked_expected(d.steps, d.support, d.d_in, d.d_out, in.queries ? d.queries : 0,
+                          wants_states);
+}
+
+int64_t chunk_steps(int64_t n) { return metakernels::chunked_chunk_steps(n, chunked_knobs().rows); }
+
+template <typename T>
+bool forward_runs_chunked(const metakernels::UnrollDims& d,
+                          const metakernels::UnrollInputs<T>& in, bool store_states) {
+  return !store_states && runs_chunked(d, in, false);
+}
+
+template <typename T>
+bool backward_runs_chunked(const metakernels::UnrollDims& d,
+                           const metakernels::UnrollInputs<T>& in, bool grad_bias_lr_scale,
+                           bool wants_states) {
+  return !grad_bias_lr_scale && runs_chunked(d, in, wants_states);
+}
+
 // "gram" or "steps" for the forward and the backward of a call with these arguments, as
 // "forward/backward" when they differ ("steps/gram").
 std::string unroll_path(const Tensor& weight, const Tensor& x, const Tensor& targets,
                         const Tensor& lr, const optional<Tensor>& bias,
                         const optional<Tensor>& lr_scale, const optional<Tensor>& bias_lr_scale,
                         const optional<Tensor>& queries, int64_t loss, bool store_states,
-                        bool grad_bias_lr_scale) {
+                        bool grad_bias_lr_scale, bool wants_states) {
   const Unroll u(weight, x, targets, lr, bias, lr_scale, bias_lr_scale, queries, loss,
                  /*strided_tasks=*/true);
   std::string forward, backward;
   AT_DISPATCH_FLOATING_TYPES(u.weight.scalar_type(), "unroll_path", [&] {
     const auto in = u.inputs<scalar_t>();
-    forward = forward_runs_gram(u.dims, in, store_states) ? "gram" : "steps";
-    backward = backward_runs_gram(u.dims, in, grad_bias_lr_scale) ? "gram" : "steps";
+    forward = forward_runs_gram(u.dims, in, store_states)      ? "gram"
+              : forward_runs_chunked(u.dims, in, store_states) ? "chunked"
+                                                               : "steps";
+    backward = backward_runs_gram(u.dims, in, grad_bias_lr_scale)      ? "gram"
+               : backward_runs_chunked(u.dims, in, grad_bias_lr_scale, wants_states) ? "chunked"
+                                                                       : "steps";
   });
   return forward == backward ? forward : forward + "/" + backward;
 }
@@ -86,9 +133,13 @@ std::vector<Tensor> unroll_forward(const Tensor& weight, const Tensor& x, const 
     out.residual = residual.data_ptr<scalar_t>();
     out.states = out_ptr_or_null<scalar_t>(states);
     const bool gram = forward_runs_gram(d, in, store_states);
+    const bool chunked = !gram && forward_runs_chunked(d, in, store_states);
     at::parallel_for(0, d.tasks, kGrainTasks, [&](int64_t begin, int64_t end) {
       if (gram)
         metakernels::fast_weight_unroll_gram_forward<scalar_t>(d, in, out, begin, end);
+      else if (chunked)
+        metakernels::fast_weight_unroll_chunked_forward<scalar_t>(
+            d, in, out, chunk_steps(d.support), begin, end);
       else
         metakernels::fast_weight_unroll_forward<scalar_t>(d, in, out, begin, end);
     });
@@ -115,7 +166,13 @@ std::vector<Tensor> unroll_backward(const Tensor& weight, const Tensor& x, const
                  /*strided_tasks=*/true);
   const auto& d = u.dims;
   const auto opts = u.weight.options();
-  TORCH_CHECK(!((wanted[1] && !first_order) || wanted[7]) || states.dim() == 4,
+  const bool wants_states = (wanted[1] && !first_order) || wanted[7];
+  bool states_needed = wants_states;
+  AT_DISPATCH_FLOATING_TYPES(u.weight.scalar_type(), "unroll_backward_path", [&] {
+    if (backward_runs_chunked(d, u.inputs<scalar_t>(), wanted[6], wants_states))
+      states_needed = false;
+  });
+  TORCH_CHECK(!states_needed || states.dim() == 4,
               "metakernels internal error: the backward needs the stored fast weights");
   auto maybe = [&](bool need, at::IntArrayRef shape) {
     return need ? new_output(shape, opts) : no_output(u.weight);
@@ -154,6 +211,7 @@ std::vector<Tensor> unroll_backward(const Tensor& weight, const Tensor& x, const
     args.grad_bias_lr_scale = out_ptr_or_null<scalar_t>(grad_bias_lr_scale);
     args.grad_queries = out_ptr_or_null<scalar_t>(grad_queries);
     const bool gram = backward_runs_gram(d, in, wanted[6]);
+    const bool chunked = !gram && backward_runs_chunked(d, in, wanted[6], wants_states);
     // A shared init on the Gram path: each thread sums its tasks' gradients into its own
     // [d_in, d_out] slot, instead of every task writing [d_in, d_out] to be reduced after.
     sum_per_thread = gram && wanted[0] && weight.dim() == 2;
@@ -172,6 +230,9 @@ std::vector<Tensor> unroll_backward(const Tensor& weight, const Tensor& x, const
         metakernels::fast_weight_unroll_gram_backward<scalar_t>(d, in, mine, begin, end);
       } else if (gram)
         metakernels::fast_weight_unroll_gram_backward<scalar_t>(d, in, args, begin, end);
+      else if (chunked)
+        metakernels::fast_weight_unroll_chunked_backward<scalar_t>(
+            d, in, args, chunk_steps(d.support), begin, end);
       else
         metakernels::fast_weight_unroll_backward<scalar_t>(d, in, args, begin, end);
     });
@@ -233,7 +294,21 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_hvp", &linear_hvp, without_gil);
   m.def("unroll_path", &unroll_path,
         "Which algorithm unroll_forward/_backward run for these arguments: 'gram' (the Gram-space "
-        "path of mse with 3-D x), 'steps' (the step loop), or 'steps/gram' (forward/backward).");
+        "path of mse with 3-D x), 'chunked' (mse with 4-D x), 'steps' (the step loop), or "
+        "'forward/backward' where they differ.");
+  m.def("chunked_expected", &chunked_expected,
+        "Whether the chunked path (mse, 4-D x) runs at these sizes (steps, n, d_in, d_out, m, "
+        "wants_states: x's or the queries' gradient wanted) when it applies: metakernels/ops "
+        "keeps no W_t for a call whose backward takes it.");
+  m.def(
+      "set_chunked_knobs",
+      [](int64_t force, int64_t rows) {
+        chunked_knobs().force = force;
+        chunked_knobs().rows = rows;
+      },
+      "The chunked path's knobs, for tests and measurements: force it on (1), off (0) or leave "
+      "it to the size rule (-1), and the stacked rows of a chunk (chunk = max(1, rows // n) "
+      "steps; default 32).");
   m.def("set_poison_outputs", [](bool poison) { poison_outputs() = poison; },
         "Fill every output with NaN before the kernels write it (for tests).");
   register_meta_loss(m);

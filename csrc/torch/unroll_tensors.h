@@ -6,6 +6,7 @@
 
 #include <torch/extension.h>
 
+#include <algorithm>
 #include <limits>
 #include <type_traits>
 
@@ -109,15 +110,18 @@ struct Unroll {
     in.bias_task_stride = bias.has_value() ? task_stride(*bias, 2) : 0;
     in.x = data<T>(x);
     in.x_task_stride = x.stride(0);
-    in.x_step_stride = x_per_step ? x.stride(1) : 0;
+    // A 4-D x of one step may have step stride 0 (a size-1 dimension sliced from an expanded
+    // one, e.g. a checkpointed segment): the kernels read step stride 0 as 3-D x, so it gets
+    // a nonzero one (only step 0 is read). Likewise for y.
+    in.x_step_stride = x_per_step ? std::max<int64_t>(x.stride(1), 1) : 0;
     if (dims.loss == metakernels::Loss::kMse) {
       in.y = data<T>(targets);
       in.y_task_stride = targets.stride(0);
-      in.y_step_stride = x_per_step ? targets.stride(1) : 0;
+      in.y_step_stride = x_per_step ? std::max<int64_t>(targets.stride(1), 1) : 0;
     } else {
       in.labels = targets.data_ptr<int64_t>();
       in.labels_task_stride = targets.stride(0);
-      in.labels_step_stride = x_per_step ? targets.stride(1) : 0;
+      in.labels_step_stride = x_per_step ? std::max<int64_t>(targets.stride(1), 1) : 0;
     }
     in.lr = data<T>(lr);
     in.lr_scale = ptr_or_null<T>(lr_scale);

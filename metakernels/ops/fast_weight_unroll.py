@@ -155,8 +155,8 @@ def _plan(weight, x, y, lr, steps, loss, bias, lr_scale, bias_lr_scale, queries,
     weight, x, y, lr, steps, bias, lr_scale, bias_lr_scale, queries = args
     which = _backends.resolve(backend, weight.device, weight.dtype)
     grad = torch.is_grad_enabled()
-    store_states = grad and (
-        (x.requires_grad and not first_order) or (queries is not None and queries.requires_grad))
+    store_states = _wants_states(x, queries, first_order) and not _chunked_backward(
+        which, LOSS_CODES[loss], weight, x, lr_scale, bias_lr_scale, queries)
     if checkpoint is None:
         tasks, support, d_in, d_out = x.shape[0], x.shape[-2], weight.shape[-2], weight.shape[-1]
         per_step = support * d_out + (d_in * d_out if store_states else 0)
@@ -166,14 +166,44 @@ def _plan(weight, x, y, lr, steps, loss, bias, lr_scale, bias_lr_scale, queries,
     return _Plan(args, which, store_states, segment)
 
 
+def _wants_states(x, queries, first_order) -> bool:
+    """Whether the backward wants W_t of every step, in the current grad mode: x's gradient in
+    second order, or the queries'."""
+    return torch.is_grad_enabled() and (
+        (x.requires_grad and not first_order) or (queries is not None and queries.requires_grad))
+
+
+def _chunked_backward(backend: str, loss: int, weight, x, lr_scale, bias_lr_scale,
+                      queries) -> bool:
+    """Whether the backward of a call that wants W_t (x's gradient in second order, or the
+    queries') runs the chunked path instead (cpu, triton; mse, 4-D x, no lr_scale or
+    bias_lr_scale, sizes where it is expected to be faster: README, "The chunked form"), which
+    needs none: then the forward keeps none. From shapes and flags only (with bias_lr_scale
+    given, all ones, the kernels may still take it; the forward then keeps W_t)."""
+    if backend not in ("cpu", "triton") or loss != LOSS_CODES["mse"] or x.dim() != 4 \
+            or lr_scale is not None or bias_lr_scale is not None:
+        return False
+    return _chunked_expected(backend, x.shape[1], x.shape[2], weight.shape[-2], weight.shape[-1],
+                             0 if queries is None else queries.shape[2])
+
+
+@torch.compiler.assume_constant_result
+def _chunked_expected(backend: str, steps: int, n: int, d_in: int, d_out: int, m: int) -> bool:
+    """The kernel module's size rule with stored states wanted (False for a module without a
+    chunked path); a constant for torch.compile, which cannot trace into the extension."""
+    expected = getattr(_backends.kernels(backend), "chunked_expected", None)
+    return bool(expected is not None and expected(steps, n, d_in, d_out, m, True))
+
+
 def unroll_path(weight: Tensor, x: Tensor, y: Tensor, lr, *, steps: int | None = None,
                 loss: str = "mse", bias: Tensor | None = None, lr_scale: Tensor | None = None,
                 bias_lr_scale: Tensor | None = None, queries: Tensor | None = None,
                 first_order: bool = False, backend: str = "auto",
                 checkpoint: bool | None = None) -> str:
     """Which algorithm :func:`fast_weight_unroll` runs for these arguments (in the current grad
-    mode): ``"reference"``; ``"gram"`` (the Gram-space form, cpu backend), ``"steps"`` (the
-    step loop), or ``"steps/gram"`` (a forward that stores W_t, then the Gram-space backward);
+    mode): ``"reference"``; ``"gram"`` (the Gram-space form, cpu backend), ``"chunked"`` (the
+    chunked form of 4-D x, cpu backend), ``"steps"`` (the step loop), or ``"steps/gram"``,
+    ``"steps/chunked"`` (a forward that stores W_t, then the other backward);
     with `` + checkpoint(L)`` appended when the backward recomputes segments of L steps."""
     plan = _plan(weight, x, y, lr, steps, loss, bias, lr_scale, bias_lr_scale, queries,
                  first_order, backend, checkpoint)
@@ -187,7 +217,8 @@ def unroll_path(weight: Tensor, x: Tensor, y: Tensor, lr, *, steps: int | None =
         path = module.unroll_path(
             weight, x, y, lr, bias, lr_scale, bias_lr_scale, queries, LOSS_CODES[loss],
             plan.store_states and not plan.segment,
-            bias_lr_scale is not None and bias_lr_scale.requires_grad and torch.is_grad_enabled())
+            bias_lr_scale is not None and bias_lr_scale.requires_grad and torch.is_grad_enabled(),
+            _wants_states(x, queries, first_order))
     return path + (f" + checkpoint({plan.segment})" if plan.segment else "")
 
 
@@ -393,7 +424,8 @@ def _unroll_backward(ctx, grad_weight_t, grad_bias_t, _grad_losses, grad_readout
     direct = not torch.is_grad_enabled() and _plain_eager(
         weight, x, y, lr, bias, lr_scale, bias_lr_scale, queries, residual, states, weight_t,
         grad_weight_t, grad_bias_t, grad_readout)
-    if (wanted[1] or wanted[7]) and states.dim() != 4:
+    if (wanted[1] or wanted[7]) and states.dim() != 4 and not _chunked_backward(
+            ctx.backend, ctx.loss, weight, x, lr_scale, bias_lr_scale, queries):
         # The forward was told no W_t would be needed (store_states is a memory hint); recompute.
         args = (weight, x, y, lr, bias, lr_scale, bias_lr_scale, queries, ctx.loss)
         states = (_forward_kernels(*args, True, ctx.backend) if direct else
@@ -571,12 +603,13 @@ def _ckpt_bwd(weight: Tensor, x: Tensor, y: Tensor, lr: Tensor, bias: Optional[T
                                  for i in range(starts_w.shape[0])]
     return _backward_by_segments(
         _backends.kernels(backend), starts, x, y, lr, lr_scale, bias_lr_scale, queries,
-        grad_weight_t, grad_bias_t, grad_readout, loss, first_order, wanted, segment, nest=True)
+        grad_weight_t, grad_bias_t, grad_readout, loss, first_order, wanted, segment, nest=True,
+        chunked=_chunked_backward(backend, loss, weight, x, lr_scale, bias_lr_scale, queries))
 
 
 def _backward_by_segments(kernels, starts, x, y, lr, lr_scale, bias_lr_scale, queries,
                           adj_weight, adj_bias, grad_readout, loss, first_order, wanted, segment,
-                          nest):
+                          nest, chunked=False):
     """unroll_backward's gradients for the steps of ``lr`` (x, y, queries and grad_readout
     cover the same steps), from the (weight, bias) at the start of each segment of ``segment``
     steps, ``starts``. Each segment's W_t are recomputed and dropped before the one before it;
@@ -586,7 +619,8 @@ def _backward_by_segments(kernels, starts, x, y, lr, lr_scale, bias_lr_scale, qu
     weight, bias = starts[0]
     steps = lr.shape[1]
     per_step = x.dim() == 4
-    need_states = (wanted[1] and not first_order) or wanted[7]
+    # The chunked backward (cpu) reads no W_t.
+    need_states = ((wanted[1] and not first_order) or wanted[7]) and not chunked
     out = [weight.new_empty(0) for _ in range(8)]
     # Per-step gradients are written slice by slice; the others are summed over segments.
     if wanted[1] and per_step:
@@ -622,7 +656,8 @@ def _backward_by_segments(kernels, starts, x, y, lr, lr_scale, bias_lr_scale, qu
                 del fwd
             grads = _backward_by_segments(
                 kernels, sub_starts, seg_x, seg_y, seg_lr, lr_scale, bias_lr_scale, seg_queries,
-                adj_weight, adj_bias, seg_readout, loss, first_order, seg_wanted, sub, nest=False)
+                adj_weight, adj_bias, seg_readout, loss, first_order, seg_wanted, sub, nest=False,
+                chunked=chunked)
             del sub_starts
         else:
             # The recomputation needs E_t (and W_t) only, not the readout: no queries.

@@ -8,7 +8,10 @@ and the shape limits: :mod:`metakernels.triton.fast_weight_unroll`.
 """
 
 from metakernels.triton._launch import set_poison_outputs
-from metakernels.triton.fast_weight_unroll import unroll_backward, unroll_forward
+# The chunked kernels of 4-D mse where they apply, else the step kernels (fast_weight_chunked).
+from metakernels.triton.fast_weight_chunked import (chunked_expected, set_chunked_knobs,
+                                                    unroll_backward, unroll_forward, unroll_path)
 from metakernels.triton.linear_hvp import linear_hvp
 
-__all__ = ["unroll_forward", "unroll_backward", "linear_hvp", "set_poison_outputs"]
+__all__ = ["unroll_forward", "unroll_backward", "unroll_path", "linear_hvp",
+           "set_poison_outputs", "chunked_expected", "set_chunked_knobs"]
