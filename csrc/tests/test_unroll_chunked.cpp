@@ -4,7 +4,6 @@
 // order, shared and per-task weight and bias, readout, chunk lengths of 1 step, several steps
 // (T not a multiple) and more than T, task ranges split across calls, NaN-filled outputs with
 // guards; and the conditions of unroll_chunked_exact on both sides.
-#include <cmath>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -12,15 +11,16 @@
 #include "check.h"
 #include "metakernels/fast_weight.h"
 #include "metakernels/fast_weight_chunked.h"
+#include "unroll_harness.h"
 
 namespace {
 
 using metakernels::Loss;
-using metakernels::UnrollBackwardArgs;
 using metakernels::UnrollDims;
-using metakernels::UnrollForwardOutputs;
 using metakernels::UnrollInputs;
-using mk_test::OutBuffer;
+using mk_test::unroll::Backward;
+using mk_test::unroll::check_same;
+using mk_test::unroll::Forward;
 
 struct Config {
   const char* name;
@@ -28,126 +28,12 @@ struct Config {
   bool shared_weight;
   int bias;  // 0 none, 1 shared, 2 per task
   int64_t chunk;
+  static constexpr bool bias_lr_scale_ones = false;  // no bias_lr_scale
+  static constexpr bool x4d = true;                  // x [B, T, n, d_in]
 };
 
 template <typename T>
-struct Problem {
-  Config c;
-  UnrollDims dims;
-  std::vector<T> weight, bias, x, y, lr, queries;
-  UnrollInputs<T> in;
-
-  template <typename U>
-  explicit Problem(const Problem<U>& other) : c(other.c) {
-    auto cast = [](const std::vector<U>& v) { return std::vector<T>(v.begin(), v.end()); };
-    weight = cast(other.weight);
-    bias = cast(other.bias);
-    x = cast(other.x);
-    y = cast(other.y);
-    lr = cast(other.lr);
-    queries = cast(other.queries);
-    wire();
-  }
-
-  explicit Problem(const Config& config) : c(config) {
-    const double x_scale = 1.0 / std::sqrt(double(c.d_in));
-    weight = mk_test::randn<T>((c.shared_weight ? 1 : c.B) * c.d_in * c.d_out, x_scale);
-    if (c.bias) bias = mk_test::randn<T>((c.bias == 1 ? 1 : c.B) * c.d_out);
-    x = mk_test::randn<T>(c.B * c.T * c.n * c.d_in, x_scale);
-    y = mk_test::randn<T>(c.B * c.T * c.n * c.d_out);
-    lr = mk_test::uniform<T>(c.B * c.T, 0.2, 0.6);
-    if (c.m) queries = mk_test::randn<T>(c.B * c.T * c.m * c.d_in);
-    wire();
-  }
-
-  void wire() {
-    dims.tasks = c.B;
-    dims.steps = c.T;
-    dims.support = c.n;
-    dims.d_in = c.d_in;
-    dims.d_out = c.d_out;
-    dims.queries = c.m;
-    dims.loss = Loss::kMse;
-    in.queries = c.m ? queries.data() : nullptr;
-    in.weight = weight.data();
-    in.weight_task_stride = c.shared_weight ? 0 : c.d_in * c.d_out;
-    in.bias = c.bias ? bias.data() : nullptr;
-    in.bias_task_stride = c.bias == 2 ? c.d_out : 0;
-    in.x = x.data();
-    in.x_task_stride = c.T * c.n * c.d_in;
-    in.x_step_stride = c.n * c.d_in;
-    in.y = y.data();
-    in.y_task_stride = c.T * c.n * c.d_out;
-    in.y_step_stride = c.n * c.d_out;
-    in.lr = lr.data();
-  }
-};
-
-template <typename T>
-struct Forward {
-  OutBuffer<T> weight, bias, losses, residual, states, readout;
-  UnrollForwardOutputs<T> out;
-  Forward(const Config& c, bool with_states)
-      : weight(c.B * c.d_in * c.d_out), bias(c.bias ? c.B * c.d_out : 0), losses(c.B * c.T),
-        residual(c.B * c.T * c.n * c.d_out), states(with_states ? c.B * c.T * c.d_in * c.d_out : 0),
-        readout(c.B * c.T * c.m * c.d_out) {
-    out.readout = c.m ? readout.data() : nullptr;
-    out.weight = weight.data();
-    out.bias = c.bias ? bias.data() : nullptr;
-    out.losses = losses.data();
-    out.residual = residual.data();
-    out.states = with_states ? states.data() : nullptr;
-  }
-  std::vector<OutBuffer<T>*> buffers() { return {&weight, &bias, &losses, &residual, &readout}; }
-};
-
-template <typename T>
-struct Backward {
-  OutBuffer<T> weight, bias, x, y, lr, queries;
-  std::vector<T> grad_weight_final, grad_bias_final, grad_readout;
-  UnrollBackwardArgs<T> args;
-  Backward(const Config& c, const Forward<T>& fwd, bool first_order, bool use_states)
-      : weight(c.B * c.d_in * c.d_out), bias(c.bias ? c.B * c.d_out : 0),
-        x(c.B * c.T * c.n * c.d_in), y(c.B * c.T * c.n * c.d_out), lr(c.B * c.T),
-        queries(c.B * c.T * c.m * c.d_in) {
-    args.grad_queries = c.m ? queries.data() : nullptr;
-    args.residual = fwd.residual.data();
-    args.states = use_states ? fwd.states.data() : nullptr;
-    args.weight_final = fwd.weight.data();
-    args.first_order = first_order;
-    args.grad_weight = weight.data();
-    args.grad_bias = c.bias ? bias.data() : nullptr;
-    args.grad_x = first_order ? nullptr : x.data();
-    args.grad_y = first_order ? nullptr : y.data();
-    args.grad_lr = lr.data();
-  }
-  // The incoming adjoints, the same values for both runs.
-  template <typename U>
-  void set_adjoints(const Config& c, const std::vector<U>& w, const std::vector<U>& b,
-                    const std::vector<U>& o) {
-    grad_weight_final.assign(w.begin(), w.end());
-    grad_bias_final.assign(b.begin(), b.end());
-    grad_readout.assign(o.begin(), o.end());
-    args.grad_weight_final = grad_weight_final.data();
-    args.grad_bias_final = c.bias ? grad_bias_final.data() : nullptr;
-    args.grad_readout = c.m ? grad_readout.data() : nullptr;
-  }
-  std::vector<OutBuffer<T>*> buffers(bool first_order) {
-    if (first_order) return {&weight, &bias, &lr, &queries};
-    return {&weight, &bias, &x, &y, &lr, &queries};
-  }
-};
-
-template <typename A, typename B>
-void check_same(std::vector<OutBuffer<A>*> got, std::vector<OutBuffer<B>*> want, double tol,
-                const char* what) {
-  for (size_t i = 0; i < got.size(); ++i) {
-    CHECK(got[i]->guards_intact());
-    const double err = mk_test::rel_error(got[i]->values(), want[i]->values());
-    CHECK_MSG(err <= tol,
-              std::string(what) + mk_test::fmt(" output %g: rel. error %g", double(i), err));
-  }
-}
+using Problem = mk_test::unroll::Problem<T, Config>;
 
 // The chunked kernels in T against the step loop in double on the same (rounded) inputs.
 template <typename T>
