@@ -253,8 +253,11 @@ def test_ctrl_c_keeps_a_loadable_checkpoint(tmp_path):
     command = [sys.executable, "-m", "metakernels", "train", "--task", "sinusoid", "--steps",
                "1000000", "--out", str(tmp_path), "--checkpoint-every", "1", "--no-progress",
                "--meta-batch", "2", "--eval-tasks", "2"]
+    # A shell without job control starts its background jobs with SIGINT ignored, and the
+    # child inherits that (then Python installs no KeyboardInterrupt): give it the default.
     process = subprocess.Popen(command, cwd=root, env=env, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, text=True)
+                               stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while not (tmp_path / "checkpoint.pt").exists() and time.monotonic() < deadline:
         time.sleep(0.2)
