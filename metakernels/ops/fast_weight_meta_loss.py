@@ -370,16 +370,11 @@ def _ckpt_fwd(weight: Tensor, x: Tensor, y: Tensor, lr: Tensor, bias: Optional[T
     kernels = _backends.kernels(backend)
     tasks, steps = lr.shape
     segments = _unroll._segments(steps, segment)
-    starts_w = weight.new_empty(len(segments) - 1, tasks, weight.shape[-2], weight.shape[-1])
-    starts_b = (weight.new_empty(len(segments) - 1, tasks, weight.shape[-1]) if bias is not None
-                else weight.new_empty(0))
+    starts_w, starts_b = _unroll._new_segment_starts(weight, bias, len(segments), tasks)
     task_loss = weight.new_zeros(tasks)
     state_weight, state_bias = weight, bias
     for index, (start, stop) in enumerate(segments):
-        if index > 0:
-            starts_w[index - 1] = state_weight
-            if bias is not None:
-                starts_b[index - 1] = state_bias
+        _unroll._keep_segment_start(starts_w, starts_b, index, state_weight, state_bias)
         seg_x, seg_y, seg_lr, seg_query_x, seg_query_y = _segment_meta_inputs(
             x, y, lr, query_x, query_y, start, stop)
         if seg_query_x is not None:

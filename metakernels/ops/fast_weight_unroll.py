@@ -489,6 +489,25 @@ _unroll_bwd.register_autograd(_no_double_backward)
 # on it, the gradient of the segment's start weight and bias becoming the incoming adjoint of the
 # segment before. x, y, lr and queries are sliced per segment (3-D x is shared by all of them).
 
+def _new_segment_starts(weight: Tensor, bias: Tensor | None, segment_count: int,
+                        tasks: int) -> tuple[Tensor, Tensor]:
+    """Buffers for the fast weights (and bias) at the start of every segment but the first:
+    ``[segments - 1, B, d_in, d_out]`` and ``[segments - 1, B, d_out]`` (empty without bias)."""
+    starts_w = weight.new_empty(segment_count - 1, tasks, weight.shape[-2], weight.shape[-1])
+    starts_b = (weight.new_empty(segment_count - 1, tasks, weight.shape[-1]) if bias is not None
+                else weight.new_empty(0))
+    return starts_w, starts_b
+
+
+def _keep_segment_start(starts_w: Tensor, starts_b: Tensor, index: int, weight: Tensor,
+                        bias: Tensor | None) -> None:
+    """Keeps the state that segment ``index`` starts from (the first one's is the init)."""
+    if index > 0:
+        starts_w[index - 1] = weight
+        if bias is not None:
+            starts_b[index - 1] = bias
+
+
 def _segments(steps: int, segment: int) -> list[tuple[int, int]]:
     return [(start, min(start + segment, steps)) for start in range(0, steps, segment)]
 
@@ -511,21 +530,16 @@ def _ckpt_fwd(weight: Tensor, x: Tensor, y: Tensor, lr: Tensor, bias: Optional[T
         _checks.check_labels("y", y, weight.shape[-1])
     kernels = _backends.kernels(backend)
     tasks, steps = lr.shape
-    d_in, d_out = weight.shape[-2], weight.shape[-1]
+    d_out = weight.shape[-1]
     segments = _segments(steps, segment)
     # Written segment by segment, so that no segment's outputs outlive it.
-    starts_w = weight.new_empty(len(segments) - 1, tasks, d_in, d_out)
-    starts_b = (weight.new_empty(len(segments) - 1, tasks, d_out) if bias is not None
-                else weight.new_empty(0))
+    starts_w, starts_b = _new_segment_starts(weight, bias, len(segments), tasks)
     losses = weight.new_empty(tasks, steps)
     readout = (weight.new_empty(tasks, steps, queries.shape[2], d_out) if queries is not None
                else weight.new_empty(0))
     state_weight, state_bias = weight, bias
     for index, (start, stop) in enumerate(segments):
-        if index > 0:
-            starts_w[index - 1] = state_weight
-            if bias is not None:
-                starts_b[index - 1] = state_bias
+        _keep_segment_start(starts_w, starts_b, index, state_weight, state_bias)
         seg_x, seg_y, seg_lr, seg_queries = _segment_inputs(x, y, lr, queries, start, stop)
         out = kernels.unroll_forward(state_weight, seg_x, seg_y, seg_lr, state_bias, lr_scale,
                                      bias_lr_scale, seg_queries, loss, False)
