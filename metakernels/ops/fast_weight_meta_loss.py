@@ -460,8 +460,7 @@ def _ckpt_bwd(weight: Tensor, x: Tensor, y: Tensor, lr: Tensor, bias: Optional[T
     """The gradients of (weight, x, y, lr, bias, lr_scale, bias_lr_scale, query_x, query_y),
     segment by segment from the last; each an empty tensor where not wanted."""
     kernels = _backends.kernels(backend)
-    starts = [(weight, bias)] + [(starts_w[i], starts_b[i] if bias is not None else None)
-                                 for i in range(starts_w.shape[0])]
+    starts = _unroll._segment_starts(weight, bias, starts_w, starts_b)
     per_step, form_b = x.dim() == 4, query_x.dim() == 4
     need_states = (wanted[1] and not first_order) or (wanted[7] and form_b)
     out = [weight.new_empty(0) for _ in range(9)]

@@ -508,6 +508,13 @@ def _keep_segment_start(starts_w: Tensor, starts_b: Tensor, index: int, weight: 
             starts_b[index - 1] = bias
 
 
+def _segment_starts(weight: Tensor, bias: Tensor | None, starts_w: Tensor,
+                    starts_b: Tensor) -> list[tuple[Tensor, Tensor | None]]:
+    """(weight, bias) every segment starts from: the init, then what the forward kept."""
+    return [(weight, bias)] + [(starts_w[i], starts_b[i] if bias is not None else None)
+                               for i in range(starts_w.shape[0])]
+
+
 def _segments(steps: int, segment: int) -> list[tuple[int, int]]:
     return [(start, min(start + segment, steps)) for start in range(0, steps, segment)]
 
@@ -613,8 +620,7 @@ def _ckpt_bwd(weight: Tensor, x: Tensor, y: Tensor, lr: Tensor, bias: Optional[T
                                                    Tensor, Tensor, Tensor]:
     """The gradients of (weight, x, y, lr, bias, lr_scale, bias_lr_scale, queries) as
     fast_weight_unroll_bwd returns them, segment by segment from the last."""
-    starts = [(weight, bias)] + [(starts_w[i], starts_b[i] if bias is not None else None)
-                                 for i in range(starts_w.shape[0])]
+    starts = _segment_starts(weight, bias, starts_w, starts_b)
     return _backward_by_segments(
         _backends.kernels(backend), starts, x, y, lr, lr_scale, bias_lr_scale, queries,
         grad_weight_t, grad_bias_t, grad_readout, loss, first_order, wanted, segment, nest=True,
