@@ -125,6 +125,9 @@ def test_wheel_holds_the_package_and_its_extension(wheel):
     package = [name for name in source_files() if name.startswith("metakernels/")]
     assert package and not set(package) - set(files), set(package) - set(files)
     assert any(name.startswith("metakernels/_C.") and name.endswith(".so") for name in files)
+    # The reference pages the docstrings cite travel with the code (docs/README.md).
+    pages = [name for name in source_files() if name.startswith("docs/") and name.endswith(".md")]
+    assert pages and not {f"metakernels/{page}" for page in pages} - set(files), pages
     # torch here is a CPU build: no CUDA extension.
     assert torch.version.cuda is not None or not any("_C_cuda." in n and n.endswith(".so")
                                                      for n in files)

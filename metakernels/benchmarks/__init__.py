@@ -1,4 +1,4 @@
-"""The benchmark harness behind ``metakernels demo``: the SPEC.md section 6 configurations, the
+"""The benchmark harness behind ``metakernels demo``: the standard configurations (docs/conventions.md), the
 contestants that compute the same second-order meta-gradient, their correctness checks against
 the reference backend, interleaved timing, and peak memory.
 

@@ -1,4 +1,4 @@
-"""Triton kernels of ``fast_weight_unroll`` (SPEC.md section 1): forward and exact second-order
+"""Triton kernels of ``fast_weight_unroll`` (docs/ops/fast_weight_unroll.md): forward and exact second-order
 backward, every task's fast weights in registers across all T steps.
 
 Grid ``(B, NV)``: program ``(b, v)`` owns task b and the d_out columns ``[v·BV, (v+1)·BV)``, all of
