@@ -1,7 +1,7 @@
-"""The two inner losses of docs/ops/fast_weight_unroll.md, below every layer that names them: the code each
-has in the compiled kernels' interface (the dispatch layer and the Triton compile check pass it),
-and the loss itself in plain torch (the benchmark contestants and the trainer's full-network
-inner loop compute it). Imports torch only."""
+"""The two inner losses of docs/ops/fast_weight_unroll.md, below every layer that names them: the
+code each has in the compiled kernels' interface (the dispatch layer and the Triton compile check
+pass it), and the loss itself in plain torch (the benchmark contestants and the trainer's
+full-network inner loop compute it). Imports torch only."""
 
 from __future__ import annotations
 

@@ -35,8 +35,8 @@ settings.register_profile(
         str(pathlib.Path(__file__).resolve().parents[1] / "build" / "hypothesis")),
     suppress_health_check=_SLOW_DATA)
 settings.load_profile("metakernels")
-# docs/conventions.md, accuracy: norm-wise relative error against the float64 reference (bfloat16 and
-# float16: the GPU backends, and Triton's interpreter).
+# docs/conventions.md, accuracy: norm-wise relative error against the float64 reference (bfloat16
+# and float16: the GPU backends, and Triton's interpreter).
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-2}
 
 

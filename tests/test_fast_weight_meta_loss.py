@@ -1,5 +1,5 @@
-"""fast_weight_meta_loss (docs/ops/fast_weight_meta_loss.md) against the float64 reference: both query forms,
-both losses, both x forms, every input form of the unroll, reductions, first order,
+"""fast_weight_meta_loss (docs/ops/fast_weight_meta_loss.md) against the float64 reference: both
+query forms, both losses, both x forms, every input form of the unroll, reductions, first order,
 checkpointing, odd sizes, m = 1, the switch of every cpu path, opcheck, torch.compile and bad
 inputs. Outputs of the compiled kernels are NaN-poisoned (conftest)."""
 

@@ -204,12 +204,23 @@ def test_wheel_runs_in_a_fresh_venv(venv, tmp_path):
     assert "cpu tensors: cpu, reference" in lines[2]
 
 
-def test_installed_wheel_refuses_another_torch(venv, tmp_path):
+def test_installed_wheel_beside_another_torch_runs_without_its_kernels(venv, tmp_path):
+    """Beside another torch release the import works, the compiled backends are left out, and
+    asking for one raises the reason, naming the torch the wheel was built for."""
     result = subprocess.run(
-        [venv / "bin" / "python", "-c",
-         "import torch; torch.__version__ = '2.99.0'; import metakernels"],
+        [venv / "bin" / "python", "-c", textwrap.dedent("""
+            import sys, torch
+            torch.__version__ = '2.99.0'
+            import metakernels as mk
+            assert "metakernels._C" not in sys.modules
+            assert mk.available_backends("cpu") == ["reference"], mk.available_backends("cpu")
+            x, y = torch.randn(2, 5, 3), torch.randn(2, 5, 4)
+            mk.fast_weight_unroll(torch.zeros(3, 4), x, y, 0.1, steps=2)
+            mk.fast_weight_unroll(torch.zeros(3, 4), x, y, 0.1, steps=2, backend="cpu")
+            """)],
         cwd=tmp_path, env=clean_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
+    assert "RuntimeError: backend 'cpu' is not available" in result.stderr, result.stderr
     assert f"was built against torch {torch.__version__}, but torch 2.99.0 is installed" \
         in result.stderr, result.stderr
 

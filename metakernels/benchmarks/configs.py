@@ -1,5 +1,5 @@
-"""The standard benchmark configurations (docs/conventions.md, benchmark configurations) and the random meta-steps they
-describe."""
+"""The standard benchmark configurations (docs/conventions.md, benchmark configurations) and the
+random meta-steps they describe."""
 
 from __future__ import annotations
 

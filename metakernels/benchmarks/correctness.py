@@ -1,6 +1,6 @@
 """The checks that come before any timing: every backend against the reference on a small
-odd-sized case (docs/conventions.md, accuracy), and every contestant's meta-gradient against the reference
-backend's in float64."""
+odd-sized case (docs/conventions.md, accuracy), and every contestant's meta-gradient against the
+reference backend's in float64."""
 
 from __future__ import annotations
 

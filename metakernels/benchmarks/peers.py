@@ -147,7 +147,8 @@ def _torchopt(problem: MetaProblem) -> MetaGrad:
 
 
 def delta_rule_form(config: BenchConfig) -> str | None:
-    """Why ``config`` is not the delta rule of docs/ops/fast_weight_unroll.md, or None when it is."""
+    """Why ``config`` is not the delta rule of docs/ops/fast_weight_unroll.md, or None when it
+    is."""
     wanted = {"n = 1 support row per step": config.support == 1, "mse": config.loss == "mse",
               "no bias": not config.bias, "a readout of m = 1 row": config.queries == 1,
               "one batch per step (4-D x)": config.x_per_step}
@@ -159,7 +160,8 @@ def delta_rule_readout(problem: MetaProblem, chunk_delta_rule: Callable) -> Tens
     """The readout ``[B, T, 1, d_out]`` of the delta rule, through flash-linear-attention's
     ``chunk_delta_rule`` signature: ``W = Sᵀ`` is fla's state ``[B, H, K, V]`` with H = 1,
     ``β_t = η_t``, ``k_t = x_t``, ``v_t = y_t``, ``q_t`` the readout query, scale 1
-    (docs/ops/fast_weight_unroll.md). The state is float32 as in metakernels; q, k, v, β take the problem's dtype."""
+    (docs/ops/fast_weight_unroll.md). The state is float32 as in metakernels; q, k, v, β take the
+    problem's dtype."""
     config, batch = problem.config, problem.batch
     tasks, steps = config.tasks, config.steps
     weight = problem.params["weight"]

@@ -201,8 +201,8 @@ def available_backends(device=None, dtype: torch.dtype | None = None) -> list[st
 
     ``backend="auto"`` takes the first of them that it may pick on the device type: on CPU
     tensors the ``cpu`` backend where it is here, on CUDA tensors the reference, until the fused
-    GPU backends of a release have passed the GPU check (docs/conventions.md, "Dtypes, devices and backends"); a
-    backend listed here and not picked by ``auto`` runs when asked for by name."""
+    GPU backends of a release have passed the GPU check (docs/conventions.md, "Dtypes, devices and
+    backends"); a backend listed here and not picked by ``auto`` runs when asked for by name."""
     device = _as_device(device)
     order = PREFERENCE.get(device.type, ("reference",))
     return [name for name in order if _unavailable(name, device, dtype) is None]

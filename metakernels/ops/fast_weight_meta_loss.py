@@ -1,4 +1,5 @@
-"""``fast_weight_meta_loss``: the unroll and the outer (query) loss in one op (docs/ops/fast_weight_meta_loss.md).
+"""``fast_weight_meta_loss``: the unroll and the outer (query) loss in one op
+(docs/ops/fast_weight_meta_loss.md).
 
 The public function checks the contract once (the unroll's checks, plus the query set's), picks a
 backend and returns the meta-loss. On the ``cpu`` backend the whole meta-step is one custom op

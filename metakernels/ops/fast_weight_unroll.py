@@ -227,8 +227,8 @@ def unroll_path(weight: Tensor, x: Tensor, y: Tensor, lr, *, steps: int | None =
 
 def _check(weight, x, y, lr, steps, loss, bias, lr_scale, bias_lr_scale, queries, first_order,
            backend="auto"):
-    """Checks the arguments (docs/ops/fast_weight_unroll.md); returns them normalised: lr a ``[B, T]`` tensor, T,
-    and ce labels as int64."""
+    """Checks the arguments (docs/ops/fast_weight_unroll.md); returns them normalised: lr a ``[B,
+    T]`` tensor, T, and ce labels as int64."""
     for name, value in (("weight", weight), ("x", x), ("y", y)):
         _checks.require_tensor(name, value)
     for name, value in (("bias", bias), ("lr_scale", lr_scale), ("bias_lr_scale", bias_lr_scale),

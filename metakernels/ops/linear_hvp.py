@@ -42,9 +42,9 @@ def linear_hvp(weight: Tensor, x: Tensor, v: Tensor, *, loss: str = "mse",
         backend: ``"auto"``, ``"reference"``, ``"cpu"``, ``"triton"`` or ``"cuda"``.
 
     Returns:
-        :class:`HvpOutput` ``(weight [B, d_in, d_out], bias [B, d_out])``; ``bias`` is None when both
-        ``bias`` and ``v_bias`` are None (a model without a bias). Differentiable in weight, x, v,
-        bias and v_bias.
+        :class:`HvpOutput` ``(weight [B, d_in, d_out], bias [B, d_out])``; ``bias`` is None when
+        both ``bias`` and ``v_bias`` are None (a model without a bias). Differentiable in weight, x,
+        v, bias and v_bias.
     """
     for name, value in (("weight", weight), ("x", x), ("v", v)):
         _checks.require_tensor(name, value)

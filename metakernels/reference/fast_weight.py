@@ -1,14 +1,16 @@
-"""Reference implementations of ``fast_weight_unroll`` and ``linear_hvp`` (docs/ops/fast_weight_unroll.md, docs/ops/linear_hvp.md).
+"""Reference implementations of ``fast_weight_unroll`` and ``linear_hvp``
+(docs/ops/fast_weight_unroll.md, docs/ops/linear_hvp.md).
 
 Plain PyTorch: the unrolled loop is an ordinary autograd graph, so the second-order
 meta-gradient comes from autograd itself and double backward works. The inner gradient is
-written in closed form (``G_t = X_tᵀ E_t``), which is the definition in docs/ops/fast_weight_unroll.md; the tests
-check it against autograd-derived inner gradients (``torch.func``, ``higher``, ``torchopt``).
+written in closed form (``G_t = X_tᵀ E_t``), which is the definition in
+docs/ops/fast_weight_unroll.md; the tests check it against autograd-derived inner gradients
+(``torch.func``, ``higher``, ``torchopt``).
 
 Each function takes the arguments of the public op of the same name (docs/ops/), without
 ``backend`` and ``checkpoint``, so a test or a user can swap one for the other; the arguments are
-not checked (the public op checks them before it calls these). The state and every accumulation are float32 (float64 for float64
-inputs); outputs take the dtype of ``weight``.
+not checked (the public op checks them before it calls these). The state and every accumulation are
+float32 (float64 for float64 inputs); outputs take the dtype of ``weight``.
 
 Memory: autograd stores every step's activations, O(B·T·(d_in·d_out + n·d_out)).
 """

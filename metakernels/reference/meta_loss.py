@@ -1,6 +1,6 @@
-"""Reference ``fast_weight_meta_loss`` (docs/ops/fast_weight_meta_loss.md): autograd through the reference unroll
-plus the outer (query) loss, in plain PyTorch. The truth the fused backends are tested against;
-double backward works.
+"""Reference ``fast_weight_meta_loss`` (docs/ops/fast_weight_meta_loss.md): autograd through the
+reference unroll plus the outer (query) loss, in plain PyTorch. The truth the fused backends are
+tested against; double backward works.
 
 It takes the public op's arguments, without ``backend`` and ``checkpoint``, unchecked.
 :func:`query_loss` is the outer loss alone, on the adapted weights or on the readout: the
@@ -18,8 +18,8 @@ REDUCTIONS = ("mean", "sum", "none")
 
 
 def _row_mean_loss(logits: Tensor, targets: Tensor, loss: str) -> Tensor:
-    """ℓ(Z, Y) of docs/ops/fast_weight_meta_loss.md over the rows (dimension −2) of every leading index:
-    mse ``1/(2m) Σ_i ‖z_i − y_i‖²``, ce ``1/m Σ_i −log softmax(z_i)[y_i]``."""
+    """ℓ(Z, Y) of docs/ops/fast_weight_meta_loss.md over the rows (dimension −2) of every leading
+    index: mse ``1/(2m) Σ_i ‖z_i − y_i‖²``, ce ``1/m Σ_i −log softmax(z_i)[y_i]``."""
     m = logits.shape[-2]
     if loss == "mse":
         return 0.5 * (logits - targets).pow(2).sum((-2, -1)) / m

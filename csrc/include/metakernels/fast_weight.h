@@ -1,6 +1,6 @@
-// Kernel interface of the two fused ops (docs/ops/fast_weight_unroll.md and docs/ops/linear_hvp.md): raw pointers, sizes and
-// strides, no torch. The caller (csrc/torch/ or a C++ test) has checked every argument; kernels
-// do not check again.
+// Kernel interface of the two fused ops (docs/ops/fast_weight_unroll.md and
+// docs/ops/linear_hvp.md): raw pointers, sizes and strides, no torch. The caller (csrc/torch/ or a
+// C++ test) has checked every argument; kernels do not check again.
 //
 // Layouts. Every per-task, per-step matrix is row-major and contiguous; where it sits is given by
 // a task stride and a step stride in elements. A stride of 0 means "shared": a shared weight or
