@@ -159,18 +159,15 @@ FAKE_BUILD_INFO = """
     sys.modules["metakernels._build_info"] = info
 """
 
-
-@needs_extension
-def test_import_beside_another_torch_leaves_the_compiled_backends_out(tmp_path):
-    """A wheel beside another torch release: `import metakernels` works, no compiled code loads,
-    available_backends leaves cpu out, auto runs the reference, and asking for the cpu backend
-    raises the reason, naming the torch the wheel was built for."""
-    result = run_python(FAKE_BUILD_INFO.format(facts="TORCH_VERSION='2.9.1+cu128'") + """
+# `import metakernels` where the cpu backend must be left out: prints the RuntimeWarnings of the
+# import (WARNING:) and the error of asking for the cpu backend (ERROR:), after checking that
+# no compiled code loaded and that auto runs the reference.
+CPU_LEFT_OUT = """
     import sys, warnings
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         import metakernels as mk
-    assert "metakernels._C" not in sys.modules
+    assert not getattr(sys.modules.get("metakernels._C"), "unroll_forward", None)
     print("WARNING:", *[w.message for w in caught if w.category is RuntimeWarning])
     assert mk.available_backends("cpu") == ["reference"], mk.available_backends("cpu")
     x, y = torch.randn(2, 5, 3), torch.randn(2, 5, 4)
@@ -179,10 +176,25 @@ def test_import_beside_another_torch_leaves_the_compiled_backends_out(tmp_path):
         mk.fast_weight_unroll(torch.zeros(3, 4), x, y, 0.1, steps=2, backend="cpu")
     except RuntimeError as error:
         print("ERROR:", error)
-    """, tmp_path)
+"""
+
+
+def left_out_reasons(result: subprocess.CompletedProcess) -> tuple[str, str]:
+    """The WARNING: and ERROR: lines of a run of CPU_LEFT_OUT, which must have succeeded."""
     assert result.returncode == 0, result.stderr
-    warning = next(line for line in result.stdout.splitlines() if line.startswith("WARNING:"))
-    error = next(line for line in result.stdout.splitlines() if line.startswith("ERROR:"))
+    lines = result.stdout.splitlines()
+    return (next(line for line in lines if line.startswith("WARNING:")),
+            next(line for line in lines if line.startswith("ERROR:")))
+
+
+@needs_extension
+def test_import_beside_another_torch_leaves_the_compiled_backends_out(tmp_path):
+    """A wheel beside another torch release: `import metakernels` works, no compiled code loads,
+    available_backends leaves cpu out, auto runs the reference, and asking for the cpu backend
+    raises the reason, naming the torch the wheel was built for."""
+    result = run_python(
+        FAKE_BUILD_INFO.format(facts="TORCH_VERSION='2.9.1+cu128'") + CPU_LEFT_OUT, tmp_path)
+    warning, error = left_out_reasons(result)
     for text in (warning, error):
         assert ("metakernels 0.1.0 was built against torch 2.9.1+cu128, but torch "
                 f"{torch.__version__} is installed") in text, text
@@ -195,20 +207,11 @@ def test_import_without_the_extension_works(tmp_path):
     """No compiled extension at all (a checkout never built, or a failed build): the import
     works and the reference runs; asking for the cpu backend says it was not built."""
     result = run_python("""
-    import sys
+    import sys, torch
     sys.modules["metakernels._C"] = sys.modules["metakernels._C_cuda"] = None  # cannot import
-    import torch
-    import metakernels as mk
-    assert mk.available_backends("cpu") == ["reference"], mk.available_backends("cpu")
-    x, y = torch.randn(2, 5, 3), torch.randn(2, 5, 4)
-    assert mk.fast_weight_unroll(torch.zeros(3, 4), x, y, 0.1, steps=2).weight.shape == (2, 3, 4)
-    try:
-        mk.fast_weight_unroll(torch.zeros(3, 4), x, y, 0.1, steps=2, backend="cpu")
-    except RuntimeError as error:
-        print("ERROR:", error)
-    """, tmp_path)
-    assert result.returncode == 0, result.stderr
-    assert "metakernels was built without its C++ extension" in result.stdout, result.stdout
+    """ + CPU_LEFT_OUT, tmp_path)
+    _, error = left_out_reasons(result)
+    assert "metakernels was built without its C++ extension" in error, error
 
 
 @needs_extension
@@ -233,24 +236,8 @@ def test_escape_hatch_loads_no_compiled_code(tmp_path):
 @needs_extension
 def test_cpu_without_the_built_instruction_sets_leaves_the_cpu_backend_out(tmp_path):
     result = run_python(FAKE_BUILD_INFO.format(
-        facts="CPU_FEATURES=['sse2', 'metakernels_test_isa']") + """
-    import sys, warnings
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        import metakernels as mk
-    assert "metakernels._C" not in sys.modules
-    print("WARNING:", *[w.message for w in caught if w.category is RuntimeWarning])
-    assert mk.available_backends("cpu") == ["reference"]
-    x, y = torch.randn(2, 5, 3), torch.randn(2, 5, 4)
-    assert mk.fast_weight_unroll(torch.zeros(3, 4), x, y, 0.1, steps=2).weight.shape == (2, 3, 4)
-    try:
-        mk.fast_weight_unroll(torch.zeros(3, 4), x, y, 0.1, steps=2, backend="cpu")
-    except RuntimeError as error:
-        print("ERROR:", error)
-    """, tmp_path)
-    assert result.returncode == 0, result.stderr
-    warning = next(line for line in result.stdout.splitlines() if line.startswith("WARNING:"))
-    error = next(line for line in result.stdout.splitlines() if line.startswith("ERROR:"))
+        facts="CPU_FEATURES=['sse2', 'metakernels_test_isa']") + CPU_LEFT_OUT, tmp_path)
+    warning, error = left_out_reasons(result)
     for text in (warning, error):
         assert "lacks: metakernels_test_isa." in text and "illegal instruction" in text, text
     assert "The cpu backend is unavailable" in warning
