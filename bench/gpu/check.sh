@@ -2,7 +2,8 @@
 # The GPU check, in one call on a machine with a CUDA GPU (issues 3, 4 and 6):
 #   1. install carried wheels (.whl/*.whl, e.g. fla-core) into /tmp/site, no network;
 #   2. build the package in place (CPU and, where csrc/cuda has sources, CUDA kernels);
-#   3. the GPU tests (pytest -m gpu; flash-attn against SDPA where flash-attn is installed);
+#   3. the GPU tests (pytest -m gpu; flash-attn against SDPA where flash-attn is installed; every
+#      op forward and backward with torch.cuda.set_sync_debug_mode("error"), tests/test_autocast.py);
 #   4. the benchmark: docs/conventions.md's maml-small, maml-ce, trajectory, delta-rule (float32
 #      and bfloat16, with flash-linear-attention's chunk_delta_rule) and large, at full size,
 #      every GPU backend against the reference and torch.func, with the roofline floor measured on
