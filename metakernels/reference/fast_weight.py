@@ -37,7 +37,8 @@ def _loss_and_residual(logits: Tensor, targets: Tensor, loss: str) -> tuple[Tens
         return 0.5 * diff.pow(2).sum((-2, -1)) / n, diff / n
     log_probs = torch.log_softmax(logits, dim=-1)
     picked = log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    onehot = torch.nn.functional.one_hot(targets, logits.shape[-1]).to(logits.dtype)
+    # scatter, not F.one_hot, which may read the labels' range back to the host on a GPU.
+    onehot = torch.zeros_like(logits).scatter(-1, targets.unsqueeze(-1), 1.0)
     return -picked.sum(-1) / n, (log_probs.exp() - onehot) / n
 
 
