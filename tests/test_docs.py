@@ -43,7 +43,7 @@ PLACEHOLDERS = {"FILE.md"}
 
 
 def is_citation(cited: str, top_level: set[str]) -> bool:
-    """A document this repository would hold: an upper-case name (README.md, SPEC.md, ...) or a
+    """A document this repository would hold: an upper-case name (README.md, CONTRIBUTING.md, ...) or a
     path under one of its own folders (docs/..., bench/results/...). Output files that commands
     are told to write (out.md, $OUT/report.md, FILE.md) are not citations."""
     parts = cited.split("/")
@@ -76,8 +76,8 @@ def test_no_file_cites_a_document_the_repository_does_not_contain():
 def test_the_checker_sees_a_missing_document(tmp_path):
     citing = ROOT / "metakernels" / "__init__.py"
     top_level = {"docs", "metakernels"}
-    assert "SPEC.md" in CITED.findall("The op contract is SPEC.md; see docs/ops/nothing.md.")
-    assert is_citation("SPEC.md", top_level) and not resolves("SPEC.md", citing)
+    assert "ELSEWHERE.md" in CITED.findall("The op contract is ELSEWHERE.md; see docs/ops/nothing.md.")
+    assert is_citation("ELSEWHERE.md", top_level) and not resolves("ELSEWHERE.md", citing)
     assert is_citation("docs/ops/nothing.md", top_level)
     assert not resolves("docs/ops/nothing.md", citing)
     assert resolves("docs/ops/fast_weight_unroll.md", citing)
