@@ -76,10 +76,11 @@ test-triton: setup
 	TRITON_INTERPRET=1 $(PY) -m pytest -q tests/test_edge_cases.py tests/test_concurrency.py -k triton
 
 # The wheel, built from a clean copy of the tree, installed into a fresh virtual environment
-# and run there; refusing another torch; and the user's journey through the README's commands
-# there, bare and with the `train` extra (tests/test_wheel.py, marked slow: 3.7-5.1 min on 2
-# cores at load 6-9 with the wheel's objects already compiled, the journey 1.8-3.1 min of it;
-# 8.1 min from a clean build (rm -rf build/wheel-test) at load 8, the journey 3.0 min of it).
+# and run there; beside another torch (its kernels left out); and the user's journey through
+# the README's commands there, bare and with the `train` extra (tests/test_wheel.py, marked
+# slow: 3.7-5.1 min on 2 cores at load 6-9 with the wheel's objects already compiled, the journey
+# 1.8-3.1 min of it; 8.1 min from a clean build (rm -rf build/wheel-test) at load 8, the journey 3.0
+# min of it).
 test-wheel: setup
 	$(PY) -m pytest -q -m slow tests/test_wheel.py
 

@@ -26,6 +26,7 @@ import shutil
 import sys
 
 from setuptools import setup
+from setuptools.command.build_py import build_py
 
 import torch
 from torch.utils import cpp_extension
@@ -169,9 +170,23 @@ class BuildExtension(cpp_extension.BuildExtension):
             os.path.join(self.build_lib, "metakernels", "_build_info.py")]
 
 
+class BuildPyWithDocs(build_py):
+    """Copies the reference pages (docs/*.md, docs/ops/*.md) into the package as
+    metakernels/docs/, so that a wheel carries the contract its docstrings cite (docs/README.md)."""
+
+    def run(self):
+        super().run()
+        for page in glob.glob(os.path.join(ROOT, "docs", "**", "*.md"), recursive=True):
+            target = os.path.join(self.build_lib, "metakernels", "docs",
+                                  os.path.relpath(page, os.path.join(ROOT, "docs")))
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            shutil.copyfile(page, target)
+
+
 setup(
     ext_modules=_extensions(),
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True),
+              "build_py": BuildPyWithDocs},
     # The compiled extensions work beside the torch release they were built against only
     # (metakernels/_compat.py). tqdm: the trainer's progress, imported by every `metakernels`
     # command.

@@ -1,10 +1,11 @@
 """The cpu backend's chunked path (issue 14), measured side by side in one process.
 
-1. Speed: one second-order meta-step (forward + backward to the init) on SPEC.md's
-   ``delta-rule`` (full size: B=32, T=1024, n=1, 128×128, m=1) and ``trajectory``:
-   ``metakernels:cpu`` (which takes the chunked path there; ``unroll_path`` is printed), the same
-   backend with the chunked path switched off (its step loop, the cpu path before this issue),
-   ``torch.func`` and the reference backend, interleaved repeats, medians, wall and CPU time.
+1. Speed: one second-order meta-step (forward + backward to the init) on the
+   ``delta-rule`` configuration (docs/conventions.md) (full size: B=32, T=1024, n=1, 128×128, m=1)
+   and ``trajectory``: ``metakernels:cpu`` (which takes the chunked path there; ``unroll_path`` is
+   printed), the same backend with the chunked path switched off (its step loop, the cpu path before
+   this issue), ``torch.func`` and the reference backend, interleaved repeats, medians, wall and CPU
+   time.
 2. ``--switch``: the fused op alone (forward + backward of every input, random cotangents),
    chunked against the step loop over n, d and m: where the switch belongs
    (``unroll_chunked_cheaper`` in csrc/include/metakernels/fast_weight_chunked.h).

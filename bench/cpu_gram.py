@@ -2,7 +2,7 @@
 process on this machine.
 
 1. Speed: one second-order meta-step (forward + backward to the init) of ``metakernels:cpu``
-   beside ``torch.func`` and the reference backend on SPEC.md's ``maml-small`` and
+   beside ``torch.func`` and the reference backend on the ``maml-small`` and
    ``trajectory``, interleaved repeats (metakernels.benchmarks.timing), medians; with the
    algorithm the cpu backend ran (metakernels.ops.fast_weight_unroll.unroll_path).
 2. Memory: ``trajectory`` with T = 512 whose meta-gradient also covers the queries, or x and

@@ -2,7 +2,7 @@
 
 1. Speed: one second-order meta-step (forward + backward to the init) of
    ``metakernels:cpu+loss`` (the fused meta-loss op) beside ``metakernels:cpu`` (the op, then
-   the outer loss in PyTorch) and ``torch.func`` on SPEC.md's ``maml-small``, ``maml-ce`` and
+   the outer loss in PyTorch) and ``torch.func`` on the ``maml-small``, ``maml-ce`` and
    ``trajectory``: interleaved repeats, medians, in wall time and in this thread's CPU time
    (``time.thread_time``: on a shared machine wall-time ratios grow with the load).
 2. Memory: ``trajectory`` at T = 512 whose meta-gradient also covers the queries (so the

@@ -3,10 +3,10 @@
     pytest bench/ --benchmark-only [--mk-quick] [--mk-device cuda] [--benchmark-save NAME]
     pytest-benchmark compare 0001 0002
 
-One case per SPEC.md configuration (the sizes of `metakernels bench`: scaled down on the CPU, and
-further with --mk-quick) and contestant. As in the suite, each contestant's meta-gradient is first
-checked against the reference backend's in float64 on the same inputs; one that disagrees (or
-cannot run here) is skipped with the reason. Not part of `make test`.
+One case per standard configuration (docs/conventions.md) (the sizes of `metakernels bench`: scaled
+down on the CPU, and further with --mk-quick) and contestant. As in the suite, each contestant's
+meta-gradient is first checked against the reference backend's in float64 on the same inputs; one
+that disagrees (or cannot run here) is skipped with the reason. Not part of `make test`.
 """
 
 from __future__ import annotations

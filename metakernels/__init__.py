@@ -1,10 +1,10 @@
 """metakernels: fused batched inner loops for meta-learning, with exact second-order
-meta-gradients. The op contract is SPEC.md; the maths is in the README."""
+meta-gradients. The op contract is docs/ (docs/README.md; in a wheel, metakernels/docs/)."""
 
-from metakernels.ops import (UnrollOutput, available_backends, fast_weight_meta_loss,
+from metakernels.ops import (HvpOutput, UnrollOutput, available_backends, fast_weight_meta_loss,
                              fast_weight_unroll, linear_hvp)
 
 __version__ = "0.1.0"
 
-__all__ = ["UnrollOutput", "__version__", "available_backends", "fast_weight_meta_loss",
-           "fast_weight_unroll", "linear_hvp"]
+__all__ = ["HvpOutput", "UnrollOutput", "__version__", "available_backends",
+           "fast_weight_meta_loss", "fast_weight_unroll", "linear_hvp"]

@@ -4,8 +4,10 @@ setup.py records the facts of each build in ``metakernels/_build_info.py``, besi
 it built (the functions here compute them; setup.py loads this file by path, so it imports only
 the standard library). Before any compiled code is loaded, ``ops/_backends.py`` asks:
 
-- :func:`check_torch`: another torch release than the build's raises ImportError at
-  ``import metakernels``. Every extension is compiled against libtorch's C++ headers and ABI,
+- :func:`torch_problem`: beside another torch release than the build's, no compiled extension
+  is loaded: ``import metakernels`` works, with the reference and Triton backends (Python), and
+  asking for the cpu or cuda backend raises this reason, which names the build's torch. Every
+  extension is compiled against libtorch's C++ headers and ABI,
   which torch does not keep between releases: beside another torch one may fail to load (an
   undefined symbol) or load and misbehave. (The _C built against 2.13.0+cpu happens to load and
   agree beside 2.14.1+cu130; nothing promises that of the next pair, so the check is on the
@@ -29,8 +31,8 @@ import re
 import subprocess
 
 BUILD_INFO_MODULE = "metakernels._build_info"
-# Set to 1: load no compiled extension at all. metakernels then imports beside any torch, with
-# the reference and Triton backends, which are Python.
+# Set to 1: load no compiled extension at all (the reference and Triton backends, which are
+# Python, still run).
 DISABLE_ENV = "METAKERNELS_DISABLE_EXTENSIONS"
 
 # A local version label that names the compute platform of one torch release (2.13.0+cpu,
@@ -117,20 +119,19 @@ def extensions_disabled() -> bool:
     return os.environ.get(DISABLE_ENV, "0") not in ("", "0")
 
 
-def check_torch(info, torch_version: str) -> None:
-    """Raises ImportError when the extensions of ``info`` were built against another torch
-    release than ``torch_version``."""
+def torch_problem(info, torch_version: str) -> str | None:
+    """Why the extensions of ``info`` cannot load beside torch ``torch_version`` (they were
+    built against another torch release), or None."""
     if info is None or torch_release(info.TORCH_VERSION) == torch_release(torch_version):
-        return
-    raise ImportError(
+        return None
+    return (
         f"metakernels {info.VERSION} was built against torch {info.TORCH_VERSION}, but torch "
         f"{torch_version} is installed. Its compiled kernels are built for the C++ ABI of that "
         f"torch, which torch does not keep between releases: beside another they may fail to "
-        f"load (an undefined symbol) or load and misbehave. Either install that torch "
-        f"(pip install {torch_requirement(info.TORCH_VERSION)}) or rebuild metakernels against "
-        f"this one (pip install --no-build-isolation . in its source; -e . for a checkout you "
-        f"work in). To run without the compiled kernels (the reference and Triton backends "
-        f"only), set {DISABLE_ENV}=1.")
+        f"load (an undefined symbol) or load and misbehave, so they are not loaded. Either "
+        f"install that torch (pip install {torch_requirement(info.TORCH_VERSION)}) or rebuild "
+        f"metakernels against this one (pip install --no-build-isolation . in its source; -e . "
+        f"for a checkout you work in).")
 
 
 def host_cpu_features(cpuinfo: str = "/proc/cpuinfo") -> set[str] | None:

@@ -1,7 +1,7 @@
-"""The two inner losses of SPEC.md section 1, below every layer that names them: the code each
-has in the compiled kernels' interface (the dispatch layer and the Triton compile check pass it),
-and the loss itself in plain torch (the benchmark contestants and the trainer's full-network
-inner loop compute it). Imports torch only."""
+"""The two inner losses of docs/ops/fast_weight_unroll.md, below every layer that names them: the
+code each has in the compiled kernels' interface (the dispatch layer and the Triton compile check
+pass it), and the loss itself in plain torch (the benchmark contestants and the trainer's
+full-network inner loop compute it). Imports torch only."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ LOSS_CODES = {"mse": 0, "ce": 1}
 
 
 def mean_loss(logits: Tensor, targets: Tensor, loss: str) -> Tensor:
-    """The loss of SPEC.md section 1, summed over every leading index (tasks, steps).
+    """The loss of docs/ops/fast_weight_unroll.md, summed over every leading index (tasks, steps).
 
     logits ``[..., rows, d_out]``; targets float ``[..., rows, d_out]`` (mse) or int64 labels
     ``[..., rows]`` (ce). mse: ½‖z − y‖² / rows; ce: the cross-entropy averaged over the rows.

@@ -2,7 +2,8 @@
 
 ``metakernels demo``: checks every available backend against the reference, then times the
 fused backend beside the baselines (the reference backend, ``torch.func``, an autograd loop) on
-the small SPEC.md section 6 configurations, with peak memory and each meta-gradient's error.
+the small standard configurations (docs/conventions.md), with peak memory and each meta-gradient's
+error.
 """
 
 from __future__ import annotations
@@ -75,9 +76,9 @@ def _parser() -> argparse.ArgumentParser:
         "demo", help="check the backends, then time them beside the baselines",
         description="Checks every available backend against the reference (float64, outputs and "
                     "every input's gradient), then times one second-order meta-step (forward + "
-                    "backward) of each contestant on the SPEC.md section 6 configurations, with "
-                    "peak memory and the error of its meta-gradient. Exits 1 when a backend "
-                    "disagrees with the reference.")
+                    "backward) of each contestant on the standard configurations "
+                    "(docs/conventions.md), with peak memory and the error of its "
+                    "meta-gradient. Exits 1 when a backend disagrees with the reference.")
     demo.add_argument("--quick", action="store_true",
                       help=f"a smoke run: B={QUICK_TASKS} tasks instead of the configuration's, "
                            f"{QUICK_REPEATS} repeats")
@@ -177,7 +178,8 @@ def demo(args: argparse.Namespace, argv: list[str]) -> int:
         print(format_table(records), flush=True)
         print(f"  {_unroll_paths(config, device, args.seed)}", flush=True)
         all_records += records
-        # The sizes run and SPEC.md's where --quick cut them, as in `metakernels bench` records.
+        # The sizes run and the standard ones where --quick cut them, as in `metakernels bench`
+        # records.
         case = bench.Case(config, torch.float32)
         sizes += [{**case.sizes, "scaled_from": case.scaled_from}] * len(records)
         # A metakernels backend that disagrees is a bug in it, not a missing baseline.

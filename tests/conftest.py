@@ -35,8 +35,8 @@ settings.register_profile(
         str(pathlib.Path(__file__).resolve().parents[1] / "build" / "hypothesis")),
     suppress_health_check=_SLOW_DATA)
 settings.load_profile("metakernels")
-# SPEC.md section 5: norm-wise relative error against the float64 reference (bfloat16 and
-# float16: the GPU backends, and Triton's interpreter).
+# docs/conventions.md, accuracy: norm-wise relative error against the float64 reference (bfloat16
+# and float16: the GPU backends, and Triton's interpreter).
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-2}
 
 
@@ -87,7 +87,7 @@ FEATURES = [
 
 @dataclasses.dataclass(frozen=True)
 class Case:
-    """One input form of fast_weight_unroll (SPEC.md section 1)."""
+    """One input form of fast_weight_unroll (docs/ops/fast_weight_unroll.md)."""
 
     loss: str = "mse"
     per_step: bool = False          # 4-D x [B, T, n, d_in] instead of 3-D x with steps=T

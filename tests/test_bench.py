@@ -63,7 +63,8 @@ def test_bench_end_to_end_json_fields(monkeypatch, tmp_path, capsys):
     assert isinstance(records, list) and records
     for record in records:
         assert tuple(record) == bench.RECORD_FIELDS
-        # The bare name a script selects by; the sizes run and SPEC.md's, fields of their own.
+        # The bare name a script selects by; the sizes run and the standard ones, fields of their
+        # own.
         assert record["config"] == "maml-ce"
         assert {k: record[k] for k in ("tasks", "steps", "support", "d_in", "d_out")} == \
             dict(tasks=3, steps=2, support=5, d_in=7, d_out=5)

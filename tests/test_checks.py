@@ -1,5 +1,6 @@
 """Bad input raises a ValueError or TypeError naming the argument, before any kernel runs
-(SPEC.md section 4), on every backend; unavailable backends raise RuntimeError saying why."""
+(docs/conventions.md, bad input), on every backend; unavailable backends raise RuntimeError saying
+why."""
 
 from __future__ import annotations
 

@@ -301,7 +301,8 @@ def float32_errors(inputs, force: int) -> dict:
 @needs_cpu
 @pytest.mark.parametrize("steps", [64, 1024])
 def test_float32_long_unroll_normalised_keys(steps):
-    """SPEC's float32 tolerance holds up to T = 1024 with η‖x‖² ≤ 1 (the delta rule's regime)."""
+    """the float32 tolerance of docs/conventions.md holds up to T = 1024 with η‖x‖² ≤ 1 (the delta
+    rule's regime)."""
     inputs = delta_rule_inputs(2, steps, 1, 32, 1.0, seed=steps)
     errors = float32_errors(inputs, 1)
     assert max(errors.values()) < TOLERANCE[torch.float32], errors

@@ -1,6 +1,6 @@
 """The CUDA backend (metakernels._C_cuda, csrc/cuda/) on a GPU: outputs and every gradient
 against the float64 reference on the same (rounded) inputs, in float32, bfloat16 and float16
-(SPEC.md section 5: 1e-4 and 2e-2), both losses, both x forms, every lr form, readout,
+(docs/conventions.md, accuracy: 1e-4 and 2e-2), both losses, both x forms, every lr form, readout,
 first_order, odd sizes, n = 1, the global-memory path of shapes too big for shared memory,
 non-contiguous inputs, B = 0, and against the Triton backend where it is available. Outputs are
 NaN-poisoned (conftest). Skipped without a CUDA device."""

@@ -24,8 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def small(name: str, **sizes):
-    """A configuration of SPEC.md section 6 with its options kept and its sizes cut, odd where
-    the row allows, so every contestant runs in milliseconds."""
+    """A standard configuration (docs/conventions.md) with its options kept and its sizes cut, odd
+    where the row allows, so every contestant runs in milliseconds."""
     config = CONFIGS[name]
     cut = dict(tasks=3, steps=min(config.steps, 6), d_in=min(config.d_in, 13),
                d_out=config.d_out if config.loss == "ce" else 11)

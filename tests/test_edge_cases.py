@@ -1,5 +1,6 @@
 """Numerical edge cases of fast_weight_unroll on every compiled backend against the float64
-reference (issue 8, SPEC.md section 4: non-finite values are not clamped, they propagate):
+reference (issue 8, docs/conventions.md, bad input: non-finite values are not clamped, they
+propagate):
 
 - learning rates large enough to diverge to inf/NaN, on both CPU paths (the Gram-space form
   builds S = Σ η_t A_t by its own recurrence), the step loop with a readout, first order and
@@ -13,9 +14,9 @@ What "matches" means where values are not finite:
 - float64: every output and gradient is finite exactly where the reference's is, and close to
   it there (the diverged values are huge, so relative to their own norm).
 - float32 (and the Triton backend, which runs float32): the reference's float64 values rounded
-  to float32 are the truth; the backend is non-finite wherever they are, and within SPEC.md's
-  float32 tolerance where both are finite. It may overflow where they do not: its intermediates
-  are float32 (the float32 reference overflows there too).
+  to float32 are the truth; the backend is non-finite wherever they are, and within the
+  float32 tolerance of docs/conventions.md where both are finite. It may overflow where they do not:
+  its intermediates are float32 (the float32 reference overflows there too).
 
 Triton runs here only in its interpreter (``TRITON_INTERPRET=1``; ``make test-triton``), where
 COMPILED_BACKENDS includes it.
@@ -64,9 +65,9 @@ def scaled_rel_err(got, want) -> float:
 
 def assert_non_finite_match(result: dict, expected: dict, dtype, label: str,
                             tol: float | None = None, gradients_finite_beyond: bool = False) -> None:
-    """See the module docstring; ``tol`` overrides SPEC.md's tolerance where finite. With
-    ``gradients_finite_beyond``, a gradient may be finite where the float64 reference's is not
-    (but not the reverse): see test_divergence_at_the_largest_float."""
+    """See the module docstring; ``tol`` overrides the tolerance of docs/conventions.md where
+    finite. With ``gradients_finite_beyond``, a gradient may be finite where the float64 reference's
+    is not (but not the reverse): see test_divergence_at_the_largest_float."""
     tol = TOLERANCE[dtype] if tol is None else tol
     assert result.keys() == expected.keys()
     for key, want in expected.items():

@@ -116,3 +116,31 @@ def test_analyze_without_its_packages_says_which_extra(hide, tmp_path, capsys, m
     assert one_line(capsys.readouterr().err) == (
         f"metakernels analyze: trajectory-loss needs "
         f"{' and '.join(missing)}, which {are} not installed: pip install 'metakernels[train]'")
+
+
+def test_test_extra_holds_what_the_test_suite_imports_at_module_level():
+    """`pip install '.[test]' && pytest` needs every third-party package that conftest.py and the
+    test files import at module level (hypothesis among them) in the test extra or the bare
+    install (torch, numpy, tqdm; packaging comes with pytest)."""
+    import ast
+    import sys
+
+    tomllib = pytest.importorskip("tomllib", reason="tomllib is in the standard library from "
+                                                     "Python 3.11")
+    test_extra = {_canonical(Requirement(text).name) for text in tomllib.loads(
+        (ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["test"]}
+    provided = test_extra | {"torch", "numpy", "tqdm", "packaging", "metakernels"}
+    local = {path.stem for path in (ROOT / "tests").glob("*.py")} | {"tests", "bench"}
+    missing = set()
+    for path in sorted((ROOT / "tests").glob("*.py")):
+        for node in ast.parse(path.read_text()).body:   # module level only
+            names = ([alias.name for alias in node.names] if isinstance(node, ast.Import) else
+                     [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
+            for name in names:
+                top = name.split(".")[0]
+                if top in sys.stdlib_module_names or top in local or top == "__future__":
+                    continue
+                if _canonical(top) not in provided:
+                    missing.add(f"{path.name}: {top}")
+    assert "hypothesis" in test_extra
+    assert not missing, sorted(missing)

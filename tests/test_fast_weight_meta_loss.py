@@ -1,5 +1,5 @@
-"""fast_weight_meta_loss (SPEC.md section 7) against the float64 reference: both query forms,
-both losses, both x forms, every input form of the unroll, reductions, first order,
+"""fast_weight_meta_loss (docs/ops/fast_weight_meta_loss.md) against the float64 reference: both
+query forms, both losses, both x forms, every input form of the unroll, reductions, first order,
 checkpointing, odd sizes, m = 1, the switch of every cpu path, opcheck, torch.compile and bad
 inputs. Outputs of the compiled kernels are NaN-poisoned (conftest)."""
 
@@ -50,7 +50,7 @@ def run_meta(kwargs: dict, backend: str, reduction: str = "mean", **options) -> 
 
 def assert_meta_close(result: dict, expected: dict, dtype, label: str = "") -> None:
     """run_meta's result against the reference's: the same gradients present, each in ``dtype``
-    within SPEC.md's tolerance for it."""
+    within the tolerance of docs/conventions.md for it."""
     for key, want in expected.items():
         got = result[key]
         if want is None or got is None:

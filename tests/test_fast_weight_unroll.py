@@ -1,6 +1,6 @@
 """Every compiled backend against the reference: outputs and every gradient, both losses, both x
 forms, shared and per-task weight, bias, every lr form, lr_scale, readout and first_order, in
-float64 and float32, on odd sizes (SPEC.md sections 1 and 5)."""
+float64 and float32, on odd sizes (docs/ops/fast_weight_unroll.md and docs/conventions.md)."""
 
 from __future__ import annotations
 

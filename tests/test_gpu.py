@@ -1,5 +1,5 @@
 """On a CUDA device: the reference backend in float32, bfloat16 and float16 (float32 state and
-accumulation) against itself in float64, at a realistic shape (SPEC.md sections 3 and 5).
+accumulation) against itself in float64, at a realistic shape (docs/conventions.md).
 Skipped without a GPU; the CPU tests cover the same code paths in float32 and float64."""
 
 from __future__ import annotations

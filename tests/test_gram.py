@@ -152,7 +152,8 @@ def aggressive_inputs(eta_norm: float, bias: bool, seed: int) -> dict:
 @pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
 def test_float32_long_unroll(eta_norm, bias):
     """float32 over T = 50 steps with η‖K‖ up to 1.5: every output and gradient within the
-    SPEC.md float32 tolerance of the float64 reference on the same (rounded) inputs."""
+    float32 tolerance of docs/conventions.md of the float64 reference on the same (rounded)
+    inputs."""
     inputs = cast_inputs(aggressive_inputs(eta_norm, bias, seed=11), torch.float32)
     check(inputs, torch.float32, "steps/gram")
     inputs["x"].requires_grad_(False)

@@ -1,6 +1,7 @@
 """The reference and every backend against judges that no one here wrote: an independent
-torch.func second-order MAML (inner gradient by autograd, not SPEC's closed form), `higher`,
-`torchopt`, and flash-linear-attention's naive delta rule (our op with n = 1)."""
+torch.func second-order MAML (inner gradient by autograd, not the closed form of
+docs/ops/fast_weight_unroll.md), `higher`, `torchopt`, and flash-linear-attention's naive delta rule
+(our op with n = 1)."""
 
 from __future__ import annotations
 

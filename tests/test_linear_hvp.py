@@ -1,4 +1,4 @@
-"""linear_hvp (SPEC.md section 2): the reference against torch.func's Hessian-vector product of
+"""linear_hvp (docs/ops/linear_hvp.md): the reference against torch.func's Hessian-vector product of
 the inner loss, and every backend against the reference, values and gradients."""
 
 from __future__ import annotations

@@ -54,7 +54,7 @@ def test_adapt_matches_unrolled_loop(backend, loss, variant):
     query_x = torch.randn(tasks, 6, d_in, dtype=torch.float64)
     first_order = variant == "first-order"
 
-    out = layer.adapt(support_x, support_y, None if variant == "trajectory" else steps,
+    out = layer.adapt(support_x, support_y, steps=None if variant == "trajectory" else steps,
                       first_order=first_order)
     want_w, want_b = unrolled(layer, support_x, support_y, steps, first_order)
     assert rel_err(out.weight, want_w) < 1e-10 and rel_err(out.bias, want_b) < 1e-10
@@ -79,7 +79,7 @@ def test_forward_with_init_and_adapted_weights():
 def test_fewer_steps_use_the_first_learning_rates():
     layer = FastWeightLinear(4, 2, steps=3, learn_lr=True)
     x, y = torch.randn(2, 5, 4), torch.randn(2, 5, 2)
-    short = layer.adapt(x, y, 2)
+    short = layer.adapt(x, y, steps=2)
     direct = mk.fast_weight_unroll(layer.weight, x, y, layer.inner_lr[:2], steps=2,
                                    bias=layer.bias)
     assert torch.allclose(short.weight, direct.weight) and short.losses.shape == (2, 2)
@@ -101,9 +101,13 @@ def test_bad_adapt_and_forward_arguments():
     layer = FastWeightLinear(4, 2, steps=2)
     x, y = torch.randn(3, 5, 4), torch.randn(3, 5, 2)
     with pytest.raises(ValueError, match="learning rates for 2 steps"):
-        layer.adapt(x, y, 3)
+        layer.adapt(x, y, steps=3)
     with pytest.raises(ValueError, match="steps"):
-        layer.adapt(x[:, None].expand(3, 2, 5, 4), y[:, None].expand(3, 2, 5, 2), 2)
+        layer.adapt(x[:, None].expand(3, 2, 5, 4), y[:, None].expand(3, 2, 5, 2), steps=2)
+    with pytest.raises(TypeError, match=r"takes steps by keyword.*adapt\(\.\.\., steps=3\)"):
+        layer.adapt(x, y, 3)
+    with pytest.raises(TypeError, match=r"meta_loss\(\.\.\., steps=2\)"):
+        layer.meta_loss(x, y, x, y, 2)
     with pytest.raises(TypeError, match="support_x"):
         layer.adapt(x.tolist(), y)
     with pytest.raises(ValueError, match="y"):

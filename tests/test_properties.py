@@ -1,6 +1,6 @@
-"""Property-based tests (hypothesis): random valid inputs of every form in SPEC.md, on every
-available backend, against the float64 reference within SPEC.md section 5's tolerances, outputs
-and every gradient, with NaN-poisoned outputs (conftest's autouse fixture).
+"""Property-based tests (hypothesis): random valid inputs of every form the ops accept, on every
+available backend, against the float64 reference within the tolerances of docs/conventions.md,
+outputs and every gradient, with NaN-poisoned outputs (conftest's autouse fixture).
 
 The strategies draw a :class:`Unroll` (a conftest :class:`Case` and what Case does not say) or a
 :class:`Hvp`, which prints as the exact input of a failing example: paste it into ``@example`` or
@@ -20,9 +20,10 @@ under ``torch.no_grad()``.
 Conditioning (:func:`condition`): the lr is scaled so that η_t times a bound on the largest
 curvature of the inner loss is at most ``eta`` ≤ 0.9 (the unroll contracts), and so that the
 residual does not shrink by more than e^−3 over the unroll (e^−8 in float64), past which the
-gradients become differences of nearly equal terms; float32 and float16 draw T ≤ 16 (SPEC.md
-bounds float32 at 1e-4 for T ≤ 16), float64 T ≤ 70. The tolerances are SPEC.md's, unchanged.
-Every failure found is kept as an explicit test (test_regression_*, and ``@example``).
+gradients become differences of nearly equal terms; float32 and float16 draw T ≤ 16
+(docs/conventions.md bounds float32 at 1e-4 for T ≤ 16), float64 T ≤ 70. The tolerances are
+docs/conventions.md's, unchanged. Every failure found is kept as an explicit test
+(test_regression_*, and ``@example``).
 
 Runs:
 - ``pytest tests/test_properties.py`` (in ``make test``): the fixed examples of the default
@@ -264,8 +265,9 @@ def draw_sizes(draw, ranges: dict, budget: int, order) -> dict:
 @st.composite
 def unroll_problems(draw, dtype=F64, budget: int = BUDGET, chunked: bool = False) -> Unroll:
     """Problems for comparisons in ``dtype``: float64 draws T up to 70 and lets the residual
-    shrink by e^−8 (rounding 1e-16, tolerance 1e-10); float32 and float16 draw T ≤ 16 (SPEC.md
-    bounds float32 at 1e-4 for T ≤ 16) and e^−3 (rounding 6e-8, tolerance 1e-4)."""
+    shrink by e^−8 (rounding 1e-16, tolerance 1e-10); float32 and float16 draw T ≤ 16
+    (docs/conventions.md bounds float32 at 1e-4 for T ≤ 16) and e^−3 (rounding 6e-8, tolerance
+    1e-4)."""
     max_steps, decay = (MAX_SIZE, 8.0) if dtype == F64 else (16, 3.0)
     # Half the draws: the forms and sizes where the cpu backend may run its Gram-space path (mse,
     # 3-D x, T >= 2, no lr_scale, bias_lr_scale absent or ones, n small next to d_in).

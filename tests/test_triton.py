@@ -1,11 +1,13 @@
-"""The Triton backend against the float64 reference (SPEC.md sections 1, 2, 5).
+"""The Triton backend against the float64 reference (docs/ops/fast_weight_unroll.md,
+docs/ops/linear_hvp.md and docs/conventions.md).
 
 Two halves:
 - interpreter tests (CPU tensors, float32 and float16, tiny odd shapes) run only with
   ``TRITON_INTERPRET=1`` set before Triton is imported: ``make test-triton`` runs this file so.
   They are skipped in the plain pytest run.
-- ``gpu`` tests at the SPEC section 6 shapes (scaled) in float32, bfloat16 and float16 on a CUDA
-  device, and against backend "cuda" where it is built. Skipped without CUDA or in the interpreter.
+- ``gpu`` tests at the shapes of the standard configurations (docs/conventions.md), scaled, in
+  float32, bfloat16 and float16 on a CUDA device, and against backend "cuda" where it is built.
+  Skipped without CUDA or in the interpreter.
 
 Every output of the Triton kernels starts as NaN (conftest's autouse fixture), so an unwritten
 element fails. The reference runs in float64 on the inputs rounded to the tested dtype, so the
@@ -29,7 +31,7 @@ from metakernels.ops import _backends  # noqa: E402
 INTERPRETER = _backends.triton_interpreter()
 interpreter = pytest.mark.skipif(
     not INTERPRETER, reason="interpreter tests: run with TRITON_INTERPRET=1 (make test-triton)")
-HALF_TOLERANCE = 2e-2  # SPEC.md section 5, bfloat16 / float16
+HALF_TOLERANCE = 2e-2  # docs/conventions.md, accuracy, bfloat16 / float16
 
 
 def rounded_reference(inputs: dict, dtype, device="cpu") -> tuple[dict, dict]:
@@ -195,10 +197,10 @@ def test_linear_hvp_column_tiles(monkeypatch):
 # --- GPU: realistic shapes ----------------------------------------------------------------------
 
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
-# SPEC.md section 6, scaled where the float64 reference would be slow: (case, the inputs that
-# require grad (None: every one), dtypes). Each (case, dtype) compiles its own kernels, a few
-# seconds each on a fresh machine, so float16 (the bfloat16 code with another load type) runs on
-# the small configurations only.
+# The standard configurations (docs/conventions.md), scaled where the float64 reference would be
+# slow: (case, the inputs that require grad (None: every one), dtypes). Each (case, dtype) compiles
+# its own kernels, a few seconds each on a fresh machine, so float16 (the bfloat16 code with another
+# load type) runs on the small configurations only.
 GPU_CASES = {
     "maml-small": (Case(tasks=64, steps=5, support=16, d_in=64, d_out=64), None,
                    (F32, BF16, F16)),
@@ -235,8 +237,9 @@ def on_gpu(test):
 @pytest.mark.parametrize("name,dtype", GPU_RUNS,
                          ids=[f"{n}-{str(d)[6:]}" for n, d in GPU_RUNS])
 def test_gpu_matches_reference(name, dtype):
-    """Outputs and every gradient within SPEC's tolerance of the float64 reference (float32:
-    1e-4 for T <= 16, 1e-3 for the long unrolls, which SPEC does not bound at 1e-4)."""
+    """Outputs and every gradient within the tolerance of docs/conventions.md of the float64
+    reference (float32: 1e-4 for T <= 16, 1e-3 for the long unrolls, which docs/conventions.md does
+    not bound at 1e-4)."""
     case, grad_of, _ = GPU_CASES[name]
     tol = None
     if dtype == torch.float32 and case.steps > 16:

@@ -125,6 +125,9 @@ def test_wheel_holds_the_package_and_its_extension(wheel):
     package = [name for name in source_files() if name.startswith("metakernels/")]
     assert package and not set(package) - set(files), set(package) - set(files)
     assert any(name.startswith("metakernels/_C.") and name.endswith(".so") for name in files)
+    # The reference pages the docstrings cite travel with the code (docs/README.md).
+    pages = [name for name in source_files() if name.startswith("docs/") and name.endswith(".md")]
+    assert pages and not {f"metakernels/{page}" for page in pages} - set(files), pages
     # torch here is a CPU build: no CUDA extension.
     assert torch.version.cuda is not None or not any("_C_cuda." in n and n.endswith(".so")
                                                      for n in files)
@@ -201,12 +204,23 @@ def test_wheel_runs_in_a_fresh_venv(venv, tmp_path):
     assert "cpu tensors: cpu, reference" in lines[2]
 
 
-def test_installed_wheel_refuses_another_torch(venv, tmp_path):
+def test_installed_wheel_beside_another_torch_runs_without_its_kernels(venv, tmp_path):
+    """Beside another torch release the import works, the compiled backends are left out, and
+    asking for one raises the reason, naming the torch the wheel was built for."""
     result = subprocess.run(
-        [venv / "bin" / "python", "-c",
-         "import torch; torch.__version__ = '2.99.0'; import metakernels"],
+        [venv / "bin" / "python", "-c", textwrap.dedent("""
+            import sys, torch
+            torch.__version__ = '2.99.0'
+            import metakernels as mk
+            assert "metakernels._C" not in sys.modules
+            assert mk.available_backends("cpu") == ["reference"], mk.available_backends("cpu")
+            x, y = torch.randn(2, 5, 3), torch.randn(2, 5, 4)
+            mk.fast_weight_unroll(torch.zeros(3, 4), x, y, 0.1, steps=2)
+            mk.fast_weight_unroll(torch.zeros(3, 4), x, y, 0.1, steps=2, backend="cpu")
+            """)],
         cwd=tmp_path, env=clean_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
+    assert "RuntimeError: backend 'cpu' is not available" in result.stderr, result.stderr
     assert f"was built against torch {torch.__version__}, but torch 2.99.0 is installed" \
         in result.stderr, result.stderr
 

@@ -2,10 +2,12 @@
 # The GPU check, in one call on a machine with a CUDA GPU (issues 3, 4 and 6):
 #   1. install carried wheels (.whl/*.whl, e.g. fla-core) into /tmp/site, no network;
 #   2. build the package in place (CPU and, where csrc/cuda has sources, CUDA kernels);
-#   3. the GPU tests (pytest -m gpu; flash-attn against SDPA where flash-attn is installed);
-#   4. the benchmark: SPEC.md maml-small, maml-ce, trajectory, delta-rule (float32 and bfloat16,
-#      with flash-linear-attention's chunk_delta_rule) and large, at full size, every GPU backend
-#      against the reference and torch.func, with the roofline floor measured on this card;
+#   3. the GPU tests (pytest -m gpu; flash-attn against SDPA where flash-attn is installed; every
+#      op forward and backward with torch.cuda.set_sync_debug_mode("error"), tests/test_autocast.py);
+#   4. the benchmark: docs/conventions.md's maml-small, maml-ce, trajectory, delta-rule (float32
+#      and bfloat16, with flash-linear-attention's chunk_delta_rule) and large, at full size,
+#      every GPU backend against the reference and torch.func, with the roofline floor measured on
+#      this card;
 #   4b. the Triton chunked kernels against fla's chunk_delta_rule and the Triton step kernels on
 #      the delta rule (bench/gpu/chunked_delta_rule.py);
 #   5. compute-sanitizer memcheck (CUDA and Triton kernels) and racecheck (CUDA kernels) on
@@ -112,8 +114,9 @@ stage bench "${MK_BENCH_CAP:-210}" $(( SANITIZE_RESERVE + CHUNKED_CAP )) "$OUT/b
 grep -E "^(PASS|FAIL)" "$OUT/bench.log" | tail -n 1 | sed 's/^/  bench: /' | tee -a "$SUMMARY"
 
 # 4b. The Triton chunked kernels on the delta rule (issue 14): against fla's chunk_delta_rule and
-#     the Triton step kernels, bfloat16 and float32, SPEC's delta-rule and fla's own shapes; the
-#     table (with the ratios chunked / fla and chunked / steps) goes to chunked-delta-rule.md.
+#     the Triton step kernels, bfloat16 and float32, the `delta-rule` configuration's and fla's own
+#     shapes; the table (with the ratios chunked / fla and chunked / steps) goes to
+#     chunked-delta-rule.md.
 stage chunked-delta-rule "$CHUNKED_CAP" "$SANITIZE_RESERVE" "$OUT/chunked.log" \
     "$PY" bench/gpu/chunked_delta_rule.py --repeats 10 --out "$OUT/chunked-delta-rule.md"
 grep -E "^\| delta-rule" "$OUT/chunked.log" | sed 's/^/  chunked: /' | tee -a "$SUMMARY"

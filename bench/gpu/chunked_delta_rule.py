@@ -3,7 +3,7 @@
 
     python bench/gpu/chunked_delta_rule.py [--out FILE.md] [--repeats N]
 
-Shapes: SPEC.md's ``delta-rule`` (32 tasks = B 2 × H 16, T = 1024, 128 × 128, m = 1) and fla's own
+Shapes: the ``delta-rule`` (32 tasks = B 2 × H 16, T = 1024, 128 × 128, m = 1) and fla's own
 benchmark shapes (benchmarks/ops/benchmark_delta_rule.py: model width 2048, head dim 128, so
 H = 16; (B, T) = (8, 2048), (4, 4096), (2, 8192)), in bfloat16 and float32. Each contestant gets
 its inputs in its own layout (fla: ``[B, T, H, D]``; metakernels: ``[B·H, T, 1, D]``), made
@@ -24,7 +24,7 @@ import torch
 import metakernels as mk
 from metakernels.ops import _backends, unroll_path
 
-SHAPES = [("delta-rule (SPEC)", 2, 1024, 16, 128), ("fla", 8, 2048, 16, 128),
+SHAPES = [("delta-rule (standard)", 2, 1024, 16, 128), ("fla", 8, 2048, 16, 128),
           ("fla", 4, 4096, 16, 128), ("fla", 2, 8192, 16, 128)]
 
 

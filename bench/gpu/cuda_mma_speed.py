@@ -1,5 +1,5 @@
 """The CUDA backend's tensor-core kernels against its FMA kernels (and the Triton backend where
-it is present), on the GPU benchmark configurations of SPEC.md section 6, in one process:
+it is present), on the GPU configurations of docs/conventions.md, in one process:
 
     python bench/gpu/cuda_mma_speed.py [--configs large trajectory maml-small] [--repeats 20]
 
@@ -9,7 +9,7 @@ For each configuration: the meta-gradient of every contestant against the float6
 metakernels._C_cuda.set_mma_enabled(True / False) (METAKERNELS_CUDA_MMA=0 does the latter for a
 whole process); "cuda-mma-s<n>" forces n CTAs per task over d_out (set_mma_splits, a tuning knob:
 where it differs from the automatic choice, it says which default to keep). Prints one table; exits non-zero when a contestant's error is above the
-tolerance on a configuration with T <= 16 (SPEC.md section 5), or above 1e-2 on any.
+tolerance on a configuration with T <= 16 (docs/conventions.md, accuracy), or above 1e-2 on any.
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     dtype = getattr(torch, args.dtype)
     tolerance = TOLERANCE.get(dtype, 2e-2)
     print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  {args.dtype}  "
-          f"repeats {args.repeats}  tolerance {tolerance:g} (SPEC.md: for T <= 16)")
+          f"repeats {args.repeats}  tolerance {tolerance:g} (docs/conventions.md: for T <= 16)")
     print(f"{'config':<12} {'contestant':<12} {'rel err':>9} {'median ms':>10} {'IQR ms':>8} "
           f"{'vs cuda-fma':>12} {'vs triton':>10}")
     before = cuda.mma_enabled()

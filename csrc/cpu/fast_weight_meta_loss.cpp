@@ -1,6 +1,6 @@
-// The outer (query) loss of fast_weight_meta_loss on the CPU (SPEC.md section 7), fused beside
-// the unroll kernels: the logits become the residual in place, and the backward hands the unroll
-// backward its adjoints (Ŵ_T, b̂_T or Ô_t) directly, with no autograd graph in between.
+// The outer (query) loss of fast_weight_meta_loss on the CPU (docs/ops/fast_weight_meta_loss.md),
+// fused beside the unroll kernels: the logits become the residual in place, and the backward hands
+// the unroll backward its adjoints (Ŵ_T, b̂_T or Ô_t) directly, with no autograd graph in between.
 #include <algorithm>
 #include <vector>
 

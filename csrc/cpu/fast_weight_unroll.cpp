@@ -1,5 +1,5 @@
 // Fused CPU kernels of fast_weight_unroll: the forward and the exact second-order backward of
-// SPEC.md section 1, one task at a time, every step's matrices in cache.
+// docs/ops/fast_weight_unroll.md, one task at a time, every step's matrices in cache.
 //
 // Memory: the forward saves E_t ([B, T, n, d_out], small) for every step, and W_t for every step
 // ([B, T, d_in, d_out]) only when the backward needs it: for x's gradient in second order, and for

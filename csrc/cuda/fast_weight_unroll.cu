@@ -1,6 +1,6 @@
-// CUDA kernels of fast_weight_unroll (forward and the exact second-order backward of SPEC.md
-// section 1) and linear_hvp (section 2). No torch here: csrc/torch/binding_cuda.cpp passes raw
-// pointers through metakernels/cuda_kernels.h.
+// CUDA kernels of fast_weight_unroll (forward and the exact second-order backward of
+// docs/ops/fast_weight_unroll.md) and linear_hvp (docs/ops/linear_hvp.md). No torch here:
+// csrc/torch/binding_cuda.cpp passes raw pointers through metakernels/cuda_kernels.h.
 //
 // Design: one CTA (kThreads threads) per task, a grid-stride loop over tasks. The task's float32
 // state lives on chip for all T steps:

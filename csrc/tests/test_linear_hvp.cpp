@@ -1,4 +1,4 @@
-// linear_hvp_forward (SPEC.md section 2) against a central finite difference of the inner-loss
+// linear_hvp_forward (docs/ops/linear_hvp.md) against a central finite difference of the inner-loss
 // gradient, H·v ≈ (∇ℓ(W + hV, b + h v_b) − ∇ℓ(W − hV, b − h v_b)) / 2h, with ∇ℓ computed naively
 // here, and against the closed form Xᵀ H_E (X V + 1 v_bᵀ) written with an explicit Jacobian.
 #include <cmath>
@@ -36,7 +36,7 @@ struct Problem {
   Vec v_bias;  // [B, d_out] (zero when the kernel gets none)
 };
 
-// ∇ℓ at (W, b) for task b: (G = Xᵀ E, g = 1ᵀ E), E from SPEC.md section 1.
+// ∇ℓ at (W, b) for task b: (G = Xᵀ E, g = 1ᵀ E), E from docs/ops/fast_weight_unroll.md.
 void inner_gradient(const Problem& p, int64_t task, const double* W, const double* bias, double* G,
                     double* g) {
   const Config& c = p.c;

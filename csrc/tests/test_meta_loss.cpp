@@ -1,7 +1,7 @@
 // The query-loss kernels of fast_weight_meta_loss (csrc/cpu/fast_weight_meta_loss.cpp) against
-// naive double loops of SPEC.md section 7: the loss and residual of both losses and both query
-// forms, the adjoints Ŵ_T, b̂_T, Q̂, Ŷ_q, Ô_t (with and without incoming adjoints), and the
-// Gram-space form A (logits from M_T = S R_0, X̃ Ŵ̃_T from the query Gram matrix) against the
+// naive double loops of docs/ops/fast_weight_meta_loss.md: the loss and residual of both losses and
+// both query forms, the adjoints Ŵ_T, b̂_T, Q̂, Ŷ_q, Ô_t (with and without incoming adjoints), and
+// the Gram-space form A (logits from M_T = S R_0, X̃ Ŵ̃_T from the query Gram matrix) against the
 // same quantities through W_T; NaN-filled outputs with guards, task ranges split across calls.
 #include <cmath>
 #include <cstdint>

@@ -1,10 +1,11 @@
 // fast_weight_unroll_forward / _backward (csrc/cpu/fast_weight_unroll.cpp):
-//   (a) the forward against a naive re-implementation of SPEC.md section 1, written here;
-//   (b) the second-order backward against central finite differences of the scalar objective
+//   (a) the forward against a naive re-implementation of docs/ops/fast_weight_unroll.md, written
+//   here; (b) the second-order backward against central finite differences of the scalar objective
 //       J = <A, W_T> + <a, b_T> + Σ_t <C_t, O_t>, whose adjoints are grad_weight_final = A,
 //       grad_bias_final = a, grad_readout = C;
-//   (c) first_order = true against the FOMAML recurrences of SPEC.md, written here;
-//   (d) the float instantiation against the double one, calls without states / without optional
+//   (c) first_order = true against the FOMAML recurrences of docs/ops/fast_weight_unroll.md,
+//   written here; (d) the float instantiation against the double one, calls without states /
+//   without optional
 //       adjoints against the full calls, and task ranges split across calls.
 // Every output buffer starts as NaN (with a sentinel guard after it), and the padding of the
 // strided inputs holds NaN, so an unwritten output or a read outside an input shows up.
@@ -35,7 +36,7 @@ struct Config {
   int64_t pad;  // extra (NaN) elements in the task and step strides of the strided inputs
 };
 
-// The inputs in their logical dense shapes (SPEC.md section 1), in double.
+// The inputs in their logical dense shapes (docs/ops/fast_weight_unroll.md), in double.
 struct Problem {
   Config c;
   Vec weight;                   // [d_in, d_out] shared, or [B, d_in, d_out]
@@ -81,7 +82,8 @@ Problem make_problem(const Config& c) {
   return p;
 }
 
-// ---- the naive reference, straight from SPEC.md section 1 -------------------------------------
+// ---- the naive reference, straight from docs/ops/fast_weight_unroll.md
+// -------------------------------------
 
 struct Trajectory {
   Vec weight_final;     // [B, d_in, d_out]
@@ -469,8 +471,8 @@ void check_backward_fd(const Problem& p, const Adjoints& adj, const BackwardResu
   if (c.m > 0) check_direction("queries", p, adj, &Problem::queries, g.queries.values());
 }
 
-// FOMAML (SPEC.md): Ŵ_t = Ŵ_{t+1} (+ readout terms), η̂_t, P̂, p̂ from that Ŵ; no gradient
-// through E_t (x, y get zero); the queries' gradient is the same as in second order.
+// FOMAML (docs/ops/fast_weight_unroll.md): Ŵ_t = Ŵ_{t+1} (+ readout terms), η̂_t, P̂, p̂ from that
+// Ŵ; no gradient through E_t (x, y get zero); the queries' gradient is the same as in second order.
 void check_first_order(const Problem& p, const Trajectory& ref, const Adjoints& adj,
                        const BackwardResult<double>& fo, const BackwardResult<double>& so) {
   const Config& c = p.c;
@@ -601,7 +603,7 @@ void run_case(const Config& c) {
     if (c.m > 0) CHECK(mk_test::max_abs(with_nulls.queries.values()) == 0.0);
   }
 
-  // (e) float against double (SPEC.md section 5: 1e-4 for T <= 16 and a stable lr).
+  // (e) float against double (docs/conventions.md, accuracy: 1e-4 for T <= 16 and a stable lr).
   {
     KernelProblem<float> kpf(p);
     ForwardResult<float> fwd_f;

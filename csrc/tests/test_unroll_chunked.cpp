@@ -1,9 +1,9 @@
 // fast_weight_unroll_chunked_forward / _backward (csrc/cpu/fast_weight_chunked.cpp) against the
-// step loop (fast_weight_unroll_forward / _backward, itself checked against SPEC.md in
-// test_unroll.cpp), in double and float, 4-D x: every output and gradient, second and first
-// order, shared and per-task weight and bias, readout, chunk lengths of 1 step, several steps
-// (T not a multiple) and more than T, task ranges split across calls, NaN-filled outputs with
-// guards; and the conditions of unroll_chunked_exact on both sides.
+// step loop (fast_weight_unroll_forward / _backward, itself checked against
+// docs/ops/fast_weight_unroll.md in test_unroll.cpp), in double and float, 4-D x: every output and
+// gradient, second and first order, shared and per-task weight and bias, readout, chunk lengths of
+// 1 step, several steps (T not a multiple) and more than T, task ranges split across calls,
+// NaN-filled outputs with guards; and the conditions of unroll_chunked_exact on both sides.
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -119,7 +119,7 @@ int main() {
   for (const Config& c : configs) {
     const Problem<double> problem(c);
     run_case<double>(c, problem, 1e-11);
-    run_case<float>(c, problem, 1e-4);  // SPEC.md section 5's float32 tolerance
+    run_case<float>(c, problem, 1e-4);  // the float32 tolerance of docs/conventions.md
   }
   check_conditions();
   return mk_test::report("test_unroll_chunked");

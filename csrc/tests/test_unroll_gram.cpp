@@ -1,8 +1,8 @@
 // fast_weight_unroll_gram_forward / _backward (csrc/cpu/fast_weight_gram.cpp) against the step
-// loop (fast_weight_unroll_forward / _backward, itself checked against SPEC.md in
-// test_unroll.cpp), in double and float: every output and gradient, second and first order,
-// every weight and bias form, task ranges split across calls, NaN-filled outputs with guards; and
-// the conditions of unroll_gram_applies on both sides.
+// loop (fast_weight_unroll_forward / _backward, itself checked against
+// docs/ops/fast_weight_unroll.md in test_unroll.cpp), in double and float: every output and
+// gradient, second and first order, every weight and bias form, task ranges split across calls,
+// NaN-filled outputs with guards; and the conditions of unroll_gram_applies on both sides.
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -120,7 +120,7 @@ int main() {
   for (const Config& c : configs) {
     const Problem<double> problem(c);
     run_case<double>(c, problem, 1e-11);
-    run_case<float>(c, problem, 1e-4);  // SPEC.md section 5's float32 tolerance
+    run_case<float>(c, problem, 1e-4);  // the float32 tolerance of docs/conventions.md
   }
   check_conditions();
   return mk_test::report("test_unroll_gram");

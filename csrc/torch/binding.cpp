@@ -1,6 +1,6 @@
 // The one file that knows torch: tensors in, raw pointers to the kernels, tensors out.
 //
-// metakernels/ops/ checked every argument against SPEC.md before calling here, and the Python
+// metakernels/ops/ checked every argument (docs/) before calling here, and the Python
 // custom ops (torch.library) own autograd and the fake (meta) implementations; this module is the
 // eager CPU body of those ops. Work is split over tasks with at::parallel_for, so it follows
 // torch.set_num_threads.

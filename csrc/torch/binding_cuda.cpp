@@ -4,9 +4,9 @@
 // csrc/torch/binding.cpp (see metakernels/_C.pyi); metakernels/ops/ checked every argument.
 //
 // Dtypes: float32, bfloat16, float16 inputs. Outputs take weight's dtype, except the saved
-// residual E_t and states W_t, which are float32 (the state dtype, SPEC.md section 3). The
-// backward's gradients are accumulated in float32 by the kernels and cast to weight's dtype here.
-// Every kernel runs on the current CUDA stream of the inputs' device.
+// residual E_t and states W_t, which are float32 (the state dtype, docs/conventions.md, dtypes).
+// The backward's gradients are accumulated in float32 by the kernels and cast to weight's dtype
+// here. Every kernel runs on the current CUDA stream of the inputs' device.
 #include <torch/extension.h>
 
 // c10's stream and guard only: ATen/cuda/CUDAContext.h pulls in cuSPARSE/cuBLAS headers, which a

@@ -1,7 +1,7 @@
-// fast_weight_meta_loss on the CPU (SPEC.md section 7): tensors -> the unroll kernels and the
-// query-loss kernels (metakernels/meta_loss.h), in one parallel pass over tasks each way.
-// metakernels/ops/fast_weight_meta_loss.py checked every argument and owns autograd; this is the
-// eager body of its custom ops. Registered into metakernels._C by binding.cpp.
+// fast_weight_meta_loss on the CPU (docs/ops/fast_weight_meta_loss.md): tensors -> the unroll
+// kernels and the query-loss kernels (metakernels/meta_loss.h), in one parallel pass over tasks
+// each way. metakernels/ops/fast_weight_meta_loss.py checked every argument and owns autograd; this
+// is the eager body of its custom ops. Registered into metakernels._C by binding.cpp.
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>

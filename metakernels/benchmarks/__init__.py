@@ -1,6 +1,6 @@
-"""The benchmark harness behind ``metakernels demo``: the SPEC.md section 6 configurations, the
-contestants that compute the same second-order meta-gradient, their correctness checks against
-the reference backend, interleaved timing, and peak memory.
+"""The benchmark harness behind ``metakernels demo``: the standard configurations
+(docs/conventions.md), the contestants that compute the same second-order meta-gradient, their
+correctness checks against the reference backend, interleaved timing, and peak memory.
 
 Every figure is forward + backward of the whole meta-step and is quoted as a ratio against the
 fused backend measured in the same run on the same machine.

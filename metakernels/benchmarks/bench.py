@@ -1,5 +1,5 @@
-"""``metakernels bench``: every contestant on the SPEC.md section 6 configurations and on sweeps
-over B, T, n and d, as records, tables, a markdown report and log-log plots.
+"""``metakernels bench``: every contestant on the standard configurations (docs/conventions.md) and
+on sweeps over B, T, n and d, as records, tables, a markdown report and log-log plots.
 
 Each case (a configuration in a dtype) goes through :func:`metakernels.benchmarks.suite.run_config`:
 every contestant's meta-gradient is checked against the reference backend's in float64 on the
@@ -28,11 +28,11 @@ RECORD_FIELDS = ("config", "tasks", "steps", "support", "d_in", "d_out", "scaled
                  "device", "dtype", "backend", "baseline", "seconds_median",
                  "baseline_seconds_median", "ratio", "peak_memory_bytes",
                  "baseline_peak_memory_bytes", "max_rel_error")
-# The sizes a case may change from its SPEC.md row, and their names in the text.
+# The sizes a case may change from its row in docs/conventions.md, and their names in the text.
 SIZE_FIELDS = {"tasks": "B", "steps": "T", "support": "n", "d_in": "d_in", "d_out": "d_out"}
 
-# What the CPU here holds in a few seconds a call: SPEC.md sizes cut where a baseline would take
-# too long (the "GPU" rows) or --quick asks for less.
+# What the CPU here holds in a few seconds a call: the standard sizes cut where a baseline would
+# take too long (the "GPU" rows) or --quick asks for less.
 CPU_SIZES: dict[str, dict[str, int]] = {
     "delta-rule": dict(tasks=8, steps=128),
     "large": dict(tasks=64),
@@ -54,7 +54,8 @@ AXIS_FIELDS = {"B": ("tasks",), "T": ("steps",), "n": ("support",), "d": ("d_in"
 
 @dataclass
 class Case:
-    """One configuration in one dtype; ``note`` says how it differs from SPEC.md's row."""
+    """One configuration in one dtype; ``note`` says how it differs from its row in
+    docs/conventions.md."""
 
     config: BenchConfig
     dtype: torch.dtype
@@ -63,7 +64,8 @@ class Case:
 
     @property
     def label(self) -> str:
-        """The configuration's name, with its changed sizes when it is not SPEC.md's row."""
+        """The configuration's name, with its changed sizes when it is not its row in
+        docs/conventions.md."""
         return f"{self.config.name} ({self.note})" if self.note else self.config.name
 
     @property
@@ -77,8 +79,8 @@ class Case:
 
     @property
     def scaled_from(self) -> dict[str, int] | None:
-        """SPEC.md's value of every size this case changed (``{"tasks": 64}``), or None where it
-        runs the row's sizes."""
+        """the standard configuration's value of every size this case changed (``{"tasks": 64}``),
+        or None where it runs the row's sizes."""
         spec = CONFIGS.get(self.config.name)
         if spec is None:
             return None
@@ -94,7 +96,8 @@ class Case:
         return text + (f", sweep {self.sweep[0]}" if self.sweep else "")
 
     def scaled_from_text(self) -> str:
-        """``B=64 n=25``: SPEC.md's values of the sizes this case changed; empty where none."""
+        """``B=64 n=25``: the standard configuration's values of the sizes this case changed; empty
+        where none."""
         return " ".join(f"{SIZE_FIELDS[name]}={value}"
                         for name, value in (self.scaled_from or {}).items())
 
@@ -119,8 +122,8 @@ def resize(config: BenchConfig, sizes: dict[str, int]) -> tuple[BenchConfig, str
 
 
 def spec_case(name: str, dtype: torch.dtype, device: torch.device, quick: bool) -> Case:
-    """SPEC.md's row ``name``, whole on the GPU, cut to :data:`CPU_SIZES` on the CPU and to
-    :data:`QUICK_SIZES` with ``quick``."""
+    """The row ``name`` of docs/conventions.md, whole on the GPU, cut to :data:`CPU_SIZES` on the
+    CPU and to :data:`QUICK_SIZES` with ``quick``."""
     sizes: dict[str, int] = {}
     if device.type != "cuda":
         sizes.update(CPU_SIZES.get(name, {}))
@@ -243,7 +246,7 @@ def markdown_rows(result: CaseResult, ceilings: roofline.Ceilings | None) -> lis
     their reason."""
     rows = []
     case = result.case
-    # The configuration's bare name, then its sizes and SPEC.md's where they differ.
+    # The configuration's bare name, then its sizes and the standard ones where they differ.
     title = f"| {case.config.name} | {case.sizes_text()} | {case.scaled_from_text()} |"
     for r in result.records:
         if not r.agrees:
@@ -288,9 +291,9 @@ def markdown_report(results: list[CaseResult], ceilings: roofline.Ceilings | Non
     for result in results:
         lines += markdown_rows(result, ceilings)
     lines += ["",
-              "config: the SPEC.md row; sizes: those run (B tasks, T inner steps, n support "
-              "rows, d_in x d_out); scaled from: SPEC.md's value of each size cut or changed "
-              "here. "
+              "config: the standard configuration's row (docs/conventions.md); sizes: those run "
+              "(B tasks, T inner steps, n support rows, d_in x d_out); scaled from: the standard "
+              "configuration's value of each size cut or changed here. "
               "ms: median of one meta-step (forward + backward of the whole second-order "
               "meta-gradient), contestants interleaved; × vs X: X's median / this one's (above 1: "
               "faster than X); rel. error: of the meta-gradient against the reference backend "

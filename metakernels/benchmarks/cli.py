@@ -57,9 +57,10 @@ def add_parser(commands) -> argparse.ArgumentParser:
                     "the optional peers (higher, learn2learn, torchopt, flash-linear-attention), "
                     "after checking each meta-gradient against the reference in float64.")
     parser.add_argument("--config", action="append", type=_config_spec, metavar="NAME[:DTYPE]",
-                        help=f"a SPEC.md configuration, repeatable; one of {', '.join(CONFIGS)}, "
-                             "optionally with its own dtype (e.g. delta-rule:bfloat16). Default: "
-                             "all; the GPU rows are scaled down on the CPU, which the output says")
+                        help=f"a standard configuration (docs/conventions.md), repeatable; one "
+                             f"of {', '.join(CONFIGS)}, optionally with its own dtype (e.g. "
+                             "delta-rule:bfloat16). Default: all; the GPU rows are scaled down on "
+                             "the CPU, which the output says")
     parser.add_argument("--backend", action="append", metavar="NAME",
                         help="a metakernels backend to time, repeatable (default: every one "
                              "available); the reference backend is always timed as a baseline")
@@ -84,7 +85,8 @@ def add_parser(commands) -> argparse.ArgumentParser:
     parser.add_argument("--sweep-config", default="maml-small", choices=CONFIGS,
                         help="the configuration the sweeps vary (default maml-small)")
     parser.add_argument("--sweeps-only", action="store_true",
-                        help="run the sweeps and not the SPEC.md configurations")
+                        help="run the sweeps and not the standard configurations "
+                             "(docs/conventions.md)")
     parser.add_argument("--roofline", action="store_true",
                         help="measure the matmul rate and copy bandwidth first and report each "
                              "time's fraction of the roofline floor (default on CUDA)")
@@ -151,7 +153,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     for case in cases + sweep_cases:
         if device.type == "cpu" and case.dtype in (torch.bfloat16, torch.float16):
             print(f"\n== {case.label} ({case.dtype_name}): skipped: metakernels runs float32 "
-                  "and float64 on the CPU (SPEC.md section 3)", flush=True)
+                  "and float64 on the CPU (docs/conventions.md, dtypes)", flush=True)
             continue
         print(f"\n== {case.label}: {case.config.describe()} ({case.dtype_name}, {device})",
               flush=True)

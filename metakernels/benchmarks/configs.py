@@ -1,5 +1,5 @@
-"""The standard benchmark configurations (SPEC.md section 6) and the random meta-steps they
-describe."""
+"""The standard benchmark configurations (docs/conventions.md, benchmark configurations) and the
+random meta-steps they describe."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ SCALAR_INNER_LR = 0.1
 
 @dataclass(frozen=True)
 class BenchConfig:
-    """One row of SPEC.md section 6.
+    """One row of the standard configurations (docs/conventions.md).
 
     name:         the row's name, e.g. ``"maml-small"``.
     tasks:        B.
@@ -82,7 +82,7 @@ CONFIGS: dict[str, BenchConfig] = {config.name: config for config in (
                 x_per_step=False, bias=True, shared_init=True, lr_per_step=False, queries=0),
     BenchConfig("trajectory", tasks=16, steps=64, support=16, d_in=128, d_out=128, loss="mse",
                 x_per_step=True, bias=False, shared_init=False, lr_per_step=True, queries=16),
-    # n = 1 with a readout is the delta rule (SPEC.md section 1): W = Sᵀ, β_t = η_t.
+    # n = 1 with a readout is the delta rule (docs/ops/fast_weight_unroll.md): W = Sᵀ, β_t = η_t.
     BenchConfig("delta-rule", tasks=32, steps=1024, support=1, d_in=128, d_out=128, loss="mse",
                 x_per_step=True, bias=False, shared_init=False, lr_per_step=True, queries=1,
                 device_note="GPU"),

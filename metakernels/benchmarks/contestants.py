@@ -14,8 +14,9 @@ readout ``O_t`` against ``readout_y``, summed over steps.
 - ``metakernels:<backend>+loss``: :func:`metakernels.fast_weight_meta_loss`, the unroll and the
   outer loss in one op (fused on ``cpu``).
 - ``torch.func``: ``vmap`` over tasks of a differentiable unrolled loop whose inner gradient is
-  ``torch.func.grad`` of the inner loss (not the closed form of SPEC.md), differentiated by
-  ``torch.func.grad``: the baseline of SPEC.md section 6.
+  ``torch.func.grad`` of the inner loss (not the closed form of docs/ops/fast_weight_unroll.md),
+  differentiated by ``torch.func.grad``: the baseline of docs/conventions.md, benchmark
+  configurations.
 - ``autograd-loop``: the same loop on all tasks at once (bmm), the inner gradient by
   ``torch.autograd.grad(create_graph=True)``, then the outer backward.
 """

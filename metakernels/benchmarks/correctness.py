@@ -1,6 +1,6 @@
 """The checks that come before any timing: every backend against the reference on a small
-odd-sized case (SPEC.md section 5), and every contestant's meta-gradient against the reference
-backend's in float64."""
+odd-sized case (docs/conventions.md, accuracy), and every contestant's meta-gradient against the
+reference backend's in float64."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import metakernels
 from metakernels.benchmarks.configs import MetaProblem
 from metakernels.benchmarks.contestants import MetaGrad, get_contestant
 
-# SPEC.md section 5: norm-wise relative error against the float64 reference.
+# docs/conventions.md, accuracy: norm-wise relative error against the float64 reference.
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-2}
 
 # Odd sizes, as the tests use, so no backend is only right at multiples of a block size.

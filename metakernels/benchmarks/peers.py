@@ -10,7 +10,7 @@ suite prints that reason instead of a row.
 - ``learn2learn``: ``learn2learn.algorithms.MAML(module).clone().adapt(loss)``.
 - ``torchopt``: ``torchopt.MetaSGD`` stepping a linear module in place.
 - ``fla:chunk_delta_rule``: flash-linear-attention's chunked delta-rule kernels (GPU, bf16/fp16),
-  for the delta-rule form of SPEC.md section 1 (n = 1, mse, no bias, a readout, 4-D x).
+  for the delta-rule form of docs/ops/fast_weight_unroll.md (n = 1, mse, no bias, a readout, 4-D x).
 
 The module-based peers adapt one model per task, as their documentation does. With a per-task
 init, the weights of all B tasks sit in one module (``[B, d_in, d_out]``): the inner loss summed
@@ -147,7 +147,8 @@ def _torchopt(problem: MetaProblem) -> MetaGrad:
 
 
 def delta_rule_form(config: BenchConfig) -> str | None:
-    """Why ``config`` is not the delta rule of SPEC.md section 1, or None when it is."""
+    """Why ``config`` is not the delta rule of docs/ops/fast_weight_unroll.md, or None when it
+    is."""
     wanted = {"n = 1 support row per step": config.support == 1, "mse": config.loss == "mse",
               "no bias": not config.bias, "a readout of m = 1 row": config.queries == 1,
               "one batch per step (4-D x)": config.x_per_step}
@@ -158,8 +159,9 @@ def delta_rule_form(config: BenchConfig) -> str | None:
 def delta_rule_readout(problem: MetaProblem, chunk_delta_rule: Callable) -> Tensor:
     """The readout ``[B, T, 1, d_out]`` of the delta rule, through flash-linear-attention's
     ``chunk_delta_rule`` signature: ``W = Sᵀ`` is fla's state ``[B, H, K, V]`` with H = 1,
-    ``β_t = η_t``, ``k_t = x_t``, ``v_t = y_t``, ``q_t`` the readout query, scale 1 (SPEC.md
-    section 1). The state is float32 as in metakernels; q, k, v, β take the problem's dtype."""
+    ``β_t = η_t``, ``k_t = x_t``, ``v_t = y_t``, ``q_t`` the readout query, scale 1
+    (docs/ops/fast_weight_unroll.md). The state is float32 as in metakernels; q, k, v, β take the
+    problem's dtype."""
     config, batch = problem.config, problem.batch
     tasks, steps = config.tasks, config.steps
     weight = problem.params["weight"]

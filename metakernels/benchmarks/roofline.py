@@ -19,9 +19,9 @@ the init, the lr) in the problem's dtype, labels as int64; the op's outputs writ
 their adjoints read once (the readout ``[B, T, m, e]``, or ``W_T`` ``[B, d, e]`` without one);
 the meta-gradient written once.
 
-SPEC.md section 1 lets a backend store ``W_t`` for every step (float32, B·T·d·e·4 bytes written
-in the forward, read in the backward) or recompute it from checkpoints (the forward's 2 GEMMs a
-step again, almost no state traffic). The floor is the lesser of the two strategies:
+docs/ops/fast_weight_unroll.md lets a backend store ``W_t`` for every step (float32, B·T·d·e·4 bytes
+written in the forward, read in the backward) or recompute it from checkpoints (the forward's 2
+GEMMs a step again, almost no state traffic). The floor is the lesser of the two strategies:
 ``min(max(F / R, (I + S) / BW), max((F + F_fwd) / R, I / BW))``, where F is the FLOPs above, I
 the compulsory bytes, S the stored states' traffic, F_fwd the recomputed forward.
 The achieved fraction of a measured time is ``floor / time``.
@@ -37,7 +37,7 @@ import torch
 
 from metakernels.benchmarks.configs import BenchConfig
 
-STATE_BYTES = 4  # float32 state (SPEC.md section 3)
+STATE_BYTES = 4  # float32 state (docs/conventions.md, dtypes)
 
 
 @dataclass(frozen=True)

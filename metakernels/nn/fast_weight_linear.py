@@ -11,6 +11,15 @@ from torch import Tensor, nn
 from metakernels.ops import UnrollOutput, _checks, fast_weight_meta_loss, fast_weight_unroll
 
 
+def _keyword_steps(method: str, positional: tuple) -> None:
+    """``steps`` is keyword-only, as in the ops; a call that passes it by position (as before
+    0.2) gets told how to write it."""
+    if positional:
+        raise TypeError(f"FastWeightLinear.{method}() takes steps by keyword, as "
+                        f"metakernels.fast_weight_unroll does: write {method}(..., "
+                        f"steps={positional[0]!r}), not {method}(..., {positional[0]!r})")
+
+
 class FastWeightLinear(nn.Module):
     """A linear model ``x W + 1 bᵀ`` with a meta-learned init ``(W_0, b_0)`` that adapts per task.
 
@@ -67,8 +76,8 @@ class FastWeightLinear(nn.Module):
                 f"learn_lr={isinstance(self.inner_lr, nn.Parameter)}, "
                 f"meta_sgd={self.lr_scale is not None}")
 
-    def adapt(self, support_x: Tensor, support_y: Tensor, steps: int | None = None, *,
-              first_order: bool | None = None) -> UnrollOutput:
+    def adapt(self, support_x: Tensor, support_y: Tensor, *positional,
+              steps: int | None = None, first_order: bool | None = None) -> UnrollOutput:
         """Adapts the init to every task: T steps of gradient descent on the support set.
 
         Args:
@@ -84,6 +93,7 @@ class FastWeightLinear(nn.Module):
             :class:`metakernels.UnrollOutput`: ``weight [B, d_in, d_out]``, ``bias [B, d_out]``
             (or None), the inner ``losses [B, T]``. Its backward is the exact meta-gradient.
         """
+        _keyword_steps("adapt", positional)
         total = self._steps(support_x, steps)
         return fast_weight_unroll(
             self.weight, support_x, support_y, self.inner_lr[:total],
@@ -93,7 +103,7 @@ class FastWeightLinear(nn.Module):
             backend=self.backend)
 
     def meta_loss(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor,
-                  steps: int | None = None, *, first_order: bool | None = None,
+                  *positional, steps: int | None = None, first_order: bool | None = None,
                   reduction: str = "mean", checkpoint: bool | None = None) -> Tensor:
         """The meta-loss of :meth:`adapt` followed by the query loss, in one fused op
         (:func:`metakernels.fast_weight_meta_loss`): MAML's outer loss on the query set of every
@@ -111,6 +121,7 @@ class FastWeightLinear(nn.Module):
         (PyTorch's ``mse_loss`` over rows and outputs is this times 2/d_out), ce the mean
         cross-entropy.
         """
+        _keyword_steps("meta_loss", positional)
         total = self._steps(support_x, steps)
         return fast_weight_meta_loss(
             self.weight, support_x, support_y, self.inner_lr[:total], query_x, query_y,

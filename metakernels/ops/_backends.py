@@ -1,9 +1,11 @@
 """Which backends exist on this install, and which one a call uses.
 
-Every compiled backend is a module with the same three eager functions (the signatures of
-``metakernels/_C.pyi``): ``unroll_forward``, ``unroll_backward`` and ``linear_hvp``. The custom ops
-in ``ops/`` take the backend's name as an argument and call :func:`kernels` with it, so adding a
-backend means adding a module and a line to :data:`_LOADERS`, never touching an op.
+Every compiled backend is a module of eager kernels with the signatures of
+``metakernels/_C.pyi`` (``unroll_forward``, ``unroll_backward``, ``linear_hvp``, ...). The custom
+ops in ``ops/`` take the backend's name as an argument and call :func:`kernels` with it, so
+adding a backend means writing its module and one entry in :data:`REGISTRY` (how to load it,
+the dtypes it runs on each device type, where ``auto`` may pick it), never touching an op.
+CONTRIBUTING.md walks through it.
 """
 
 from __future__ import annotations
@@ -12,33 +14,11 @@ import importlib
 import importlib.util
 import os
 import warnings
+from typing import Callable, NamedTuple
 
 import torch
 
 from metakernels import _compat
-
-BACKENDS = ("auto", "reference", "cpu", "triton", "cuda")
-# Fastest first on each device type; ``auto`` takes the first that can run the call.
-PREFERENCE = {
-    "cpu": ("cpu", "triton", "reference"),
-    "cuda": ("cuda", "triton", "reference"),
-}
-# The backends ``auto`` may pick on each device type. A fused GPU backend joins once the GPU check
-# (bench/gpu/check.sh: its GPU tests against the reference and its benchmark) has passed on a GPU.
-# Neither the Triton nor the CUDA kernels of this release has run on a GPU yet, so ``auto`` uses
-# the reference on CUDA tensors, and the fused kernels run when asked for by name.
-AUTO_CHOICES = {
-    "cpu": ("cpu", "reference"),
-    "cuda": ("reference",),
-}
-# Dtypes each compiled backend runs (SPEC.md section 3). The reference runs every dtype that
-# _checks accepts. Triton runs on CPU tensors only in its interpreter, for tests.
-BACKEND_DTYPES = {
-    "cpu": {"cpu": (torch.float32, torch.float64)},
-    "triton": {"cuda": (torch.float32, torch.bfloat16, torch.float16),
-               "cpu": (torch.float32, torch.float16)},
-    "cuda": {"cuda": (torch.float32, torch.bfloat16, torch.float16)},
-}
 
 
 class Refused(str):
@@ -69,6 +49,7 @@ def _load_compiled(name: str, problem: str | None):
     """(extension ``name`` or None, why not); it is not loaded where ``problem`` says why not."""
     if _compat.extensions_disabled():
         return None, Refused(f"{_compat.DISABLE_ENV}=1 is set")
+    problem = _TORCH_PROBLEM or problem
     if problem is not None:
         return None, Refused(problem)
     return _import(name)
@@ -76,7 +57,7 @@ def _load_compiled(name: str, problem: str | None):
 
 def _load_cpu():
     problem = _compat.cpu_problem(_BUILD_INFO, _compat.host_cpu_features())
-    if problem is not None and not _compat.extensions_disabled():
+    if problem is not None and not _compat.extensions_disabled() and _TORCH_PROBLEM is None:
         warnings.warn(f"{problem}. The cpu backend is unavailable; backend='auto' runs the "
                       f"reference on CPU tensors.", RuntimeWarning, stacklevel=2)
     return _load_compiled("metakernels._C", problem)
@@ -87,21 +68,63 @@ def _load_cuda():
                           _compat.cuda_problem(_BUILD_INFO, torch.version.cuda))
 
 
-# Before any compiled code loads: beside another torch than the build's, `import metakernels`
-# fails here with the reason, not with an undefined symbol.
+class Backend(NamedTuple):
+    """One compiled backend: everything the dispatch knows of it."""
+
+    load: Callable      # () -> (its kernel module or None, why it is missing); called once
+    dtypes: dict        # device type -> the dtypes it runs there (docs/conventions.md)
+    auto: tuple         # the device types where backend="auto" may pick it
+    missing: str        # what a missing module means, with {error}, the loader's reason
+
+
+# The one place to register a backend. Its order is the speed order on every device type (the
+# fastest first); "reference" (pure PyTorch, every dtype _checks accepts) comes after all.
+# backend="auto" may pick a fused GPU backend once the GPU check (bench/gpu/check.sh: its GPU
+# tests against the reference and its benchmark) has passed on a GPU. Neither the Triton nor the
+# CUDA kernels of this release has yet, so auto runs the reference on CUDA tensors, and the
+# fused kernels run when asked for by name. Triton runs on CPU tensors only in its interpreter,
+# for tests.
+REGISTRY = {
+    "cpu": Backend(_load_cpu, {"cpu": (torch.float32, torch.float64)}, auto=("cpu",),
+                   missing="metakernels was built without its C++ extension ({error})"),
+    "cuda": Backend(_load_cuda, {"cuda": (torch.float32, torch.bfloat16, torch.float16)},
+                    auto=(), missing="metakernels was built without CUDA ({error})"),
+    "triton": Backend(_load_triton, {"cuda": (torch.float32, torch.bfloat16, torch.float16),
+                                     "cpu": (torch.float32, torch.float16)},
+                      auto=(), missing="{error}"),
+}
+
+BACKENDS = ("auto", "reference", *REGISTRY)
+# Derived from REGISTRY: fastest first on each device type, and what auto may pick there.
+PREFERENCE = {
+    device: tuple(name for name, entry in REGISTRY.items() if device in entry.dtypes)
+    + ("reference",)
+    for device in ("cpu", "cuda")
+}
+AUTO_CHOICES = {
+    device: tuple(name for name, entry in REGISTRY.items() if device in entry.auto)
+    + ("reference",)
+    for device in ("cpu", "cuda")
+}
+BACKEND_DTYPES = {name: entry.dtypes for name, entry in REGISTRY.items()}
+
+
+# Before any compiled code loads: beside another torch than the build's, the compiled backends
+# are left out with the reason (the reference and Triton backends need no compiled code).
 _BUILD_INFO = _compat.load_build_info()
-if importlib.util.find_spec("metakernels._C") is not None and not _compat.extensions_disabled():
-    _compat.check_torch(_BUILD_INFO, torch.__version__)
-# Loaded once at import, not behind a cache decorator, so torch.compile traces a plain read.
-# Each entry: (module or None, why it is missing).
-_EXTENSION = _load_cpu()
-_LOADERS = {"triton": _load_triton, "cuda": _load_cuda}
-_LOADED: dict = {}
+_TORCH_PROBLEM = (_compat.torch_problem(_BUILD_INFO, torch.__version__)
+                  if importlib.util.find_spec("metakernels._C") is not None else None)
+if _TORCH_PROBLEM is not None and not _compat.extensions_disabled():
+    warnings.warn(f"{_TORCH_PROBLEM} The cpu and cuda backends are unavailable; backend='auto' "
+                  f"runs the reference.", RuntimeWarning, stacklevel=2)
+# Each entry: (module or None, why it is missing). The cpu extension is loaded once at import,
+# so that torch.compile traces a plain read; the others on first use.
+_LOADED: dict = {"cpu": REGISTRY["cpu"].load()}
 
 
 def _extension():
     """(metakernels._C or None, the import error's text)."""
-    return _EXTENSION
+    return _LOADED["cpu"]
 
 
 def extension():
@@ -123,7 +146,7 @@ def _module(name: str):
     if name == "cpu":
         return _extension()
     if name not in _LOADED:
-        _LOADED[name] = _LOADERS[name]()
+        _LOADED[name] = REGISTRY[name].load()
     return _LOADED[name]
 
 
@@ -140,11 +163,7 @@ def _unavailable(name: str, device: torch.device, dtype: torch.dtype | None) -> 
     if isinstance(error, Refused):
         return error
     if module is None:
-        if name == "cpu":
-            return f"metakernels was built without its C++ extension ({error})"
-        if name == "cuda":
-            return f"metakernels was built without CUDA ({error})"
-        return error
+        return REGISTRY[name].missing.format(error=error)
     if device.type == "cuda" and not torch.cuda.is_available():
         return "torch has no CUDA device"
     if name == "triton" and device.type == "cpu" and not triton_interpreter():
@@ -178,7 +197,12 @@ def _as_device(device) -> torch.device:
 
 def available_backends(device=None, dtype: torch.dtype | None = None) -> list[str]:
     """The backends that can run on ``device`` (default cpu), and on ``dtype`` if given, fastest
-    first; ``"reference"`` is always last."""
+    first; ``"reference"`` is always last.
+
+    ``backend="auto"`` takes the first of them that it may pick on the device type: on CPU
+    tensors the ``cpu`` backend where it is here, on CUDA tensors the reference, until the fused
+    GPU backends of a release have passed the GPU check (docs/conventions.md, "Dtypes, devices and
+    backends"); a backend listed here and not picked by ``auto`` runs when asked for by name."""
     device = _as_device(device)
     order = PREFERENCE.get(device.type, ("reference",))
     return [name for name in order if _unavailable(name, device, dtype) is None]

@@ -1,4 +1,4 @@
-"""Argument checks shared by the ops (SPEC.md section 4).
+"""Argument checks shared by the ops (docs/conventions.md, "Bad input").
 
 Every problem raises before any kernel runs: ``TypeError`` for a wrong Python type, ``ValueError``
 for a wrong shape, dtype, device or value, each naming the argument, what it got and what it
@@ -108,16 +108,30 @@ def check_steps(name: str, x: Tensor, steps) -> int:
 
 
 def check_labels(name: str, labels: Tensor, classes: int) -> Tensor:
-    """ce labels: an integer tensor with values in [0, classes); returned as int64."""
+    """ce labels: an integer tensor; returned as int64. Their range is checked once per call by
+    :func:`check_label_range`, where the op runs (``classes`` names d_out in the messages)."""
     if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
         raise ValueError(f"{name} has dtype {str(labels.dtype).replace('torch.', '')}; loss='ce' "
                          "takes integer class labels (int64)")
-    # Under torch.compile the range is a data-dependent branch that cannot be traced; the
-    # compiled backends' op bodies run this check again eagerly, and their kernels turn a label
-    # out of range into NaN, never a read out of bounds.
-    if labels.numel() > 0 and not torch.compiler.is_compiling():
-        low, high = int(labels.min()), int(labels.max())
-        if low < 0 or high >= classes:
-            raise ValueError(f"{name} holds labels in [{low}, {high}], expected them in "
-                             f"[0, {classes}) (d_out = {classes})")
     return labels.long()
+
+
+# Set to 1: check the range of ce labels on CUDA tensors too (a device-to-host synchronisation
+# per call). Without it, a label out of range on a GPU turns its task's outputs into NaN.
+CHECK_LABELS_ENV = "METAKERNELS_CHECK_LABELS"
+
+
+def check_label_range(name: str, labels: Tensor, classes: int) -> None:
+    """Raises ValueError for ce labels outside [0, classes). Called once per call, just before
+    the kernels (or the reference) run: eagerly inside the op's body, so also under
+    torch.compile, whose graphs cannot branch on data. Skipped for CUDA tensors unless
+    ``METAKERNELS_CHECK_LABELS=1``: reading the range back is a host synchronisation, and the
+    kernels turn a label out of range into NaN, never a read out of bounds."""
+    if labels.numel() == 0 or torch.compiler.is_compiling():
+        return
+    if labels.device.type != "cpu" and os.environ.get(CHECK_LABELS_ENV, "0") in ("", "0"):
+        return
+    low, high = torch.stack(torch.aminmax(labels)).tolist()
+    if low < 0 or high >= classes:
+        raise ValueError(f"{name} holds labels in [{low}, {high}], expected them in "
+                         f"[0, {classes}) (d_out = {classes})")

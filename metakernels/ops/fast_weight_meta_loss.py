@@ -1,4 +1,5 @@
-"""``fast_weight_meta_loss``: the unroll and the outer (query) loss in one op (SPEC.md section 7).
+"""``fast_weight_meta_loss``: the unroll and the outer (query) loss in one op
+(docs/ops/fast_weight_meta_loss.md).
 
 The public function checks the contract once (the unroll's checks, plus the query set's), picks a
 backend and returns the meta-loss. On the ``cpu`` backend the whole meta-step is one custom op
@@ -20,7 +21,7 @@ import torch
 from torch import Tensor
 
 from metakernels import reference
-from metakernels.ops import _backends, _checks
+from metakernels.ops import _autocast, _backends, _checks
 from metakernels.ops import fast_weight_unroll as _unroll
 from metakernels.reference.meta_loss import REDUCTIONS, query_loss, reduce_tasks
 
@@ -30,6 +31,7 @@ GRAD_INPUTS = ("weight", "x", "y", "lr", "bias", "lr_scale", "bias_lr_scale", "q
                "query_y")
 
 
+@_autocast.autocast_op
 def fast_weight_meta_loss(weight: Tensor, x: Tensor, y: Tensor, lr, query_x: Tensor,
                           query_y: Tensor, *, steps: int | None = None, loss: str = "mse",
                           bias: Tensor | None = None, lr_scale: Tensor | None = None,
@@ -73,6 +75,11 @@ def fast_weight_meta_loss(weight: Tensor, x: Tensor, y: Tensor, lr, query_x: Ten
     plan = _plan(weight, x, y, lr, query_x, query_y, steps, loss, bias, lr_scale, bias_lr_scale,
                  first_order, reduction, backend, checkpoint)
     weight, x, y, lr, steps, bias, lr_scale, bias_lr_scale, query_x, query_y = plan.args
+    if plan.backend == "reference" and loss == "ce":
+        _checks.check_label_range("y", y, weight.shape[-1])
+    if (plan.backend == "reference" or not plan.fused) and loss == "ce":
+        # The composed path's unroll checks y in its own body.
+        _checks.check_label_range("query_y", query_y, weight.shape[-1])
     if plan.backend == "reference":
         return reference.fast_weight_meta_loss(
             weight, x, y, lr, query_x, query_y, steps=steps, loss=loss, bias=bias,
@@ -227,8 +234,8 @@ def _forward_kernels(weight, x, y, lr, bias, lr_scale, bias_lr_scale, query_x, q
                      store_states, keep_weight, grad_bias_lr_scale, reduction,
                      backend) -> tuple:
     if loss == LOSS_CODES["ce"]:
-        _checks.check_labels("y", y, weight.shape[-1])
-        _checks.check_labels("query_y", query_y, weight.shape[-1])
+        _checks.check_label_range("y", y, weight.shape[-1])
+        _checks.check_label_range("query_y", query_y, weight.shape[-1])
     task_loss, weight_t, _, residual, states, query_residual = _backends.kernels(
         backend).meta_loss_forward(weight, x, y, lr, bias, lr_scale, bias_lr_scale, query_x,
                                    query_y, loss, store_states, keep_weight,
@@ -365,8 +372,8 @@ def _ckpt_fwd(weight: Tensor, x: Tensor, y: Tensor, lr: Tensor, bias: Optional[T
     """Returns (the meta-loss, the weights at the start of segments 1 … S−1
     ``[S − 1, B, d_in, d_out]``, their biases ``[S − 1, B, d_out]`` or [0])."""
     if loss == LOSS_CODES["ce"]:
-        _checks.check_labels("y", y, weight.shape[-1])
-        _checks.check_labels("query_y", query_y, weight.shape[-1])
+        _checks.check_label_range("y", y, weight.shape[-1])
+        _checks.check_label_range("query_y", query_y, weight.shape[-1])
     kernels = _backends.kernels(backend)
     tasks, steps = lr.shape
     segments = _unroll._segments(steps, segment)

@@ -1,4 +1,4 @@
-"""``fast_weight_unroll``: T inner-loop steps for B tasks at once (SPEC.md section 1).
+"""``fast_weight_unroll``: T inner-loop steps for B tasks at once (docs/ops/fast_weight_unroll.md).
 
 The public function checks the contract once, picks a backend and returns an
 :class:`UnrollOutput`. The compiled backends run behind the custom ops
@@ -20,7 +20,7 @@ from torch import Tensor
 
 from metakernels import reference
 from metakernels._losses import LOSS_CODES
-from metakernels.ops import _backends, _checks
+from metakernels.ops import _autocast, _backends, _checks
 
 # The gradients the backward op can return, in its order.
 GRAD_INPUTS = ("weight", "x", "y", "lr", "bias", "lr_scale", "bias_lr_scale", "queries")
@@ -41,6 +41,7 @@ class UnrollOutput(NamedTuple):
     readout: Optional[Tensor]
 
 
+@_autocast.autocast_op
 def fast_weight_unroll(weight: Tensor, x: Tensor, y: Tensor, lr, *, steps: int | None = None,
                        loss: str = "mse", bias: Tensor | None = None,
                        lr_scale: Tensor | None = None, bias_lr_scale: Tensor | None = None,
@@ -109,6 +110,8 @@ def fast_weight_unroll(weight: Tensor, x: Tensor, y: Tensor, lr, *, steps: int |
                  first_order, backend, checkpoint)
     weight, x, y, lr, steps, bias, lr_scale, bias_lr_scale, queries = plan.args
     if plan.backend == "reference":
+        if loss == "ce":
+            _checks.check_label_range("y", y, weight.shape[-1])
         return UnrollOutput(*reference.fast_weight_unroll(
             weight, x, y, lr, steps=steps, loss=loss, bias=bias, lr_scale=lr_scale,
             bias_lr_scale=bias_lr_scale, queries=queries, first_order=first_order))
@@ -224,8 +227,8 @@ def unroll_path(weight: Tensor, x: Tensor, y: Tensor, lr, *, steps: int | None =
 
 def _check(weight, x, y, lr, steps, loss, bias, lr_scale, bias_lr_scale, queries, first_order,
            backend="auto"):
-    """Checks the arguments against SPEC.md; returns them normalised: lr a ``[B, T]`` tensor, T,
-    and ce labels as int64."""
+    """Checks the arguments (docs/ops/fast_weight_unroll.md); returns them normalised: lr a ``[B,
+    T]`` tensor, T, and ce labels as int64."""
     for name, value in (("weight", weight), ("x", x), ("y", y)):
         _checks.require_tensor(name, value)
     for name, value in (("bias", bias), ("lr_scale", lr_scale), ("bias_lr_scale", bias_lr_scale),
@@ -318,7 +321,7 @@ def _forward_kernels(weight, x, y, lr, bias, lr_scale, bias_lr_scale, queries, l
                      backend) -> tuple:
     """The body of fast_weight_unroll_fwd (and of its eager fast path, _EagerUnroll)."""
     if loss == LOSS_CODES["ce"]:
-        _checks.check_labels("y", y, weight.shape[-1])
+        _checks.check_label_range("y", y, weight.shape[-1])
     return tuple(_backends.kernels(backend).unroll_forward(
         weight, x, y, lr, bias, lr_scale, bias_lr_scale, queries, loss, store_states))
 
@@ -392,7 +395,7 @@ def _unroll_fwd_fake(weight, x, y, lr, bias, lr_scale, bias_lr_scale, queries, l
 
 def state_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype of the saved residual E_t and states W_t: float32 for bfloat16/float16 inputs
-    (SPEC.md section 3: the fast-weight state is float32), else the inputs' own."""
+    (docs/conventions.md, dtypes: the fast-weight state is float32), else the inputs' own."""
     return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
 
 
@@ -534,7 +537,7 @@ def _ckpt_fwd(weight: Tensor, x: Tensor, y: Tensor, lr: Tensor, bias: Optional[T
     """Returns (W_T, b_T or [0], losses, readout or [0], the weights at the start of segments
     1 … S−1 ``[S − 1, B, d_in, d_out]``, their biases ``[S − 1, B, d_out]`` or [0])."""
     if loss == LOSS_CODES["ce"]:
-        _checks.check_labels("y", y, weight.shape[-1])
+        _checks.check_label_range("y", y, weight.shape[-1])
     kernels = _backends.kernels(backend)
     tasks, steps = lr.shape
     d_out = weight.shape[-1]

@@ -1,20 +1,32 @@
-"""``linear_hvp``: batched Hessian-vector products of the inner loss (SPEC.md section 2)."""
+"""``linear_hvp``: batched Hessian-vector products of the inner loss (docs/ops/linear_hvp.md)."""
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
 
 from metakernels import reference
 from metakernels._losses import LOSS_CODES
-from metakernels.ops import _backends, _checks
+from metakernels.ops import _autocast, _backends, _checks
 
 
+class HvpOutput(NamedTuple):
+    """What :func:`linear_hvp` returns; unpacks as ``hv_weight, hv_bias = linear_hvp(...)``.
+
+    weight: ``[B, d_in, d_out]`` the product's weight part, ``(H v)_W``.
+    bias:   ``[B, d_out]`` its bias part, ``(H v)_b``, or None for a model without a bias.
+    """
+
+    weight: Tensor
+    bias: Optional[Tensor]
+
+
+@_autocast.autocast_op
 def linear_hvp(weight: Tensor, x: Tensor, v: Tensor, *, loss: str = "mse",
                bias: Tensor | None = None, v_bias: Tensor | None = None,
-               backend: str = "auto") -> tuple[Tensor, Optional[Tensor]]:
+               backend: str = "auto") -> HvpOutput:
     r"""Hessian-vector products of the inner loss of every task, ``Hv = Xᵀ H_E (X V + 1 v_bᵀ)``.
 
     ``H`` is the Hessian of ℓ (mse or ce, as in :func:`fast_weight_unroll`) with respect to
@@ -30,9 +42,9 @@ def linear_hvp(weight: Tensor, x: Tensor, v: Tensor, *, loss: str = "mse",
         backend: ``"auto"``, ``"reference"``, ``"cpu"``, ``"triton"`` or ``"cuda"``.
 
     Returns:
-        ``(Hv_weight [B, d_in, d_out], Hv_bias [B, d_out])``; ``Hv_bias`` is None when both
-        ``bias`` and ``v_bias`` are None (a model without a bias). Differentiable in weight, x, v,
-        bias and v_bias.
+        :class:`HvpOutput` ``(weight [B, d_in, d_out], bias [B, d_out])``; ``bias`` is None when
+        both ``bias`` and ``v_bias`` are None (a model without a bias). Differentiable in weight, x,
+        v, bias and v_bias.
     """
     for name, value in (("weight", weight), ("x", x), ("v", v)):
         _checks.require_tensor(name, value)
@@ -62,11 +74,11 @@ def linear_hvp(weight: Tensor, x: Tensor, v: Tensor, *, loss: str = "mse",
 
     which = _backends.resolve(backend, weight.device, dtype)
     if which == "reference":
-        return reference.linear_hvp(weight, x, v, loss=loss, bias=bias, v_bias=v_bias,
-                                    with_bias=with_bias)
+        return HvpOutput(*reference.linear_hvp(weight, x, v, loss=loss, bias=bias,
+                                               v_bias=v_bias))
     hv_weight, hv_bias = torch.ops.metakernels.linear_hvp(weight, x, v, bias, v_bias,
                                                           LOSS_CODES[loss], with_bias, which)
-    return hv_weight, hv_bias if with_bias else None
+    return HvpOutput(hv_weight, hv_bias if with_bias else None)
 
 
 @torch.library.custom_op("metakernels::linear_hvp", mutates_args=())
@@ -103,7 +115,7 @@ def _hvp_backward(ctx, grad_hv_weight, grad_hv_bias):
             args[i] = t
         weight, x, v, bias, v_bias = args
         hv_weight, hv_bias = reference.linear_hvp(weight, x, v, loss=loss, bias=bias,
-                                                  v_bias=v_bias, with_bias=ctx.with_bias)
+                                                  v_bias=v_bias)
         return (hv_weight, hv_bias) if ctx.with_bias else (hv_weight,)
 
     _, vjp = torch.func.vjp(hvp_of, *[primals[i] for i in present])

@@ -1,13 +1,16 @@
-"""Reference implementations of ``fast_weight_unroll`` and ``linear_hvp`` (SPEC.md sections 1-2).
+"""Reference implementations of ``fast_weight_unroll`` and ``linear_hvp``
+(docs/ops/fast_weight_unroll.md, docs/ops/linear_hvp.md).
 
 Plain PyTorch: the unrolled loop is an ordinary autograd graph, so the second-order
 meta-gradient comes from autograd itself and double backward works. The inner gradient is
-written in closed form (``G_t = X_tᵀ E_t``), which is the definition in SPEC.md; the tests
-check it against autograd-derived inner gradients (``torch.func``, ``higher``, ``torchopt``).
+written in closed form (``G_t = X_tᵀ E_t``), which is the definition in
+docs/ops/fast_weight_unroll.md; the tests check it against autograd-derived inner gradients
+(``torch.func``, ``higher``, ``torchopt``).
 
-Arguments arrive already checked and normalised by :mod:`metakernels.ops`: ``lr`` is a tensor
-broadcast to ``[B, T]``. The state and every accumulation are float32 (float64 for float64
-inputs); outputs take the dtype of ``weight``.
+Each function takes the arguments of the public op of the same name (docs/ops/), without
+``backend`` and ``checkpoint``, so a test or a user can swap one for the other; the arguments are
+not checked (the public op checks them before it calls these). The state and every accumulation are
+float32 (float64 for float64 inputs); outputs take the dtype of ``weight``.
 
 Memory: autograd stores every step's activations, O(B·T·(d_in·d_out + n·d_out)).
 """
@@ -34,19 +37,30 @@ def _loss_and_residual(logits: Tensor, targets: Tensor, loss: str) -> tuple[Tens
         return 0.5 * diff.pow(2).sum((-2, -1)) / n, diff / n
     log_probs = torch.log_softmax(logits, dim=-1)
     picked = log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    onehot = torch.nn.functional.one_hot(targets, logits.shape[-1]).to(logits.dtype)
+    # scatter, not F.one_hot, which may read the labels' range back to the host on a GPU.
+    onehot = torch.zeros_like(logits).scatter(-1, targets.unsqueeze(-1), 1.0)
     return -picked.sum(-1) / n, (log_probs.exp() - onehot) / n
 
 
-def fast_weight_unroll(weight: Tensor, x: Tensor, y: Tensor, lr: Tensor, *, steps: int,
-                       loss: str, bias: Tensor | None, lr_scale: Tensor | None,
-                       bias_lr_scale: Tensor | None, queries: Tensor | None,
-                       first_order: bool):
+def lr_per_step(lr, tasks: int, steps: int, like: Tensor) -> Tensor:
+    """``lr`` (a float, or a tensor broadcastable to ``[B, T]``) as a ``[B, T]`` tensor."""
+    if not isinstance(lr, Tensor):
+        lr = torch.tensor(float(lr), dtype=like.dtype, device=like.device)
+    return lr.broadcast_to((tasks, steps))
+
+
+def fast_weight_unroll(weight: Tensor, x: Tensor, y: Tensor, lr, *, steps: int | None = None,
+                       loss: str = "mse", bias: Tensor | None = None,
+                       lr_scale: Tensor | None = None, bias_lr_scale: Tensor | None = None,
+                       queries: Tensor | None = None, first_order: bool = False):
     """Returns ``(weight_T [B, d_in, d_out], bias_T [B, d_out] | None, losses [B, T],
-    readout [B, T, m, d_out] | None)``."""
+    readout [B, T, m, d_out] | None)``. ``steps`` is T for 3-D x (ignored for 4-D x)."""
     out_dtype = weight.dtype
     dtype = _compute_dtype(out_dtype)
     tasks, d_in, d_out = x.shape[0], weight.shape[-2], weight.shape[-1]
+    if x.dim() == 4:
+        steps = x.shape[1]
+    lr = lr_per_step(lr, tasks, steps, weight)
     per_step = x.dim() == 4
     fast_weight = weight.to(dtype).expand(tasks, d_in, d_out)
     fast_bias = None if bias is None else bias.to(dtype).expand(tasks, d_out)
@@ -90,10 +104,12 @@ def fast_weight_unroll(weight: Tensor, x: Tensor, y: Tensor, lr: Tensor, *, step
     return fast_weight.to(out_dtype), bias_out, losses_out, readout_out
 
 
-def linear_hvp(weight: Tensor, x: Tensor, v: Tensor, *, loss: str, bias: Tensor | None,
-               v_bias: Tensor | None, with_bias: bool):
+def linear_hvp(weight: Tensor, x: Tensor, v: Tensor, *, loss: str = "mse",
+               bias: Tensor | None = None, v_bias: Tensor | None = None):
     """Returns ``(Hv_weight [B, d_in, d_out], Hv_bias [B, d_out] | None)``:
-    ``Hv = Xᵀ H_E (X V + 1 v_bᵀ)`` with ``H_E`` the Hessian of the loss in the logits."""
+    ``Hv = Xᵀ H_E (X V + 1 v_bᵀ)`` with ``H_E`` the Hessian of the loss in the logits;
+    ``Hv_bias`` is None when both ``bias`` and ``v_bias`` are."""
+    with_bias = bias is not None or v_bias is not None
     out_dtype = weight.dtype
     dtype = _compute_dtype(out_dtype)
     x, v, v_bias = (_up(t, dtype) for t in (x, v, v_bias))

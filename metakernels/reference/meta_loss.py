@@ -1,8 +1,8 @@
-"""Reference ``fast_weight_meta_loss`` (SPEC.md section 7): autograd through the reference unroll
-plus the outer (query) loss, in plain PyTorch. The truth the fused backends are tested against;
-double backward works.
+"""Reference ``fast_weight_meta_loss`` (docs/ops/fast_weight_meta_loss.md): autograd through the
+reference unroll plus the outer (query) loss, in plain PyTorch. The truth the fused backends are
+tested against; double backward works.
 
-Arguments arrive checked and normalised by :mod:`metakernels.ops` (``lr`` a ``[B, T]`` tensor).
+It takes the public op's arguments, without ``backend`` and ``checkpoint``, unchecked.
 :func:`query_loss` is the outer loss alone, on the adapted weights or on the readout: the
 reference uses it, and so do the backends that compose their unroll with the loss in torch.
 """
@@ -18,8 +18,8 @@ REDUCTIONS = ("mean", "sum", "none")
 
 
 def _row_mean_loss(logits: Tensor, targets: Tensor, loss: str) -> Tensor:
-    """ℓ(Z, Y) of SPEC section 7 over the rows (dimension −2) of every leading index:
-    mse ``1/(2m) Σ_i ‖z_i − y_i‖²``, ce ``1/m Σ_i −log softmax(z_i)[y_i]``."""
+    """ℓ(Z, Y) of docs/ops/fast_weight_meta_loss.md over the rows (dimension −2) of every leading
+    index: mse ``1/(2m) Σ_i ‖z_i − y_i‖²``, ce ``1/m Σ_i −log softmax(z_i)[y_i]``."""
     m = logits.shape[-2]
     if loss == "mse":
         return 0.5 * (logits - targets).pow(2).sum((-2, -1)) / m
@@ -54,10 +54,11 @@ def query_loss(weight_t: Tensor, bias_t: Tensor | None, readout: Tensor | None,
     return reduce_tasks(per_task, reduction).to(out_dtype)
 
 
-def fast_weight_meta_loss(weight: Tensor, x: Tensor, y: Tensor, lr: Tensor, query_x: Tensor,
-                          query_y: Tensor, *, steps: int, loss: str, bias: Tensor | None,
-                          lr_scale: Tensor | None, bias_lr_scale: Tensor | None,
-                          first_order: bool, reduction: str) -> Tensor:
+def fast_weight_meta_loss(weight: Tensor, x: Tensor, y: Tensor, lr, query_x: Tensor,
+                          query_y: Tensor, *, steps: int | None = None, loss: str = "mse",
+                          bias: Tensor | None = None, lr_scale: Tensor | None = None,
+                          bias_lr_scale: Tensor | None = None, first_order: bool = False,
+                          reduction: str = "mean") -> Tensor:
     """The meta-loss: ``[]`` for mean/sum, ``[B]`` for none."""
     form_b = query_x.dim() == 4
     weight_t, bias_t, _, readout = fast_weight_unroll(

@@ -75,7 +75,7 @@ class HeadModel(nn.Module):
             return self._inner_loop_all(batch, steps, first_order)
         support = self.body(batch["support_x"])
         query = self.body(batch["query_x"])
-        out = self.head.adapt(support, batch["support_y"], steps, first_order=first_order)
+        out = self.head.adapt(support, batch["support_y"], steps=steps, first_order=first_order)
         fast = {"head.weight": out.weight}
         if out.bias is not None:
             fast["head.bias"] = out.bias
@@ -123,11 +123,11 @@ class HeadModel(nn.Module):
         query = self.body(batch["query_x"])
         head = self.head
         per_task = inner_loss_units(
-            head.meta_loss(support, batch["support_y"], query, batch["query_y"], steps,
+            head.meta_loss(support, batch["support_y"], query, batch["query_y"], steps=steps,
                            first_order=first_order, reduction="none"),
             head.loss, head.out_features)
         with torch.no_grad():
-            out = head.adapt(support, batch["support_y"], steps, first_order=first_order)
+            out = head.adapt(support, batch["support_y"], steps=steps, first_order=first_order)
             _, accuracy = self.query_losses(head(query, out.weight, out.bias), batch)
         return per_task, accuracy, inner_loss_units(out.losses, head.loss, head.out_features)
 

@@ -168,8 +168,8 @@ FLOAT32_DOT_PRECISION = "ieee"
 
 
 def dot_precision(dtype: torch.dtype) -> str:
-    """float32 inputs get float32-accurate products (SPEC.md: 1e-4); half inputs, whose own
-    rounding is as coarse as tf32's, get tensor-core tf32 on the float32 state."""
+    """float32 inputs get float32-accurate products (docs/conventions.md: 1e-4); half inputs, whose
+    own rounding is as coarse as tf32's, get tensor-core tf32 on the float32 state."""
     return FLOAT32_DOT_PRECISION if dtype == torch.float32 else "tf32"
 
 

@@ -1,5 +1,5 @@
-"""Triton kernels of ``fast_weight_unroll`` (SPEC.md section 1): forward and exact second-order
-backward, every task's fast weights in registers across all T steps.
+"""Triton kernels of ``fast_weight_unroll`` (docs/ops/fast_weight_unroll.md): forward and exact
+second-order backward, every task's fast weights in registers across all T steps.
 
 Grid ``(B, NV)``: program ``(b, v)`` owns task b and the d_out columns ``[v·BV, (v+1)·BV)``, all of
 d_in and all n support rows. For mse the columns are independent (each column's W, b, E and the

@@ -1,4 +1,5 @@
-"""Triton kernel of ``linear_hvp`` (SPEC.md section 2): ``Hv = Xᵀ H_E (X V + 1 v_bᵀ)`` per task.
+"""Triton kernel of ``linear_hvp`` (docs/ops/linear_hvp.md): ``Hv = Xᵀ H_E (X V + 1 v_bᵀ)`` per
+task.
 
 Grid ``(B, NV)`` as in :mod:`metakernels.triton.fast_weight_unroll`: mse tiles d_out (H_E = I/n
 keeps columns apart), ce owns whole rows (the softmax Jacobian couples them). Same limits.

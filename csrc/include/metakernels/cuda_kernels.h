@@ -2,7 +2,7 @@
 // stream, no torch. The layouts are those of fast_weight.h (UnrollInputs, UnrollForwardOutputs,
 // UnrollBackwardArgs, HvpArgs), instantiated with T = void: the element type of every floating
 // input and forward output is `dtype`, with three exceptions that are always float32 (the state
-// and accumulation type of SPEC.md section 3):
+// and accumulation type of docs/conventions.md, dtypes):
 //   - UnrollForwardOutputs::residual and ::states, and UnrollBackwardArgs::residual and ::states;
 //   - every gradient output of UnrollBackwardArgs (grad_weight … grad_queries): the caller casts
 //     them to dtype (they are accumulated over steps, so they are kept in float32 until the end).

@@ -1,6 +1,6 @@
-// Kernel interface of the two fused ops (SPEC.md sections 1 and 2): raw pointers, sizes and
-// strides, no torch. The caller (csrc/torch/ or a C++ test) has checked every argument; kernels
-// do not check again.
+// Kernel interface of the two fused ops (docs/ops/fast_weight_unroll.md and
+// docs/ops/linear_hvp.md): raw pointers, sizes and strides, no torch. The caller (csrc/torch/ or a
+// C++ test) has checked every argument; kernels do not check again.
 //
 // Layouts. Every per-task, per-step matrix is row-major and contiguous; where it sits is given by
 // a task stride and a step stride in elements. A stride of 0 means "shared": a shared weight or
@@ -159,7 +159,7 @@ void fast_weight_unroll_gram_backward(const UnrollDims& dims, const UnrollInputs
                                       const UnrollBackwardArgs<T>& args, int64_t task_begin,
                                       int64_t task_end);
 
-// linear_hvp: Hv = Xᵀ H_E (X V + 1 v_bᵀ) for every task (SPEC.md section 2).
+// linear_hvp: Hv = Xᵀ H_E (X V + 1 v_bᵀ) for every task (docs/ops/linear_hvp.md).
 template <typename T>
 struct HvpArgs {
   int64_t tasks = 0, support = 0, d_in = 0, d_out = 0;

@@ -1,7 +1,7 @@
-// Kernel interface of fast_weight_meta_loss's outer loss (SPEC.md section 7): the query loss of
-// every task and its gradient, computed beside the unroll kernels of fast_weight.h. Raw pointers
-// and sizes, no torch; the caller checked every argument. Work is split by task like the unroll:
-// a call handles tasks [task_begin, task_end) and touches no memory of other tasks.
+// Kernel interface of fast_weight_meta_loss's outer loss (docs/ops/fast_weight_meta_loss.md): the
+// query loss of every task and its gradient, computed beside the unroll kernels of fast_weight.h.
+// Raw pointers and sizes, no torch; the caller checked every argument. Work is split by task like
+// the unroll: a call handles tasks [task_begin, task_end) and touches no memory of other tasks.
 //
 // Two query forms, one layout: `blocks` logits blocks of m rows per task, 1 for form A (the loss
 // at W_T, query_x [B, m, d_in]) and T for form B (the readout after every step, query_x
@@ -29,9 +29,9 @@ template <typename T>
 void meta_loss_logits(const QueryLoss<T>& q, const T* weight_t, const T* bias_t, T* logits,
                       int64_t task_begin, int64_t task_end);
 
-// The loss of every task, L = Σ_blocks ℓ(Z, Y) (ℓ: the mean over the m rows, SPEC section 7),
-// into task_loss [B]; the logits [B, blocks, m, d_out] are turned in place into the residual
-// Ê = ∂ℓ/∂Z ((Z − Y)/m or (softmax(Z) − onehot(Y))/m).
+// The loss of every task, L = Σ_blocks ℓ(Z, Y) (ℓ: the mean over the m rows,
+// docs/ops/fast_weight_meta_loss.md), into task_loss [B]; the logits [B, blocks, m, d_out] are
+// turned in place into the residual Ê = ∂ℓ/∂Z ((Z − Y)/m or (softmax(Z) − onehot(Y))/m).
 template <typename T>
 void meta_loss_forward(const QueryLoss<T>& q, T* logits_to_residual, T* task_loss,
                        int64_t task_begin, int64_t task_end);

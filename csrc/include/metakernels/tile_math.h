@@ -1,6 +1,7 @@
-// Per-row arithmetic of the inner loss, shared by every compiled backend (SPEC.md section 1).
-// Plain C++ with no torch; MK_HOST_DEVICE marks the functions __host__ __device__ under nvcc so
-// the CUDA kernels use the same code that the C++ tests check on the host.
+// Per-row arithmetic of the inner loss, shared by every compiled backend
+// (docs/ops/fast_weight_unroll.md). Plain C++ with no torch; MK_HOST_DEVICE marks the functions
+// __host__ __device__ under nvcc so the CUDA kernels use the same code that the C++ tests check on
+// the host.
 #pragma once
 
 #include <cmath>
