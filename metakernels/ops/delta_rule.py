@@ -71,7 +71,7 @@ def delta_rule(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, *, scale: float | 
     state = None if initial_state is None else initial_state.to(q.dtype)
     if cu_seqlens is None:
         if length == 0:
-            o = q.new_zeros(batch, 0, heads, d_v)
+            o = v.clone()  # [B, 0, H, V], on the autograd graph like every other output
             final = state.clone() if state is not None else q.new_zeros(batch, heads, d_k, d_v)
         else:
             o, final = _unroll(q, k, v, beta, state, scale, backend)
