@@ -13,11 +13,12 @@ a step unchanged), run as one batch of tasks, and unpacked; padding costs
 ``cu_seqlens``. Under ``torch.compile``, ``make_fx`` or a functorch transform, the packed form
 runs behind the custom ops ``metakernels::delta_rule_packed_fwd`` / ``_bwd``, whose output
 shapes follow from the inputs' alone (the ragged layout stays inside them); their backward
-recomputes the forward (``torch.func.vjp``), about one more forward than the eager path.
+recomputes the forward with autograd, about one more forward than the eager path.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Optional
 
@@ -261,15 +262,34 @@ def _packed_bwd(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, state: Optional[T
                 scale: float, backend: str,
                 wanted: list[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The gradients of (q, k, v, beta, state), each an empty tensor where not wanted: the
-    forward again, differentiated by torch.func.vjp (a custom op's body runs below autograd)."""
+    forward again, with autograd, then its backward."""
     bounds = cu_seqlens.tolist()
     heads, d_k, d_v = q.shape[2], q.shape[3], v.shape[3]
     start = state if state is not None else q.new_zeros(len(bounds) - 1, heads, d_k, d_v)
-    (o, final), pullback = torch.func.vjp(
-        lambda *inputs: _packed(*inputs, bounds, scale, backend), q, k, v, beta, start)
-    grads = pullback((torch.zeros_like(o) if grad_o is None else grad_o,
-                      torch.zeros_like(final) if grad_final is None else grad_final))
-    return tuple(g if want else q.new_empty(0) for g, want in zip(grads, wanted))
+    leaves = [t.detach().requires_grad_() for t in (q, k, v, beta, start)]
+    with _autograd_inside_custom_op():
+        o, final = _packed(*leaves, bounds, scale, backend)
+        pairs = [(out, grad) for out, grad in ((o, grad_o), (final, grad_final))
+                 if grad is not None]
+        grads = torch.autograd.grad([out for out, _ in pairs], leaves,
+                                    [grad for _, grad in pairs], allow_unused=True)
+    return tuple(torch.zeros_like(t) if g is None and want else g if want else q.new_empty(0)
+                 for t, g, want in zip(leaves, grads, wanted))
+
+
+@contextlib.contextmanager
+def _autograd_inside_custom_op():
+    """Grad mode with autograd dispatch on, inside a custom op's body. torch.library runs a body
+    below autograd (its dispatch keys excluded, and grad mode off in a backward), so recording
+    a graph there needs both back; torch.func.vjp is no way round it, as it refuses the custom
+    ops of fast_weight_unroll that the recomputation calls. The autocast keys stay excluded."""
+    keys = torch._C.DispatchKey
+    exclude = torch._C._dispatch_tls_local_exclude_set()
+    for key in (keys.AutogradFunctionality, keys.AutogradOther, keys.ADInplaceOrView):
+        exclude = exclude.remove(key)
+    with torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude), \
+            torch.enable_grad():
+        yield
 
 
 @_packed_bwd.register_fake
