@@ -318,8 +318,8 @@ def _chunk_delta_rule():
 @pytest.mark.parametrize("packed_form", [False, True], ids=["dense", "packed"])
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_gpu_against_fla_chunk_delta_rule(backend, packed_form):
-    """bfloat16 on CUDA: this op and fla's chunk_delta_rule against the float64 reference on
-    the same inputs (≤ 2e-2 each) and against each other (≤ 3e-2), on outputs, the final state
+    """bfloat16 on CUDA (a float32 initial state, as fla's users pass it): this op and fla's
+    chunk_delta_rule against the float64 reference on the same values (≤ 2e-2 each) and against each other (≤ 3e-2), on outputs, the final state
     and every gradient; the packed form with fla's cu_seqlens too."""
     if backend not in mk.available_backends("cuda"):
         pytest.skip(f"backend {backend} not available on cuda")
@@ -333,9 +333,11 @@ def test_gpu_against_fla_chunk_delta_rule(backend, packed_form):
     else:
         inputs = make_inputs(2, 200, 4, 64, 64, seed=21, device="cuda")
         kwargs = {}
-    truth = run(inputs, backend="reference", **kwargs)
     half = {n: t.detach().to(torch.bfloat16).requires_grad_() for n, t in inputs.items()}
     half["initial_state"] = inputs["initial_state"].detach().float().requires_grad_()
+    # The truth: the float64 reference on the same (rounded) values.
+    rounded = {n: t.detach().double().requires_grad_() for n, t in half.items()}
+    truth = run(rounded, backend="reference", **kwargs)
     o_fla, final_fla = chunk_delta_rule(**half, output_final_state=True, **kwargs)
     fla = outputs_and_grads(o_fla, final_fla, half)
     ours = run(half, backend=backend, **kwargs)
@@ -360,3 +362,23 @@ def test_gpu_float32_and_packed(backend):
     truth = run(inputs, backend="reference", cu_seqlens=cu)
     cast = {n: t.detach().float().requires_grad_() for n, t in inputs.items()}
     assert_close(run(cast, backend=backend, cu_seqlens=cu), truth, 1e-4, backend)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_gpu_dense_call_without_host_syncs(backend):
+    """Without cu_seqlens, the forward and backward make no device-to-host synchronisation
+    (a packed call makes one: reading cu_seqlens)."""
+    if backend not in mk.available_backends("cuda"):
+        pytest.skip(f"backend {backend} not available on cuda")
+    inputs = make_inputs(2, 70, 2, 64, 64, dtype=torch.bfloat16, seed=3, device="cuda")
+    cotangent = torch.randn(2, 70, 2, 64, device="cuda", dtype=torch.bfloat16)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        o, final = mk.delta_rule(**inputs, output_final_state=True, backend=backend)
+        torch.autograd.backward([o, final], [cotangent, torch.ones_like(final)])
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(torch.isfinite(t.grad).all() for t in inputs.values())
