@@ -22,6 +22,12 @@ GRAD_NAMES = ("q", "k", "v", "beta", "initial_state")
 needs_cpu = pytest.mark.skipif("cpu" not in COMPILED_BACKENDS, reason="cpu backend not built")
 
 
+def skip_unless_runs(backend, dtype=torch.float64):
+    """Triton in its interpreter (TRITON_INTERPRET=1) runs float32, not float64."""
+    if backend not in mk.available_backends("cpu", dtype):
+        pytest.skip(f"backend {backend} does not run {dtype} on CPU tensors")
+
+
 def make_inputs(batch, length, heads, d_k, d_v, *, dtype=torch.float64, state=True, seed=0,
                 sequences=None, device="cpu"):
     """q, k (L2-normalised), v, β in (0, 1) in fla's [B, T, H, ·] layout and an initial state
@@ -86,6 +92,7 @@ SHAPES = [(2, 19, 3, 7, 5), (1, 1, 1, 1, 1), (3, 5, 2, 1, 9), (1, 37, 2, 64, 64)
 def test_matches_fla_naive(backend, shape, dtype, state):
     """Outputs, final state and every gradient against fla's recurrence: float64 inputs within
     1e-5 of it (it computes in float32), float32 within 1e-4."""
+    skip_unless_runs(backend, dtype)
     inputs = make_inputs(*shape, dtype=dtype, state=state, seed=sum(shape))
     want = run_fla_naive(inputs)
     got = run(inputs, backend=backend)
@@ -100,6 +107,7 @@ def test_matches_fla_naive(backend, shape, dtype, state):
 def test_matches_reference_recurrence(backend, shape, dtype):
     """Against metakernels.reference.delta_rule in float64 at the project's tolerances (float64
     1e-10, float32 1e-4), with a scale other than the default."""
+    skip_unless_runs(backend, dtype)
     inputs = make_inputs(*shape, seed=3 * sum(shape))
     o, final = reference.delta_rule(**inputs, scale=0.3, output_final_state=True)
     want = outputs_and_grads(o, final, inputs)
@@ -140,6 +148,7 @@ LENGTHS = [5, 0, 11, 1, 7]
 def test_packed_sequences_equal_one_by_one(backend, dtype, index_dtype):
     """N sequences of different lengths (one empty) packed with cu_seqlens give each sequence's
     output, final state and gradients (for the same cotangents) as the sequence run alone."""
+    skip_unless_runs(backend, dtype)
     heads, d_k, d_v = 3, 6, 5
     sequences = [make_inputs(1, length, heads, d_k, d_v, dtype=dtype, seed=10 + i)
                  for i, length in enumerate(LENGTHS)]
@@ -176,6 +185,7 @@ def outputs_cotangents(result, seed=7):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_packed_against_reference_recurrence(backend):
     """The packed form against the reference recurrence over the same cu_seqlens, float64."""
+    skip_unless_runs(backend, torch.float64)
     inputs = make_inputs(1, 24, 2, 5, 4, sequences=4, seed=4)
     cu = torch.tensor([0, 7, 7, 20, 24])
     o, final = reference.delta_rule(**inputs, cu_seqlens=cu, output_final_state=True)
@@ -188,6 +198,7 @@ def test_packed_against_reference_recurrence(backend):
 def test_torch_compile_fullgraph(backend, packed_form):
     """Under torch.compile(fullgraph=True) the op gives the eager outputs and gradients; the
     packed form's ragged layout stays inside its custom ops."""
+    skip_unless_runs(backend, torch.float64)
     if packed_form:
         inputs = make_inputs(1, 13, 2, 5, 3, sequences=3, seed=6)
         kwargs = {"cu_seqlens": torch.tensor([0, 4, 4, 13])}
@@ -221,6 +232,7 @@ def test_opcheck_packed_ops():
 def test_empty_and_no_final_state(backend):
     """B = 0 returns empty outputs; T = 0 returns the initial state; output_final_state=False
     returns None in its place."""
+    skip_unless_runs(backend, torch.float64)
     empty = make_inputs(0, 4, 2, 3, 3)
     o, final = mk.delta_rule(**empty, output_final_state=True, backend=backend)
     assert o.shape == (0, 4, 2, 3) and final.shape == (0, 2, 3, 3)
