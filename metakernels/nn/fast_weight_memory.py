@@ -184,8 +184,8 @@ class FastWeightMemory(nn.Module):
         read = self.to_query(query)
         if self.normalize_keys:
             read = F.normalize(read, dim=-1)
-        runs = self._unroll(keys, values,
-                            lambda start, stop, rows: read[:, None].expand(-1, stop - start, -1, -1))
+        runs = self._unroll(
+            keys, values, lambda start, stop, rows: read[:, None].expand(-1, stop - start, -1, -1))
         return torch.cat([out.readout for _, _, out in runs], 1)
 
     def forward(self, hidden: Tensor, *, return_state: bool = False):
@@ -215,7 +215,7 @@ class FastWeightMemory(nn.Module):
             runs = self._unroll(keys, values, shifted)
             weight, bias, read = self.init_weight, self.init_bias, []
             for start, rows, out in runs:
-                first = chunked(start, start + 1, rows)[:, 0] @ weight  # chunk `start` reads W_start
+                first = chunked(start, start + 1, rows)[:, 0] @ weight  # chunk `start`: W_start
                 read.append(first if bias is None else first + bias.unsqueeze(-2))
                 if out.readout is not None:
                     read.append(out.readout[:, :-1].reshape(batch, -1, self.d_value))
