@@ -193,27 +193,26 @@ def test_packed_against_reference_recurrence(backend):
     assert_close(run(inputs, cu_seqlens=cu, backend=backend), want, 1e-10, backend)
 
 
-@pytest.mark.parametrize("packed_form", [False, True], ids=["dense", "packed"])
+@pytest.mark.parametrize("form", ["dense", "packed", "packed-no-state"])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_torch_compile_fullgraph(backend, packed_form):
+def test_torch_compile_fullgraph(backend, form):
     """Under torch.compile(fullgraph=True) the op gives the eager outputs and gradients; the
     packed form's ragged layout stays inside its custom ops."""
     skip_unless_runs(backend, torch.float64)
-    if packed_form:
-        inputs = make_inputs(1, 13, 2, 5, 3, sequences=3, seed=6)
-        kwargs = {"cu_seqlens": torch.tensor([0, 4, 4, 13])}
-    else:
+    if form == "dense":
         inputs = make_inputs(2, 9, 2, 5, 3, seed=6)
         kwargs = {}
+    else:
+        inputs = make_inputs(1, 13, 2, 5, 3, sequences=3, seed=6, state=form == "packed")
+        kwargs = {"cu_seqlens": torch.tensor([0, 4, 4, 13])}
     want = run(inputs, backend=backend, **kwargs)
 
-    def call(q, k, v, beta, initial_state):
-        return mk.delta_rule(q, k, v, beta, initial_state=initial_state, output_final_state=True,
-                             backend=backend, **kwargs)
+    def call(**tensors):
+        return mk.delta_rule(**tensors, output_final_state=True, backend=backend, **kwargs)
 
     torch._dynamo.reset()
     compiled = torch.compile(call, fullgraph=True, backend="aot_eager")
-    o, final = compiled(*inputs.values())
+    o, final = compiled(**inputs)
     assert_close(outputs_and_grads(o, final, inputs), want, 1e-12, backend)
 
 
