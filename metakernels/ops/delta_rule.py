@@ -77,7 +77,7 @@ def delta_rule(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, *, scale: float | 
         else:
             o, final = _unroll(q, k, v, beta, state, scale, backend)
     elif _plain_eager(q, k, v, beta, state, cu_seqlens):
-        o, final = _packed(q, k, v, beta, state, bounds, scale, backend)
+        o, final = _packed(q, k, v, beta, state, cu_seqlens, bounds, scale, backend)
     else:
         o, final = torch.ops.metakernels.delta_rule_packed_fwd(q, k, v, beta, state, cu_seqlens,
                                                                scale, backend)
@@ -105,11 +105,12 @@ def _unroll(q, k, v, beta, state, scale, backend) -> tuple[Tensor, Tensor]:
     return o, out.weight.reshape(sequences, heads, d_k, d_v)
 
 
-def _packed(q, k, v, beta, state, bounds: list[int], scale, backend) -> tuple[Tensor, Tensor]:
-    """The packed form: q, k ``[1, T, H, K]`` … with the sequence bounds ``cu_seqlens`` as a list
+def _packed(q, k, v, beta, state, cu_seqlens, bounds: list[int], scale,
+            backend) -> tuple[Tensor, Tensor]:
+    """The packed form: q, k ``[1, T, H, K]`` … with ``cu_seqlens`` (and its values as a list)
     -> (o ``[1, T, H, V]``, final ``[N, H, K, V]``), every sequence padded to the longest."""
     length = q.shape[1]
-    gather, scatter, longest = _packing(bounds, q.device)
+    gather, scatter, longest = _packing(cu_seqlens, bounds)
 
     def pad(t: Tensor) -> Tensor:  # [1, T, H, ...] -> [N, longest, H, ...], zeros past each end
         rows = torch.cat([t[0], t.new_zeros((1,) + t.shape[2:])])
@@ -120,18 +121,19 @@ def _packed(q, k, v, beta, state, bounds: list[int], scale, backend) -> tuple[Te
     return o.reshape((1, length) + o.shape[1:]), final
 
 
-def _packing(bounds: list[int], device) -> tuple[Tensor, Tensor, int]:
-    """For sequences ``[bounds[i], bounds[i+1])`` of a packed T: the packed row each padded
-    position reads (T, a zero row, past a sequence's end), ``[N·longest]``; the padded position
-    of each packed row, ``[T]``; and the longest length (at least 1)."""
-    starts = torch.tensor(bounds[:-1], dtype=torch.int64)
-    lengths = torch.tensor(bounds[1:], dtype=torch.int64) - starts
-    longest = max(1, int(lengths.max()))
-    steps = torch.arange(longest)
+def _packing(cu_seqlens: Tensor, bounds: list[int]) -> tuple[Tensor, Tensor, int]:
+    """For sequences ``[cu[i], cu[i+1])`` of a packed T: the packed row each padded position
+    reads (T, a zero row, past a sequence's end), ``[N·longest]``; the padded position of each
+    packed row, ``[T]``; and the longest length (at least 1). Built on cu_seqlens's device from
+    the host's values of the lengths only (no copy to the device and back)."""
+    cu = cu_seqlens.long()
+    starts, lengths = cu[:-1], cu[1:] - cu[:-1]
+    longest = max([1] + [stop - start for start, stop in zip(bounds[:-1], bounds[1:])])
+    steps = torch.arange(longest, device=cu.device)
     gather = torch.where(steps < lengths[:, None], starts[:, None] + steps, bounds[-1])
-    sequence = torch.repeat_interleave(torch.arange(len(starts)), lengths)
-    scatter = sequence * longest + torch.arange(bounds[-1]) - starts[sequence]
-    return gather.flatten().to(device), scatter.to(device), longest
+    tokens = torch.arange(bounds[-1], device=cu.device)
+    sequence = torch.searchsorted(cu[1:], tokens, right=True)  # empty sequences are skipped
+    return gather.flatten(), sequence * longest + tokens - starts[sequence], longest
 
 
 def _check(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens):
@@ -228,7 +230,7 @@ def _packed_fwd(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, state: Optional[T
     bounds = cu_seqlens.tolist()
     check_bounds(bounds, q.shape[1])
     with torch.no_grad():
-        return _packed(q, k, v, beta, state, bounds, scale, backend)
+        return _packed(q, k, v, beta, state, cu_seqlens, bounds, scale, backend)
 
 
 @_packed_fwd.register_fake
@@ -268,7 +270,7 @@ def _packed_bwd(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, state: Optional[T
     start = state if state is not None else q.new_zeros(len(bounds) - 1, heads, d_k, d_v)
     leaves = [t.detach().requires_grad_() for t in (q, k, v, beta, start)]
     with _autograd_inside_custom_op():
-        o, final = _packed(*leaves, bounds, scale, backend)
+        o, final = _packed(*leaves, cu_seqlens, bounds, scale, backend)
         pairs = [(out, grad) for out, grad in ((o, grad_o), (final, grad_final))
                  if grad is not None]
         grads = torch.autograd.grad([out for out, _ in pairs], leaves,
