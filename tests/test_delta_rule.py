@@ -193,7 +193,7 @@ def test_packed_against_reference_recurrence(backend):
     assert_close(run(inputs, cu_seqlens=cu, backend=backend), want, 1e-10, backend)
 
 
-@pytest.mark.parametrize("form", ["dense", "packed", "packed-no-state"])
+@pytest.mark.parametrize("form", ["dense", "packed", "packed-no-state", "packed-host-copy"])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_torch_compile_fullgraph(backend, form):
     """Under torch.compile(fullgraph=True) the op gives the eager outputs and gradients; the
@@ -203,8 +203,10 @@ def test_torch_compile_fullgraph(backend, form):
         inputs = make_inputs(2, 9, 2, 5, 3, seed=6)
         kwargs = {}
     else:
-        inputs = make_inputs(1, 13, 2, 5, 3, sequences=3, seed=6, state=form == "packed")
+        inputs = make_inputs(1, 13, 2, 5, 3, sequences=3, seed=6, state=form != "packed-no-state")
         kwargs = {"cu_seqlens": torch.tensor([0, 4, 4, 13])}
+        if form == "packed-host-copy":
+            kwargs["cu_seqlens_cpu"] = kwargs["cu_seqlens"].clone()
     want = run(inputs, backend=backend, **kwargs)
 
     def call(**tensors):
@@ -224,7 +226,7 @@ def test_opcheck_packed_ops():
     state = args[4]
     torch.library.opcheck(torch.ops.metakernels.delta_rule_packed_fwd.default,
                           (args[0], args[1], args[2], args[3], state,
-                           torch.tensor([0, 3, 3, 10]), 0.5, "cpu"))
+                           torch.tensor([0, 3, 3, 10]), None, 0.5, "cpu"))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -304,6 +306,28 @@ def test_bad_cu_seqlens(cu, text):
         mk.delta_rule(**args, cu_seqlens=cu)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cu_seqlens_cpu_is_read_instead(backend):
+    """With cu_seqlens_cpu, the values are read from it (fla's argument): the same results."""
+    skip_unless_runs(backend, torch.float64)
+    inputs = make_inputs(1, 12, 2, 4, 3, sequences=3, seed=12)
+    cu = torch.tensor([0, 5, 5, 12], dtype=torch.int32)
+    want = run(inputs, cu_seqlens=cu, backend=backend)
+    assert_close(run(inputs, cu_seqlens=cu, cu_seqlens_cpu=cu.long(), backend=backend), want,
+                 0.0, backend)
+
+
+def test_bad_cu_seqlens_cpu():
+    args = {k: t.detach() for k, t in make_inputs(1, 5, 2, 3, 3, sequences=2).items()}
+    cu = torch.tensor([0, 2, 5])
+    with pytest.raises(ValueError, match="cu_seqlens_cpu was given without cu_seqlens"):
+        mk.delta_rule(**dict(args, initial_state=args["initial_state"][:1]), cu_seqlens_cpu=cu)
+    with pytest.raises(ValueError, match="cu_seqlens_cpu is a int64 tensor of shape \\[2\\]"):
+        mk.delta_rule(**args, cu_seqlens=cu, cu_seqlens_cpu=cu[:2])
+    with pytest.raises(TypeError, match="cu_seqlens_cpu must be"):
+        mk.delta_rule(**args, cu_seqlens=cu, cu_seqlens_cpu=[0, 2, 5])
+
+
 def test_initial_state_count_must_match_sequences():
     args = {k: t.detach() for k, t in make_inputs(1, 5, 2, 3, 3, sequences=3).items()}
     with pytest.raises(ValueError, match=r"initial_state has shape \[3, 2, 3, 3\], expected "
@@ -379,18 +403,27 @@ def test_gpu_float32_and_packed(backend):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("packed_form", [False, True], ids=["dense", "packed-host-copy"])
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
-def test_gpu_dense_call_without_host_syncs(backend):
-    """Without cu_seqlens, the forward and backward make no device-to-host synchronisation
-    (a packed call makes one: reading cu_seqlens)."""
+def test_gpu_call_without_host_syncs(backend, packed_form):
+    """The forward and backward make no device-to-host synchronisation: without cu_seqlens, and
+    with cu_seqlens given with its host copy (cu_seqlens_cpu; without it a packed call reads
+    cu_seqlens once)."""
     if backend not in mk.available_backends("cuda"):
         pytest.skip(f"backend {backend} not available on cuda")
-    inputs = make_inputs(2, 70, 2, 64, 64, dtype=torch.bfloat16, seed=3, device="cuda")
-    cotangent = torch.randn(2, 70, 2, 64, device="cuda", dtype=torch.bfloat16)
+    if packed_form:
+        cu_cpu = torch.tensor([0, 30, 31, 140])
+        inputs = make_inputs(1, 140, 2, 64, 64, dtype=torch.bfloat16, sequences=3, seed=3,
+                             device="cuda")
+        kwargs = {"cu_seqlens": cu_cpu.cuda(), "cu_seqlens_cpu": cu_cpu}
+    else:
+        inputs = make_inputs(2, 70, 2, 64, 64, dtype=torch.bfloat16, seed=3, device="cuda")
+        kwargs = {}
+    cotangent = torch.randn(inputs["v"].shape, device="cuda", dtype=torch.bfloat16)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        o, final = mk.delta_rule(**inputs, output_final_state=True, backend=backend)
+        o, final = mk.delta_rule(**inputs, output_final_state=True, backend=backend, **kwargs)
         torch.autograd.backward([o, final], [cotangent, torch.ones_like(final)])
     finally:
         torch.cuda.set_sync_debug_mode("default")

@@ -10,7 +10,8 @@ Packed sequences (``cu_seqlens``) are padded to the longest one with steps that 
 (zero key, value and β: the update ``β k (v − Sᵀk)ᵀ`` is zero, and the adjoints pass through such
 a step unchanged), run as one batch of tasks, and unpacked; padding costs
 ``N·max_len`` steps instead of ``T``. Reading the lengths is one device-to-host copy of
-``cu_seqlens``. Under ``torch.compile``, ``make_fx`` or a functorch transform, the packed form
+``cu_seqlens``, none where the caller passes their host copy as ``cu_seqlens_cpu`` (as fla's
+op takes it). Under ``torch.compile``, ``make_fx`` or a functorch transform, the packed form
 runs behind the custom ops ``metakernels::delta_rule_packed_fwd`` / ``_bwd``, whose output
 shapes follow from the inputs' alone (the ragged layout stays inside them); their backward
 recomputes the forward with autograd, about one more forward than the eager path.
@@ -33,7 +34,7 @@ HALF_DTYPES = (torch.bfloat16, torch.float16)
 
 def delta_rule(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, *, scale: float | None = None,
                initial_state: Tensor | None = None, output_final_state: bool = False,
-               cu_seqlens: Tensor | None = None,
+               cu_seqlens: Tensor | None = None, cu_seqlens_cpu: Tensor | None = None,
                backend: str = "auto") -> tuple[Tensor, Optional[Tensor]]:
     r"""The delta rule, token by token, for every sequence and head at once.
 
@@ -57,6 +58,8 @@ def delta_rule(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, *, scale: float | 
         cu_seqlens: None, or int32/int64 ``[N + 1]`` cumulative lengths of N sequences packed
             along T, with B = 1: ``0 = cu[0] ≤ cu[1] ≤ … ≤ cu[N] = T``; each runs from its own
             initial state.
+        cu_seqlens_cpu: None, or cu_seqlens's copy on the CPU: its values are read there, so
+            that a call on a GPU makes no device-to-host copy (fla's argument of that name).
         backend: as in :func:`fast_weight_unroll` (``"auto"``, ``"reference"``, ``"cpu"``,
             ``"triton"``, ``"cuda"``).
 
@@ -66,7 +69,8 @@ def delta_rule(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, *, scale: float | 
         With half-type inputs, ``initial_state`` may be float32 or q's dtype; it enters the
         kernels in q's dtype (their state is float32 across the steps).
     """
-    scale, bounds = _check(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens)
+    scale, bounds = _check(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens,
+                           cu_seqlens_cpu)
     batch, length, heads, d_k = q.shape
     d_v = v.shape[-1]
     state = None if initial_state is None else initial_state.to(q.dtype)
@@ -76,11 +80,11 @@ def delta_rule(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, *, scale: float | 
             final = state.clone() if state is not None else q.new_zeros(batch, heads, d_k, d_v)
         else:
             o, final = _unroll(q, k, v, beta, state, scale, backend)
-    elif _plain_eager(q, k, v, beta, state, cu_seqlens):
+    elif _plain_eager(q, k, v, beta, state, cu_seqlens, cu_seqlens_cpu):
         o, final = _packed(q, k, v, beta, state, cu_seqlens, bounds, scale, backend)
     else:
-        o, final = torch.ops.metakernels.delta_rule_packed_fwd(q, k, v, beta, state, cu_seqlens,
-                                                               scale, backend)
+        o, final = torch.ops.metakernels.delta_rule_packed_fwd(
+            q, k, v, beta, state, cu_seqlens, cu_seqlens_cpu, scale, backend)
     if not output_final_state:
         return o, None
     return o, (final.float() if q.dtype in HALF_DTYPES else final)
@@ -136,13 +140,15 @@ def _packing(cu_seqlens: Tensor, bounds: list[int]) -> tuple[Tensor, Tensor, int
     return gather.flatten(), sequence * longest + tokens - starts[sequence], longest
 
 
-def _check(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens):
+def _check(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens,
+           cu_seqlens_cpu=None):
     """Checks the arguments (docs/ops/delta_rule.md); returns the scale as a float and, with
     cu_seqlens in eager mode, its values as a list (None otherwise)."""
     for name, value in (("q", q), ("k", k), ("v", v), ("beta", beta)):
         _checks.require_tensor(name, value)
     _checks.require_tensor("initial_state", initial_state, optional=True)
     _checks.require_tensor("cu_seqlens", cu_seqlens, optional=True)
+    _checks.require_tensor("cu_seqlens_cpu", cu_seqlens_cpu, optional=True)
     _checks.check_flag("output_final_state", output_final_state)
     if q.dim() != 4:
         raise ValueError(f"q has shape {_checks.shape_str(q.shape)}, expected [B, T, H, K]")
@@ -194,9 +200,19 @@ def _check(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens):
                              "cu_seqlens packs the sequences along T of a batch of one: flatten "
                              "them to [1, T_total, H, K]")
         sequences = cu_seqlens.shape[0] - 1
+        if cu_seqlens_cpu is not None and (
+                cu_seqlens_cpu.device.type != "cpu" or cu_seqlens_cpu.shape != cu_seqlens.shape
+                or cu_seqlens_cpu.dtype not in (torch.int32, torch.int64)):
+            raise ValueError(f"cu_seqlens_cpu is a {_dtype_name(cu_seqlens_cpu.dtype)} tensor "
+                             f"of shape {_checks.shape_str(cu_seqlens_cpu.shape)} on "
+                             f"{cu_seqlens_cpu.device}, expected cu_seqlens's values on the cpu: "
+                             f"int32 or int64, shape {_checks.shape_str(cu_seqlens.shape)}")
         if not torch.compiler.is_compiling():
-            bounds = cu_seqlens.tolist()  # the one device-to-host copy of a packed call
+            bounds = host_bounds(cu_seqlens, cu_seqlens_cpu)
             check_bounds(bounds, length)
+    elif cu_seqlens_cpu is not None:
+        raise ValueError("cu_seqlens_cpu was given without cu_seqlens; it is cu_seqlens's copy "
+                         "on the cpu")
 
     if initial_state is not None:
         _checks.check_shape("initial_state", initial_state, (sequences, heads, d_k, d_v))
@@ -206,6 +222,12 @@ def _check(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens):
                              f"expected {' or '.join(_dtype_name(d) for d in allowed)} (q has "
                              f"{_dtype_name(q.dtype)})")
     return float(scale), bounds
+
+
+def host_bounds(cu_seqlens: Tensor, cu_seqlens_cpu: Tensor | None) -> list[int]:
+    """cu_seqlens's values: from its host copy where given, else the one device-to-host copy of
+    a packed call."""
+    return (cu_seqlens if cu_seqlens_cpu is None else cu_seqlens_cpu).tolist()
 
 
 def check_bounds(bounds: list[int], length: int) -> None:
@@ -225,34 +247,36 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 @torch.library.custom_op("metakernels::delta_rule_packed_fwd", mutates_args=())
 def _packed_fwd(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, state: Optional[Tensor],
-                cu_seqlens: Tensor, scale: float, backend: str) -> tuple[Tensor, Tensor]:
+                cu_seqlens: Tensor, cu_seqlens_cpu: Optional[Tensor], scale: float,
+                backend: str) -> tuple[Tensor, Tensor]:
     """(o ``[1, T, H, V]``, final state ``[N, H, K, V]``) of the packed sequences."""
-    bounds = cu_seqlens.tolist()
+    bounds = host_bounds(cu_seqlens, cu_seqlens_cpu)
     check_bounds(bounds, q.shape[1])
     with torch.no_grad():
         return _packed(q, k, v, beta, state, cu_seqlens, bounds, scale, backend)
 
 
 @_packed_fwd.register_fake
-def _packed_fwd_fake(q, k, v, beta, state, cu_seqlens, scale, backend):
+def _packed_fwd_fake(q, k, v, beta, state, cu_seqlens, cu_seqlens_cpu, scale, backend):
     heads, d_k, d_v = q.shape[2], q.shape[3], v.shape[3]
     return (q.new_empty(q.shape[:3] + (d_v,)),
             q.new_empty(cu_seqlens.shape[0] - 1, heads, d_k, d_v))
 
 
 def _packed_setup_context(ctx, inputs, output):
-    q, k, v, beta, state, cu_seqlens, scale, backend = inputs
-    ctx.save_for_backward(q, k, v, beta, state, cu_seqlens)
+    q, k, v, beta, state, cu_seqlens, cu_seqlens_cpu, scale, backend = inputs
+    ctx.save_for_backward(q, k, v, beta, state, cu_seqlens, cu_seqlens_cpu)
     ctx.scale, ctx.backend = scale, backend
     ctx.set_materialize_grads(False)
 
 
 def _packed_backward(ctx, grad_o, grad_final):
-    q, k, v, beta, state, cu_seqlens = ctx.saved_tensors
+    q, k, v, beta, state, cu_seqlens, cu_seqlens_cpu = ctx.saved_tensors
     wanted = [bool(w) for w in ctx.needs_input_grad[:5]]
     grads = torch.ops.metakernels.delta_rule_packed_bwd(
-        q, k, v, beta, state, cu_seqlens, grad_o, grad_final, ctx.scale, ctx.backend, wanted)
-    return tuple(g if want else None for g, want in zip(grads, wanted)) + (None,) * 3
+        q, k, v, beta, state, cu_seqlens, cu_seqlens_cpu, grad_o, grad_final, ctx.scale,
+        ctx.backend, wanted)
+    return tuple(g if want else None for g, want in zip(grads, wanted)) + (None,) * 4
 
 
 _packed_fwd.register_autograd(_packed_backward, setup_context=_packed_setup_context)
@@ -260,12 +284,13 @@ _packed_fwd.register_autograd(_packed_backward, setup_context=_packed_setup_cont
 
 @torch.library.custom_op("metakernels::delta_rule_packed_bwd", mutates_args=())
 def _packed_bwd(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, state: Optional[Tensor],
-                cu_seqlens: Tensor, grad_o: Optional[Tensor], grad_final: Optional[Tensor],
+                cu_seqlens: Tensor, cu_seqlens_cpu: Optional[Tensor], grad_o: Optional[Tensor],
+                grad_final: Optional[Tensor],
                 scale: float, backend: str,
                 wanted: list[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The gradients of (q, k, v, beta, state), each an empty tensor where not wanted: the
     forward again, with autograd, then its backward."""
-    bounds = cu_seqlens.tolist()
+    bounds = host_bounds(cu_seqlens, cu_seqlens_cpu)
     heads, d_k, d_v = q.shape[2], q.shape[3], v.shape[3]
     start = state if state is not None else q.new_zeros(len(bounds) - 1, heads, d_k, d_v)
     leaves = [t.detach().requires_grad_() for t in (q, k, v, beta, start)]
@@ -295,8 +320,8 @@ def _autograd_inside_custom_op():
 
 
 @_packed_bwd.register_fake
-def _packed_bwd_fake(q, k, v, beta, state, cu_seqlens, grad_o, grad_final, scale, backend,
-                     wanted):
+def _packed_bwd_fake(q, k, v, beta, state, cu_seqlens, cu_seqlens_cpu, grad_o, grad_final,
+                     scale, backend, wanted):
     return tuple(t.new_empty(t.shape) if want and t is not None else q.new_empty(0)
                  for t, want in zip((q, k, v, beta, state), wanted))
 

@@ -23,10 +23,11 @@ from torch import Tensor
 
 def delta_rule(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, *, scale: float | None = None,
                initial_state: Tensor | None = None, output_final_state: bool = False,
-               cu_seqlens: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+               cu_seqlens: Tensor | None = None,
+               cu_seqlens_cpu: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
     """``q, k [B, T, H, K]``, ``v [B, T, H, V]``, ``beta [B, T, H]``; ``initial_state
     [N, H, K, V]`` (N = B, or the number of packed sequences with ``cu_seqlens [N + 1]`` and
-    B = 1). Returns ``(o [B, T, H, V], final_state [N, H, K, V] or None)``. Arguments are taken as
+    B = 1; ``cu_seqlens_cpu`` its host copy, read instead where given). Returns ``(o [B, T, H, V], final_state [N, H, K, V] or None)``. Arguments are taken as
     valid (:func:`metakernels.delta_rule` checks them)."""
     dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     batch, length, heads, d_k = q.shape
@@ -35,7 +36,7 @@ def delta_rule(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, *, scale: float | 
     if cu_seqlens is None:
         sequences = [(b, 0, length) for b in range(batch)]
     else:
-        bounds = cu_seqlens.tolist()
+        bounds = (cu_seqlens if cu_seqlens_cpu is None else cu_seqlens_cpu).tolist()
         sequences = [(0, start, stop) for start, stop in zip(bounds[:-1], bounds[1:])]
     outputs, finals = [], []
     for index, (b, start, stop) in enumerate(sequences):
