@@ -1,7 +1,8 @@
 """``metakernels.delta_rule`` on the CPU, measured side by side in one process: forward +
 backward of every input (q, k, v, β and the initial state), float32, random cotangents of the
-output and the final state, SPEC's ``delta-rule`` sizes in fla's layout (B = 2, H = 16, T = 1024,
-K = V = 128: 32 tasks), interleaved repeats, medians of wall and CPU time.
+output and the final state, the ``delta-rule`` benchmark sizes (docs/conventions.md) in fla's
+layout (B = 2, H = 16, T = 1024, K = V = 128: 32 tasks), interleaved repeats, medians of wall
+and CPU time.
 
 Contestants: the op on the cpu backend (which takes its chunked path there), the same with the
 chunked path switched off (its step loop), ``metakernels.reference.delta_rule`` (the readable
