@@ -3,8 +3,9 @@ meta-gradients. The op contract is docs/ (docs/README.md; in a wheel, metakernel
 
 from metakernels.ops import (HvpOutput, UnrollOutput, available_backends, fast_weight_meta_loss,
                              fast_weight_unroll, linear_hvp)
+from metakernels.ops.delta_rule import delta_rule
 
 __version__ = "0.1.0"
 
-__all__ = ["HvpOutput", "UnrollOutput", "__version__", "available_backends",
+__all__ = ["HvpOutput", "UnrollOutput", "__version__", "available_backends", "delta_rule",
            "fast_weight_meta_loss", "fast_weight_unroll", "linear_hvp"]

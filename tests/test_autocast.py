@@ -114,6 +114,30 @@ def test_bf16_head_on_the_cpu_computes_in_float32_and_returns_bf16():
     assert weight.grad.dtype == BF16
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_delta_rule_under_autocast_bf16_keys_float32_beta(backend):
+    """What fla's DeltaNet layer hands the op under autocast: bfloat16 q, k, v from linear
+    projections, a float32 beta from a sigmoid, a float32 state. On the CPU the op computes in
+    float32, o comes back in q's dtype and the final state in float32 (as fla returns it)."""
+    gen = torch.Generator().manual_seed(7)
+    q, k = (torch.nn.functional.normalize(torch.randn(2, 9, 3, 5, generator=gen), dim=-1)
+            for _ in range(2))
+    v, beta = torch.randn(2, 9, 3, 4, generator=gen), torch.rand(2, 9, 3, generator=gen)
+    state = torch.randn(2, 3, 5, 4, generator=gen, requires_grad=True)
+    q16, k16, v16 = (t.to(BF16).requires_grad_() for t in (q, k, v))
+    with torch.autocast("cpu", dtype=BF16):
+        o, final = mk.delta_rule(q16, k16, v16, beta, initial_state=state,
+                                 output_final_state=True, backend=backend)
+    want_o, want_final = mk.delta_rule(q16.float(), k16.float(), v16.float(), beta,
+                                       initial_state=state, output_final_state=True,
+                                       backend=backend)
+    assert o.dtype == BF16 and final.dtype == F32
+    assert rel_err(o, want_o) < HALF_TOLERANCE and rel_err(final, want_final) < HALF_TOLERANCE
+    (o.float().sum() + final.sum()).backward()
+    assert q16.grad.dtype == BF16 and state.grad.dtype == F32
+    assert torch.isfinite(q16.grad.float()).all() and torch.isfinite(state.grad).all()
+
+
 def test_mixed_dtypes_outside_autocast_are_still_refused():
     weight, x, y = torch.randn(7, 6), torch.randn(3, 5, 7, dtype=BF16), torch.randn(3, 5, 6)
     with pytest.raises(ValueError, match="x has dtype bfloat16 but weight has float32"):

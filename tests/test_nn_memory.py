@@ -24,9 +24,10 @@ def make_layer(dtype=torch.float64, seed=0, **kwargs):
     return layer
 
 
-def hidden_states(batch=2, chunks=4, layer=None, dtype=torch.float64, seed=1):
+def hidden_states(batch=2, chunks=4, layer=None, dtype=torch.float64, seed=1, extra=0):
+    """``chunks`` whole chunks and ``extra`` more tokens (a shorter last chunk)."""
     gen = torch.Generator().manual_seed(seed)
-    return torch.randn(batch, chunks * layer.chunk_size, layer.d_model, generator=gen,
+    return torch.randn(batch, chunks * layer.chunk_size + extra, layer.d_model, generator=gen,
                        dtype=torch.float64).to(dtype)
 
 
@@ -39,16 +40,17 @@ def loop(layer: FastWeightMemory, hidden):
     keys, values, queries = layer.to_key(hidden), layer.to_value(hidden), layer.to_query(hidden)
     if layer.normalize_keys:
         keys, queries = F.normalize(keys, dim=-1), F.normalize(queries, dim=-1)
-    lr = layer.inner_lr(length // c).expand(length // c)
+    chunks = -(-length // c)  # the last one shorter where c does not divide L
+    lr = layer.inner_lr(chunks).expand(chunks)
     outputs, losses = [], []
     weight = layer.init_weight.expand(batch, -1, -1)
     bias = None if layer.init_bias is None else layer.init_bias.expand(batch, -1)
-    for t in range(length // c):
-        rows = slice(t * c, (t + 1) * c)
+    for t in range(chunks):
+        rows = slice(t * c, min((t + 1) * c, length))
         x, y, q = keys[:, rows], values[:, rows], queries[:, rows]
         before = q @ weight + (0 if bias is None else bias.unsqueeze(1))
         logits = x @ weight + (0 if bias is None else bias.unsqueeze(1))
-        loss = 0.5 * (logits - y).pow(2).sum((1, 2)) / c
+        loss = 0.5 * (logits - y).pow(2).sum((1, 2)) / x.shape[1]
         losses.append(loss.detach())
         params = [weight] if bias is None else [weight, bias]
         grads = torch.autograd.grad(loss.sum(), params, create_graph=not layer.first_order)
@@ -98,10 +100,17 @@ VARIANTS = [
 ]
 
 
+# (whole chunks, extra tokens): L a multiple of c, a shorter last chunk, shorter than one chunk.
+LENGTHS = [(4, 0), (3, 2), (0, 2)]
+
+
+@pytest.mark.parametrize("length", LENGTHS, ids=str)
 @pytest.mark.parametrize("variant", range(len(VARIANTS)))
-def test_equals_plain_loop(variant):
+def test_equals_plain_loop(variant, length):
     layer = make_layer(backend="reference", **VARIANTS[variant])
-    hidden = hidden_states(layer=layer)
+    if length[1] and layer.chunk_size == 1:
+        pytest.skip("every length is a multiple of chunk_size = 1")
+    hidden = hidden_states(layer=layer, chunks=length[0], extra=length[1])
     assert_all_close(outputs_and_grads(layer, hidden, run_layer),
                      outputs_and_grads(layer, hidden, loop), 1e-10)
 
@@ -111,7 +120,8 @@ def test_equals_plain_loop(variant):
 @pytest.mark.parametrize("variant", range(len(VARIANTS)))
 def test_backend_matches_reference(backend, dtype, variant):
     layer = make_layer(dtype, backend=backend, **VARIANTS[variant])
-    hidden = hidden_states(layer=layer, dtype=dtype, chunks=5, batch=3)
+    hidden = hidden_states(layer=layer, dtype=dtype, chunks=4, batch=3,
+                           extra=1 if layer.chunk_size > 1 else 0)  # ≤ 5 chunks: max_chunks
     reference = make_layer(torch.float64, backend="reference", **VARIANTS[variant])
     reference.load_state_dict({k: v.double() for k, v in layer.state_dict().items()})
     got = outputs_and_grads(layer, hidden, run_layer)
@@ -171,12 +181,13 @@ def test_inner_lr_is_positive_and_starts_at_inner_lr():
 
 def test_bad_input():
     layer = FastWeightMemory(8, 4, chunk_size=3, max_chunks=2)
-    with pytest.raises(ValueError, match="chunk_size"):
-        layer(torch.randn(2, 7, 8))
-    with pytest.raises(ValueError, match="chunk_size"):
+    with pytest.raises(ValueError, match="L = 0"):
         layer(torch.randn(2, 0, 8))
     with pytest.raises(ValueError, match="max_chunks"):
         layer(torch.randn(2, 9, 8))
+    with pytest.raises(ValueError, match="3 chunks of up to 3 tokens"):
+        layer(torch.randn(2, 7, 8))  # ⌈7/3⌉ = 3 chunks, 2 learned lrs
+    assert layer(torch.randn(2, 5, 8)).shape == (2, 5, 8)
     with pytest.raises(ValueError, match="d_model"):
         layer(torch.randn(2, 6, 5))
     with pytest.raises(ValueError, match="hidden"):
@@ -197,3 +208,19 @@ def test_bad_input():
         FastWeightMemory(8, 4, chunk_size=2, first_order=1)
     with pytest.raises(ValueError, match="backend"):
         FastWeightMemory(8, 4, chunk_size=2, backend="nope")(torch.randn(1, 2, 8))
+
+
+@pytest.mark.parametrize("backend", ["reference"] + COMPILED_BACKENDS)
+def test_read_every_chunk_any_length(backend):
+    """read_every_chunk after every chunk of a sequence whose last chunk is shorter: entry t is
+    the query read from the state the layer returns for the first t + 1 chunks alone."""
+    layer = make_layer(backend=backend, bias=True, max_chunks=5)
+    hidden = hidden_states(layer=layer, chunks=3, extra=2)
+    query = hidden_states(layer=layer, chunks=1, seed=4)[:, :2]
+    reads = layer.read_every_chunk(hidden, query)
+    assert reads.shape == (2, 4, 2, layer.d_value)
+    read = F.normalize(layer.to_query(query), dim=-1)
+    for t, stop in enumerate([3, 6, 9, 11]):
+        _, state = layer(hidden[:, :stop], return_state=True)
+        want = read @ state.weight + state.bias.unsqueeze(1)
+        assert rel_err(reads[:, t], want) < 1e-12, t

@@ -3,7 +3,8 @@
 #   1. install carried wheels (.whl/*.whl, e.g. fla-core) into /tmp/site, no network;
 #   2. build the package in place (CPU and, where csrc/cuda has sources, CUDA kernels);
 #   3. the GPU tests (pytest -m gpu; flash-attn against SDPA where flash-attn is installed; every
-#      op forward and backward with torch.cuda.set_sync_debug_mode("error"), tests/test_autocast.py);
+#      op forward and backward with torch.cuda.set_sync_debug_mode("error"), tests/test_autocast.py;
+#      metakernels.delta_rule against fla's chunk_delta_rule, packed sequences included);
 #   4. the benchmark: docs/conventions.md's maml-small, maml-ce, trajectory, delta-rule (float32
 #      and bfloat16, with flash-linear-attention's chunk_delta_rule) and large, at full size,
 #      every GPU backend against the reference and torch.func, with the roofline floor measured on
@@ -96,9 +97,16 @@ say "backends: $($PY -c 'import metakernels as mk; print("cuda:", mk.available_b
 
 # 3. The GPU tests. Modules that need packages this machine lacks fail to collect; the rest run.
 stage pytest "${MK_PYTEST_CAP:-150}" "${MK_PYTEST_RESERVE:-250}" "$OUT/pytest.log" \
-    "$PY" -m pytest -m gpu -q -p no:cacheprovider --continue-on-collection-errors -rs \
+    "$PY" -m pytest -m gpu -q -p no:cacheprovider --continue-on-collection-errors -rfEs \
         ${MK_PYTEST_ARGS:-tests/}
 grep -E "passed|failed|error|skipped|deselected" "$OUT/pytest.log" | tail -n 1 | sed 's/^/  pytest: /' | tee -a "$SUMMARY"
+# metakernels.delta_rule against fla's chunk_delta_rule (tests/test_delta_rule.py): its failures,
+# or that none of its GPU tests failed.
+if grep -qE "^(FAILED|ERROR) tests/test_delta_rule.py" "$OUT/pytest.log"; then
+    grep -E "^(FAILED|ERROR) tests/test_delta_rule.py" "$OUT/pytest.log" | head -n 6 | sed 's/^/  delta_rule: /' | tee -a "$SUMMARY"
+else
+    say "  delta_rule: no failure among the GPU tests of tests/test_delta_rule.py (skips: see pytest.log)"
+fi
 
 # 4. The benchmark; the delta rule (T = 1024 steps of Python-driven baselines) last. The results
 #    are rewritten after each configuration, so a run cut short keeps what it measured.

@@ -2,12 +2,13 @@
 descent while it reads, chunk by chunk (test-time training / the delta rule), on
 :func:`metakernels.fast_weight_unroll` with 4-D x and a readout.
 
-For hidden states ``h [B, L, d_model]`` with ``L = T·c`` (c = ``chunk_size``), chunk t
-(tokens ``t·c ... t·c + c − 1``) gives the inner loop's data of step t::
+For hidden states ``h [B, L, d_model]`` of any length L ≥ 1, cut into T = ⌈L/c⌉ chunks of
+c = ``chunk_size`` tokens (the last one shorter, c_t = L − (T − 1)·c tokens, where c does not
+divide L), chunk t (tokens ``t·c ... t·c + c_t − 1``) gives the inner loop's data of step t::
 
-    x_t = k(h_t) [B, c, d_key]     y_t = v(h_t) [B, c, d_value]     q_t = q(h_t) [B, c, d_key]
+    x_t = k(h_t) [B, c_t, d_key]   y_t = v(h_t) [B, c_t, d_value]   q_t = q(h_t) [B, c_t, d_key]
     W_0 = the meta-learned init (shared by every sequence), b_0 likewise when bias=True
-    W_{t+1} = W_t − η_t ∇_W ℓ_t,   ℓ_t = 1/(2c) Σ_i ‖x_{t,i} W_t + b_t − y_{t,i}‖²
+    W_{t+1} = W_t − η_t ∇_W ℓ_t,   ℓ_t = 1/(2c_t) Σ_i ‖x_{t,i} W_t + b_t − y_{t,i}‖²
 
 and the layer's output for chunk t is ``out(q_t W_{t+1} + b_{t+1})`` with ``readout="after"``
 (the default) or ``out(q_t W_t + b_t)`` with ``readout="before"``.
@@ -19,7 +20,8 @@ reads the state that already holds token t). With ``readout="before"`` chunk t r
 left by chunks 0..t−1 only, so no token sees its own chunk: strictly causal for next-token
 prediction at any chunk size, and chunk 0 reads the meta-init. Keys and queries are
 L2-normalised by default (``normalize_keys``): with unit rows the inner step is stable for any
-η < 2.
+η < 2. A shorter last chunk runs as a second call of the op from the state the whole chunks
+leave (one call where c divides L).
 """
 
 from __future__ import annotations
@@ -56,10 +58,11 @@ class FastWeightMemory(nn.Module):
         d_model: width of the hidden states in and out.
         d_key: width of the keys and queries (the fast weight's rows).
         d_value: width of the values (the fast weight's columns); defaults to ``d_key``.
-        chunk_size: c, tokens per inner step; the sequence length must be a multiple of it.
+        chunk_size: c, tokens per inner step; a sequence of any length runs, its last chunk
+            shorter where c does not divide the length.
         bias: learn a meta-init bias ``[d_value]`` that adapts too.
         max_chunks: None learns one inner lr for every step; an int S learns one per step
-            ``[S]`` (MAML++ style) and sequences may have at most S chunks.
+            ``[S]`` (MAML++ style) and sequences may have at most S chunks (⌈L/c⌉ ≤ S).
         inner_lr: the initial inner learning rate (> 0). The lr is ``softplus(raw)``, so it
             stays positive while it is learned.
         normalize_keys: L2-normalise keys and queries.
@@ -120,21 +123,20 @@ class FastWeightMemory(nn.Module):
         return lr if self.max_chunks is None or chunks is None else lr[:chunks]
 
     def _project(self, hidden: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Checks ``hidden`` and returns its keys, values and queries, ``[B, T, c, ·]``."""
+        """Checks ``hidden`` and returns its keys, values and queries, ``[B, L, ·]``."""
         if not isinstance(hidden, Tensor):
             raise TypeError(f"hidden must be a torch.Tensor, got {type(hidden).__name__}")
         if hidden.dim() != 3 or hidden.shape[-1] != self.d_model:
             raise ValueError(f"hidden has shape {list(hidden.shape)}, expected "
                              f"[B, L, d_model] with d_model = {self.d_model}")
-        batch, length, c = hidden.shape[0], hidden.shape[1], self.chunk_size
-        if length == 0 or length % c:
-            raise ValueError(f"hidden has sequence length L = {length}, which must be a positive "
-                             f"multiple of chunk_size = {c} (one inner step per chunk); pad the "
-                             "sequence to a whole number of chunks")
-        chunks = length // c
+        length, c = hidden.shape[1], self.chunk_size
+        if length == 0:
+            raise ValueError("hidden has sequence length L = 0, expected at least one token")
+        chunks = -(-length // c)
         if self.max_chunks is not None and chunks > self.max_chunks:
-            raise ValueError(f"hidden has {chunks} chunks of {c} tokens (L = {length}), more than "
-                             f"max_chunks = {self.max_chunks}, the number of learned inner lrs")
+            raise ValueError(f"hidden has {chunks} chunks of up to {c} tokens (L = {length}), "
+                             f"more than max_chunks = {self.max_chunks}, the number of learned "
+                             "inner lrs")
         if hidden.dtype != self.init_weight.dtype:
             raise ValueError(f"hidden has dtype {hidden.dtype} but the layer's parameters have "
                              f"{self.init_weight.dtype}")
@@ -142,16 +144,37 @@ class FastWeightMemory(nn.Module):
         keys, values, queries = self.to_key(hidden), self.to_value(hidden), self.to_query(hidden)
         if self.normalize_keys:
             keys, queries = F.normalize(keys, dim=-1), F.normalize(queries, dim=-1)
-        keys = keys.reshape(batch, chunks, c, self.d_key)
-        values = values.reshape(batch, chunks, c, self.d_value)
-        queries = queries.reshape(batch, chunks, c, self.d_key)
         return keys, values, queries
+
+    def _unroll(self, keys: Tensor, values: Tensor, step_queries) -> list:
+        """The inner loop over the chunks of ``keys, values [B, L, ·]``, as one call of the op
+        per run of equal chunks: the whole chunks, then a shorter last one from the state they
+        leave. ``step_queries(start, stop, rows)`` gives the readout queries
+        ``[B, stop − start, m, d_key]`` of the steps [start, stop) of ``rows`` tokens each (or
+        None). Returns ``(start, rows, UnrollOutput)`` of each call, in order."""
+        batch, length = keys.shape[:2]
+        c = self.chunk_size
+        whole, rest = divmod(length, c)
+        lr = self.inner_lr(whole + (rest > 0))
+        runs = ([(0, whole, c)] if whole else []) + ([(whole, whole + 1, rest)] if rest else [])
+        weight, bias, outputs = self.init_weight, self.init_bias, []
+        for start, stop, rows in runs:
+            tokens = slice(start * c, start * c + (stop - start) * rows)
+            out = fast_weight_unroll(
+                weight, keys[:, tokens].reshape(batch, stop - start, rows, self.d_key),
+                values[:, tokens].reshape(batch, stop - start, rows, self.d_value),
+                lr if lr.dim() == 0 else lr[start:stop], bias=bias,
+                queries=step_queries(start, stop, rows), first_order=self.first_order,
+                backend=self.backend)
+            weight, bias = out.weight, out.bias
+            outputs.append((start, rows, out))
+        return outputs
 
     def read_every_chunk(self, hidden: Tensor, query: Tensor) -> Tensor:
         """``[B, T, m, d_value]``: the hidden states ``query [B, m, d_model]`` read out of the
-        fast weights after every chunk of ``hidden [B, T·c, d_model]``, ``q W_{t+1} + b_{t+1}``
-        for t = 0 … T − 1 (q: ``query``'s query projection, normalised as every query), all from
-        one call of the fused op (its readout). The inner loop is :meth:`forward`'s."""
+        fast weights after every chunk of ``hidden [B, L, d_model]`` (T = ⌈L/c⌉ chunks),
+        ``q W_{t+1} + b_{t+1}`` for t = 0 … T − 1 (q: ``query``'s query projection, normalised as
+        every query), from the fused op's readout. The inner loop is :meth:`forward`'s."""
         keys, values, _ = self._project(hidden)
         if not isinstance(query, Tensor) or query.dim() != 3 or query.shape[0] != keys.shape[0] \
                 or query.shape[-1] != self.d_model:
@@ -161,36 +184,48 @@ class FastWeightMemory(nn.Module):
         read = self.to_query(query)
         if self.normalize_keys:
             read = F.normalize(read, dim=-1)
-        read = read[:, None].expand(-1, keys.shape[1], -1, -1)
-        return fast_weight_unroll(self.init_weight, keys, values, self.inner_lr(keys.shape[1]),
-                                  bias=self.init_bias, queries=read, first_order=self.first_order,
-                                  backend=self.backend).readout
+        runs = self._unroll(
+            keys, values, lambda start, stop, rows: read[:, None].expand(-1, stop - start, -1, -1))
+        return torch.cat([out.readout for _, _, out in runs], 1)
 
     def forward(self, hidden: Tensor, *, return_state: bool = False):
         """``hidden [B, L, d_model]`` -> ``[B, L, d_model]``, and a :class:`MemoryState` with
         ``return_state=True``."""
         keys, values, queries = self._project(hidden)
-        batch, chunks, c = keys.shape[:3]
-        length = chunks * c
-        if self.readout == "before":
-            # Step t's readout is Q W_{t+1}: chunk t+1 reads it there; chunk 0 reads W_0 below,
-            # and the last step's readout rows (zeros) are dropped.
-            step_queries = torch.cat([queries[:, 1:], torch.zeros_like(queries[:, :1])], 1)
+        batch, length = keys.shape[:2]
+        c = self.chunk_size
+
+        def chunked(start, stop, rows):  # the queries of chunks [start, stop) of `rows` tokens
+            tokens = slice(start * c, start * c + (stop - start) * rows)
+            return queries[:, tokens].reshape(batch, stop - start, rows, self.d_key)
+
+        if self.readout == "after":
+            runs = self._unroll(keys, values, chunked)
+            read = [out.readout.reshape(batch, -1, self.d_value) for _, _, out in runs]
         else:
-            step_queries = queries
-        unrolled = fast_weight_unroll(
-            self.init_weight, keys, values, self.inner_lr(chunks), bias=self.init_bias,
-            queries=step_queries, first_order=self.first_order, backend=self.backend)
-        read = unrolled.readout
-        if self.readout == "before":
-            first = queries[:, :1] @ self.init_weight
-            if self.init_bias is not None:
-                first = first + self.init_bias
-            read = torch.cat([first, read[:, :-1]], 1)
-        output = self.to_out(read.reshape(batch, length, self.d_value))
+            # Chunk t reads W_t: step t's readout is chunk t+1's queries at W_{t+1} among the whole
+            # chunks (the last step's rows, zeros, are dropped); chunk 0 reads the init and a
+            # shorter last chunk reads the state the whole chunks leave, in PyTorch.
+            def shifted(start, stop, rows):
+                if rows != c:
+                    return None
+                ahead = chunked(start, stop, rows)
+                return torch.cat([ahead[:, 1:], torch.zeros_like(ahead[:, :1])], 1)
+
+            runs = self._unroll(keys, values, shifted)
+            weight, bias, read = self.init_weight, self.init_bias, []
+            for start, rows, out in runs:
+                first = chunked(start, start + 1, rows)[:, 0] @ weight  # chunk `start`: W_start
+                read.append(first if bias is None else first + bias.unsqueeze(-2))
+                if out.readout is not None:
+                    read.append(out.readout[:, :-1].reshape(batch, -1, self.d_value))
+                weight, bias = out.weight, out.bias
+        output = self.to_out(torch.cat(read, 1))
         if not return_state:
             return output
-        return output, MemoryState(unrolled.weight, unrolled.bias, unrolled.losses)
+        last = runs[-1][2]
+        return output, MemoryState(last.weight, last.bias,
+                                   torch.cat([out.losses for _, _, out in runs], 1))
 
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, d_key={self.d_key}, d_value={self.d_value}, "

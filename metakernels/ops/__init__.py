@@ -1,9 +1,10 @@
 """One module per op: argument checks, backend dispatch, autograd (the torch.library custom ops)."""
 
 from metakernels.ops._backends import available_backends
+from metakernels.ops.delta_rule import delta_rule
 from metakernels.ops.fast_weight_meta_loss import fast_weight_meta_loss, meta_loss_path
 from metakernels.ops.fast_weight_unroll import UnrollOutput, fast_weight_unroll, unroll_path
 from metakernels.ops.linear_hvp import HvpOutput, linear_hvp
 
-__all__ = ["HvpOutput", "UnrollOutput", "available_backends", "fast_weight_meta_loss",
+__all__ = ["HvpOutput", "UnrollOutput", "available_backends", "delta_rule", "fast_weight_meta_loss",
            "fast_weight_unroll", "linear_hvp", "meta_loss_path", "unroll_path"]

@@ -59,8 +59,12 @@ def compute_dtype(dtype: torch.dtype, device_type: str) -> torch.dtype:
     return dtype if dtype in supported else torch.float32
 
 
-def autocast_op(op):
-    """Makes the public op ``op`` run under ``torch.autocast`` as this module says."""
+def autocast_op(op=None, *, keep_outputs: tuple[int, ...] = ()):
+    """Makes the public op ``op`` run under ``torch.autocast`` as this module says. The outputs
+    at the indices ``keep_outputs`` of a tuple result keep the dtype the op gave them (the delta
+    rule's float32 final state beside half-type inputs, as flash-linear-attention returns it)."""
+    if op is None:
+        return functools.partial(autocast_op, keep_outputs=keep_outputs)
 
     @functools.wraps(op)
     def wrapper(*args, **kwargs):
@@ -74,6 +78,9 @@ def autocast_op(op):
         with torch.autocast(device_type, enabled=False):
             out = op(*_cast(args, dtype),
                      **{name: _cast(value, dtype) for name, value in kwargs.items()})
+        if keep_outputs and isinstance(out, tuple) and not hasattr(out, "_fields"):
+            return tuple(item if index in keep_outputs else _cast(item, anchor.dtype)
+                         for index, item in enumerate(out))
         return _cast(out, anchor.dtype)
 
     return wrapper
