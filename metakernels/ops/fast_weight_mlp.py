@@ -400,8 +400,9 @@ def _grads(ctx, grad_out, grad_weights_t, grad_biases_t, direct: bool):
     if not any(wanted):
         return None
     if ctx.meta_loss:
-        grad_out = (None if grad_out is None
-                    else _task_grads(grad_out, lr.shape[0], REDUCTIONS[reduction]))
+        if grad_out is None:  # the meta-loss is the only differentiable output
+            return None
+        grad_out = _task_grads(grad_out, lr.shape[0], REDUCTIONS[reduction])
         grad_weights_t, grad_biases_t = [], []
     else:
         if all(g is None for g in grad_weights_t + grad_biases_t):
