@@ -3,8 +3,10 @@
 from metakernels.ops._backends import available_backends
 from metakernels.ops.delta_rule import delta_rule
 from metakernels.ops.fast_weight_meta_loss import fast_weight_meta_loss, meta_loss_path
+from metakernels.ops.fast_weight_mlp import fast_weight_mlp_meta_loss, fast_weight_mlp_unroll
 from metakernels.ops.fast_weight_unroll import UnrollOutput, fast_weight_unroll, unroll_path
 from metakernels.ops.linear_hvp import HvpOutput, linear_hvp
 
-__all__ = ["HvpOutput", "UnrollOutput", "available_backends", "delta_rule", "fast_weight_meta_loss",
+__all__ = ["HvpOutput", "UnrollOutput", "available_backends", "delta_rule",
+           "fast_weight_meta_loss", "fast_weight_mlp_meta_loss", "fast_weight_mlp_unroll",
            "fast_weight_unroll", "linear_hvp", "meta_loss_path", "unroll_path"]
