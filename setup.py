@@ -89,7 +89,8 @@ def _cpu_flags():
 
 def _cpu_extension():
     cxx_flags, link_flags = _cpu_flags()
-    sources = ["csrc/torch/binding.cpp", "csrc/torch/meta_loss.cpp"] + sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+    sources = ["csrc/torch/binding.cpp", "csrc/torch/meta_loss.cpp",
+               "csrc/torch/fast_weight_mlp.cpp"] + sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     include_dirs = [os.path.join(ROOT, "csrc", "include"), os.path.join(ROOT, "csrc", "cpu")]
     return cpp_extension.CppExtension(
         "metakernels._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx_flags},

@@ -283,6 +283,8 @@ std::vector<Tensor> linear_hvp(const Tensor& weight_, const Tensor& x_, const Te
 
 // fast_weight_meta_loss's kernels (meta_loss.cpp).
 void register_meta_loss(pybind11::module& m);
+// The MLP fast-weight kernels (fast_weight_mlp.cpp).
+void register_fast_weight_mlp(pybind11::module& m);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "metakernels fused CPU kernels (eager bodies of the metakernels:: custom ops)";
@@ -312,4 +314,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_poison_outputs", [](bool poison) { poison_outputs() = poison; },
         "Fill every output with NaN before the kernels write it (for tests).");
   register_meta_loss(m);
+  register_fast_weight_mlp(m);
 }

@@ -25,8 +25,9 @@ import torch
 import metakernels
 from metakernels import _extras
 from metakernels._argtypes import positive_float, positive_int
-from metakernels.benchmarks import bench, plots, roofline
+from metakernels.benchmarks import bench, mlp, plots, roofline
 from metakernels.benchmarks.configs import CONFIGS
+from metakernels.benchmarks.mlp import MLP_CONFIGS
 from metakernels.benchmarks.suite import format_table, machine_description
 
 DEFAULT_CONFIGS = tuple(CONFIGS)
@@ -39,9 +40,12 @@ DEFAULT_BUDGET_S, QUICK_BUDGET_S = 20.0, 1.5
 
 def _config_spec(text: str) -> tuple[str, str | None]:
     name, _, dtype = text.partition(":")
+    if name in MLP_CONFIGS and not dtype:
+        return name, None
     if name not in CONFIGS:
         raise argparse.ArgumentTypeError(f"unknown configuration {name!r}; expected one of "
-                                         f"{', '.join(CONFIGS)} (optionally NAME:DTYPE)")
+                                         f"{', '.join(CONFIGS)} (optionally NAME:DTYPE), or an "
+                                         f"MLP one: {', '.join(MLP_CONFIGS)}")
     if dtype and dtype not in DTYPES:
         raise argparse.ArgumentTypeError(f"unknown dtype {dtype!r} in {text!r}; expected one of "
                                          f"{', '.join(DTYPES)}")
@@ -57,9 +61,11 @@ def add_parser(commands) -> argparse.ArgumentParser:
                     "the optional peers (higher, learn2learn, torchopt, flash-linear-attention), "
                     "after checking each meta-gradient against the reference in float64.")
     parser.add_argument("--config", action="append", type=_config_spec, metavar="NAME[:DTYPE]",
-                        help=f"a SPEC.md configuration, repeatable; one of {', '.join(CONFIGS)}, "
-                             "optionally with its own dtype (e.g. delta-rule:bfloat16). Default: "
-                             "all; the GPU rows are scaled down on the CPU, which the output says")
+                        help=f"a configuration, repeatable; one of {', '.join(CONFIGS)}, "
+                             "optionally with its own dtype (e.g. delta-rule:bfloat16), or one "
+                             f"of the MLP ones ({', '.join(MLP_CONFIGS)}; float32, "
+                             "metakernels.benchmarks.mlp). Default: all but the MLP ones; the "
+                             "GPU rows are scaled down on the CPU, which the output says")
     parser.add_argument("--backend", action="append", metavar="NAME",
                         help="a metakernels backend to time, repeatable (default: every one "
                              "available); the reference backend is always timed as a baseline")
@@ -139,8 +145,10 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         ceilings = roofline.measure_ceilings(device)
         print(f"ceilings:  {ceilings.describe()}", flush=True)
 
+    chosen = args.config or [(name, None) for name in DEFAULT_CONFIGS]
+    mlp_names = [name for name, _ in chosen if name in MLP_CONFIGS]
     cases = [bench.spec_case(name, DTYPES[dtype or args.dtype], device, quick)
-             for name, dtype in (args.config or [(name, None) for name in DEFAULT_CONFIGS])]
+             for name, dtype in chosen if name not in MLP_CONFIGS]
     axes = tuple(args.sweep or (bench.SWEEP_AXES if args.plot or args.sweeps_only else ()))
     if args.sweeps_only:
         cases = []
@@ -174,7 +182,21 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         records, report = _outputs(args, results, axes, ceilings, machine, command, final=False)
         _write(args, records, report, quiet=True)
 
+    mlp_records = []
+    for name in mlp_names:
+        if device.type != "cpu":
+            print(f"\n== {name}: skipped: the MLP benchmarks run on the CPU in this release")
+            continue
+        mlp_records += mlp.run_config(name, quick=quick, repeats=repeats, backends=args.backend,
+                                      measure_memory=measure_memory, seed=args.seed,
+                                      log=lambda line: print(line, flush=True))
+    failed += [r for r in mlp_records
+               if r["contestant"].startswith("metakernels:") and not r["agrees"]]
+
     records, report = _outputs(args, results, axes, ceilings, machine, command, final=True)
+    if mlp_records:
+        records += [{k: _json_ready(v) for k, v in r.items()} for r in mlp_records]
+        report += "\n## MLP fast weights\n\n" + mlp.format_records(mlp_records) + "\n"
     elapsed = time.perf_counter() - started
     print(f"\n{'FAIL' if failed or errors else 'PASS'}: {len(failed)} metakernels backend(s) "
           f"disagreed with the reference; {len(errors)} case(s) failed to run"

@@ -104,9 +104,9 @@ def fast_weight_mlp_unroll(weights, biases, x: Tensor, y: Tensor, lr, *,
         x_t = x[:, t] if per_step else x
         y_t = y[:, t] if per_step else y
         with torch.enable_grad():
-            # Leaves where nothing upstream records a gradient, so that the inner gradient
-            # exists in every grad mode.
-            params = [p if p.requires_grad else p.detach().requires_grad_()
+            # Leaves where nothing upstream records a gradient (or no outer gradient is
+            # recorded at all), so that the inner gradient exists in every grad mode.
+            params = [p if outer_grad and p.requires_grad else p.detach().requires_grad_()
                       for p in fast_w + (fast_b or [])]
             w_t, b_t = params[:layers], (params[layers:] if fast_b is not None else None)
             step_loss = _row_mean_loss(mlp_apply(w_t, b_t, x_t, activation), y_t, loss)

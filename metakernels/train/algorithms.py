@@ -12,8 +12,9 @@ With ``--adapt head`` (the default) only the linear head adapts and the inner lo
 :func:`metakernels.fast_weight_unroll`; the body is trained by the outer loop through the
 features. ``maml --adapt head`` is therefore the same computation as ``anil``, which is
 MAML restricted to the head (Raghu et al. 2020); ``anil`` only refuses ``--adapt all``. With
-``--adapt all`` every parameter adapts through ``torch.func`` (``vmap`` over tasks of an unrolled
-loop). Reptile with ``--adapt head``: the head moves towards its adapted weights, and the body,
+``--adapt all`` every parameter adapts inside :func:`metakernels.fast_weight_mlp_unroll` (body and
+head as one ReLU perceptron); ``--adapt all-generic`` through ``torch.func`` (``vmap`` over tasks
+of an unrolled loop), for comparison. Reptile with ``--adapt head``: the head moves towards its adapted weights, and the body,
 which does not adapt, takes the first-order gradient of the query loss at the adapted head.
 """
 
@@ -54,7 +55,7 @@ def meta_step(model: nn.Module, batch: TaskBatch, algo: str, steps: int,
         (per_task.sum() / global_tasks).backward()
         return StepStats(per_task.detach().sum(), inner[:, 0].sum(), inner[:, -1].sum(),
                          None if accuracy is None else accuracy.sum())
-    reptile_all = algo == "reptile" and getattr(model, "adapt", "head") == "all"
+    reptile_all = algo == "reptile" and getattr(model, "adapt", "head") != "head"
     with torch.no_grad() if reptile_all else contextlib.nullcontext():
         adapted = model.inner_loop(batch, steps, FIRST_ORDER[algo])
         per_task, accuracy = model.query_losses(adapted.pred, batch)

@@ -34,9 +34,11 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in DIR from its checkpoint")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N (default cpu)")
-    parser.add_argument("--adapt", choices=("head", "all"),
+    parser.add_argument("--adapt", choices=("head", "all", "all-generic"),
                         help="head: only the linear head adapts, through the fused op "
-                             "(default); all: every parameter adapts, through torch.func")
+                             "(default); all: every parameter adapts, through the fused MLP op "
+                             "(fast_weight_mlp_unroll); all-generic: every parameter adapts, "
+                             "through torch.func (for comparison)")
     parser.add_argument("--meta-batch", type=positive_int, metavar="B",
                         help="tasks per meta-step, split across ranks (default: the task's)")
     parser.add_argument("--inner-steps", type=positive_int, metavar="T",

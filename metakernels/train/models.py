@@ -1,6 +1,8 @@
 """The meta-models of the trainer: a body (meta-learned by the outer loop) and a
-:class:`~metakernels.nn.FastWeightLinear` head, adapted either through the fused op (head only)
-or, for ``--adapt all``, through a generic ``torch.func`` loop over the whole network."""
+:class:`~metakernels.nn.FastWeightLinear` head, adapted through the fused ops: the head alone
+(``--adapt head``), or the whole network (``--adapt all``: body and head are one ReLU perceptron,
+adapted by :func:`metakernels.fast_weight_mlp_unroll`). ``--adapt all-generic`` adapts the whole
+network through a generic ``torch.func`` loop instead (for comparison; any body)."""
 
 from __future__ import annotations
 
@@ -11,6 +13,8 @@ from torch import Tensor, nn
 
 from metakernels._losses import mean_loss
 from metakernels.nn import FastWeightLinear
+from metakernels.ops.fast_weight_mlp import fast_weight_mlp_unroll
+from metakernels.reference.fast_weight_mlp import mlp_apply
 from metakernels.train.tasks.base import TaskBatch, query_losses
 
 
@@ -44,10 +48,12 @@ class HeadModel(nn.Module):
     Args:
         body: the feature network, ``[..., d_x] -> [..., d_features]``.
         head: the linear head that adapts per task.
-        adapt: ``"head"`` (only the head adapts, through the fused op) or ``"all"`` (every
-            parameter adapts, through ``torch.func``).
+        adapt: ``"head"`` (only the head adapts, through the fused op), ``"all"`` (every
+            parameter adapts, through the fused MLP op where the body is a ReLU perceptron,
+            else as ``"all-generic"``) or ``"all-generic"`` (through ``torch.func``).
         meta_sgd_all: with ``adapt="all"``, a meta-learned elementwise learning-rate scale per
-            parameter (Meta-SGD over the whole network).
+            weight matrix (Meta-SGD over the whole network; the MLP op does not scale biases'
+            steps, so neither path does).
     """
 
     def __init__(self, body: nn.Module, head: FastWeightLinear, *, adapt: str = "head",
@@ -57,11 +63,11 @@ class HeadModel(nn.Module):
         self.adapted_names = ([n for n, _ in body.named_parameters(prefix="body")]
                               + [n for n, _ in head.named_parameters(prefix="head")
                                  if n in ("head.weight", "head.bias")])
-        if adapt == "all" and meta_sgd_all:
+        if adapt != "head" and meta_sgd_all:
             params = dict(self.named_parameters())
             self.lr_scales = nn.ParameterDict({
                 _param_key(n): nn.Parameter(torch.ones_like(params[n]))
-                for n in self.adapted_names})
+                for n in self.adapted_names if n.endswith("weight")})
         else:
             self.lr_scales = None
 
@@ -71,7 +77,9 @@ class HeadModel(nn.Module):
 
     def inner_loop(self, batch: TaskBatch, steps: int, first_order: bool) -> Adapted:
         """Adapts to every task of ``batch`` (``support_x``, ``support_y``, ``query_x``)."""
-        if self.adapt == "all":
+        if self.adapt == "all" and self._mlp_layers() is not None:
+            return self._inner_loop_mlp(batch, steps, first_order)
+        if self.adapt != "head":
             return self._inner_loop_all(batch, steps, first_order)
         support = self.body(batch["support_x"])
         query = self.body(batch["query_x"])
@@ -88,7 +96,8 @@ class HeadModel(nn.Module):
         params = {n: p for n, p in self.named_parameters() if n in self.adapted_names}
         lrs = self.head.inner_lr[:steps]
         scales = (None if self.lr_scales is None
-                  else {n: self.lr_scales[_param_key(n)] for n in params})
+                  else {n: self.lr_scales[_param_key(n)] for n in params
+                        if _param_key(n) in self.lr_scales})
         loss = self.head.loss
 
         def predict(fast, x):
@@ -104,7 +113,7 @@ class HeadModel(nn.Module):
                 if first_order:
                     grads = {n: g.detach() for n, g in grads.items()}
                 if scales is not None:
-                    grads = {n: scales[n] * g for n, g in grads.items()}
+                    grads = {n: scales[n] * g if n in scales else g for n, g in grads.items()}
                 fast = {n: fast[n] - lrs[t] * grads[n] for n in fast}
                 losses.append(value.detach())
             return predict(fast, query_x), torch.stack(losses), fast
@@ -112,6 +121,48 @@ class HeadModel(nn.Module):
         pred, losses, fast = torch.func.vmap(one_task)(
             batch["support_x"], batch["support_y"], batch["query_x"])
         return Adapted(pred, inner_loss_units(losses, loss, self.head.out_features), fast)
+
+    def _mlp_layers(self) -> list[tuple[str, nn.Module]] | None:
+        """The linear layers of body and head, in order, when the whole network is one ReLU
+        perceptron (``Linear, ReLU, …, Linear, ReLU`` then the head), else None."""
+        body = list(self.body.named_children()) if isinstance(self.body, nn.Sequential) else None
+        if not body or len(body) % 2:
+            return None
+        layers = []
+        for (name, linear), (_, act) in zip(body[0::2], body[1::2]):
+            if type(linear) is not nn.Linear or type(act) is not nn.ReLU:
+                return None
+            layers.append((f"body.{name}", linear))
+        return layers
+
+    def _inner_loop_mlp(self, batch: TaskBatch, steps: int, first_order: bool) -> Adapted:
+        """Full-network adaptation through :func:`metakernels.fast_weight_mlp_unroll`: every
+        layer of body and head adapts inside the op (exact second order unless
+        ``first_order``); the query prediction runs on the adapted layers in PyTorch."""
+        layers = self._mlp_layers()
+        head = self.head
+        # nn.Linear keeps weight [d_out, d_in]; the op's layers are [d_in, d_out].
+        weights = [linear.weight.t() for _, linear in layers] + [head.weight]
+        biases = [linear.bias for _, linear in layers] + [head.bias]
+        if any(b is None for b in biases):
+            biases = None
+        names = [name for name, _ in layers] + ["head"]
+        lr_scale = None
+        if self.lr_scales is not None:
+            lr_scale = [self.lr_scales[_param_key(f"{name}.weight")] for name in names]
+            lr_scale = [s.t() if name != "head" else s for s, name in zip(lr_scale, names)]
+        out = fast_weight_mlp_unroll(
+            weights, biases, batch["support_x"], batch["support_y"], head.inner_lr[:steps],
+            steps=steps, activation="relu", loss=head.loss, lr_scale=lr_scale,
+            first_order=first_order, backend=head.backend)
+        pred = mlp_apply(out.weights, out.biases, batch["query_x"], "relu")
+        fast = {}
+        for index, name in enumerate(names):
+            weight = out.weights[index]
+            fast[f"{name}.weight"] = weight if name == "head" else weight.transpose(1, 2)
+            if out.biases is not None:
+                fast[f"{name}.bias"] = out.biases[index]
+        return Adapted(pred, inner_loss_units(out.losses, head.loss, head.out_features), fast)
 
     def meta_losses(self, batch: TaskBatch, steps: int,
                     first_order: bool) -> tuple[Tensor, Tensor | None, Tensor]:
@@ -154,4 +205,4 @@ def head_model(config, body_sizes: list[int], d_out: int, loss: str) -> HeadMode
                             inner_lr=config.inner_lr, loss=loss, learn_lr=metasgd,
                             meta_sgd=metasgd and config.adapt == "head")
     return HeadModel(mlp(body_sizes), head, adapt=config.adapt,
-                     meta_sgd_all=metasgd and config.adapt == "all")
+                     meta_sgd_all=metasgd and config.adapt != "head")

@@ -48,15 +48,15 @@ class Task:
         """Raises ValueError for a combination that does not make sense for this task."""
         if algo not in ALGORITHMS:
             raise ValueError(f"algo must be one of {', '.join(ALGORITHMS)}, got {algo!r}")
-        if adapt not in ("head", "all"):
-            raise ValueError(f"adapt must be 'head' or 'all', got {adapt!r}")
+        if adapt not in ("head", "all", "all-generic"):
+            raise ValueError(f"adapt must be 'head', 'all' or 'all-generic', got {adapt!r}")
         if algo in self.rejected_algorithms:
             raise ValueError(f"--algo {algo} does not apply to --task {self.name}: "
                              f"{self.rejected_algorithms[algo]}")
-        if adapt == "all" and self.rejects_adapt_all:
+        if adapt != "head" and self.rejects_adapt_all:
             raise ValueError(f"--adapt all does not apply to --task {self.name}: "
                              f"{self.rejects_adapt_all}")
-        if adapt == "all" and algo == "anil":
+        if adapt != "head" and algo == "anil":
             raise ValueError("--algo anil adapts only the head (ANIL: almost no inner loop); "
                              "use --adapt head, or --algo maml --adapt all for full MAML")
 
