@@ -581,8 +581,10 @@ def mlp_forward(weights, biases, x, targets, lr, lr_scale, queries, query_y, act
     if states is None:
         states = torch.empty(0, dtype=torch.float32, device=u.device)
     weights_T, biases_T = u.unpack(theta)
-    return ([losses.to(u.dtype), out, states] + [w.to(u.dtype) for w in weights_T]
-            + [b.to(u.dtype) for b in biases_T])
+    # Copies: the unpacked layers are views of one buffer, and a custom op's outputs may not
+    # alias each other.
+    return ([losses.to(u.dtype), out, states] + [w.to(u.dtype, copy=True) for w in weights_T]
+            + [b.to(u.dtype, copy=True) for b in biases_T])
 
 
 def mlp_backward(weights, biases, x, targets, lr, lr_scale, queries, query_y, states,
@@ -646,7 +648,8 @@ def mlp_backward(weights, biases, x, targets, lr, lr_scale, queries, query_y, st
                   else _launch.new_output(u.targets.shape, f32, device))
     c = None
     if u.meta:
-        c = grad_out.to(f32).reshape(B)
+        c = (torch.zeros(B, dtype=f32, device=device) if grad_out is None
+             else grad_out.to(f32).reshape(B))
     elif grad_out is not None and grad_out.numel() == 0:
         grad_out = None
 
@@ -729,7 +732,7 @@ def mlp_backward(weights, biases, x, targets, lr, lr_scale, queries, query_y, st
             grad_q[:, t0:t1] = seg_q
 
     empty = lambda: torch.empty(0, dtype=dtype, device=device)  # noqa: E731
-    cast = lambda want, t: t.to(dtype) if want else empty()  # noqa: E731
+    cast = lambda want, t: t.to(dtype, copy=True) if want else empty()  # noqa: E731
     gw, gb = u.unpack(grad_theta)
     out = [cast(want_x, grad_x), cast(want_y, grad_y), cast(want_lr, grad_lr),
            cast(want_q, grad_q), cast(want_qy, grad_qy)]
