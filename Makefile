@@ -74,6 +74,7 @@ test-triton: setup
 	TRITON_INTERPRET=1 $(PY) -m pytest -q tests/test_triton.py tests/test_properties.py -k triton
 	TRITON_INTERPRET=1 $(PY) -m pytest -q tests/test_triton_meta_loss.py tests/test_triton_chunked.py
 	TRITON_INTERPRET=1 $(PY) -m pytest -q tests/test_edge_cases.py tests/test_concurrency.py -k triton
+	TRITON_INTERPRET=1 $(PY) -m pytest -q tests/test_triton_mlp.py
 
 # The wheel, built from a clean copy of the tree, installed into a fresh virtual environment
 # and run there; refusing another torch; and the user's journey through the README's commands
