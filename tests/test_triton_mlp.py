@@ -147,6 +147,25 @@ def test_limits():
         mk.fast_weight_mlp_unroll(**kwargs, backend="triton")
 
 
+
+@interpreter
+def test_empty_batch_and_no_grad():
+    """B = 0 gives empty outputs and zero gradients; under no_grad nothing is kept (stride 0)
+    and θ_T still matches the reference."""
+    case = MlpCase(tasks=2, queries=2)
+    kwargs = to_dtype(add_queries(make_mlp_inputs(case, seed=4), case, "A"), torch.float32)
+    empty = dict(kwargs, x=kwargs["x"][:0], y=kwargs["y"][:0], query_x=kwargs["query_x"][:0],
+                 query_y=kwargs["query_y"][:0])
+    loss = mk.fast_weight_mlp_meta_loss(**empty, backend="triton")
+    grads = torch.autograd.grad(loss, kwargs["weights"] + [empty["x"]])
+    assert float(loss) == 0.0 and all(float(g.abs().sum()) == 0.0 for g in grads)
+    plain = {k: v for k, v in kwargs.items() if k not in ("query_x", "query_y")}
+    with torch.no_grad():
+        got = mk.fast_weight_mlp_unroll(**plain, backend="triton")
+        want = mk.fast_weight_mlp_unroll(**to_dtype(plain, torch.float64), backend="reference")
+    assert_matches({"w": got.weights[0], "losses": got.losses},
+                   {"w": want.weights[0], "losses": want.losses}, TOLERANCE[torch.float32])
+
 # --- compiled, on a GPU (bench/gpu/check.sh) -------------------------------------------------------
 
 GPU_CASES = {

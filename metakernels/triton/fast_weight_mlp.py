@@ -491,8 +491,9 @@ class _MLP:
     def pack(self, weights, biases) -> torch.Tensor:
         """[B, P] float32 θ from L tensors [B, d_l, d_{l+1}] and L (or 0) [B, d_{l+1}]."""
         B = self.tasks
-        parts = [w.float().reshape(B, -1) for w in weights]
-        parts += [b.float().reshape(B, -1) for b in biases] if self.has_bias else []
+        parts = [w.float().reshape(B, a * b) for w, (a, b, _, _) in zip(weights, self.table)]
+        parts += ([b.float().reshape(B, d) for b, (_, d, _, _) in zip(biases, self.table)]
+                  if self.has_bias else [])
         return torch.cat(parts, 1).contiguous()
 
     def unpack(self, theta: torch.Tensor):
