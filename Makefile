@@ -49,7 +49,7 @@ test-cpp:
 SANITIZE_LIB := build/sanitize-py/lib
 SANITIZE_TESTS ?= test_fast_weight_unroll.py test_gram.py test_checkpoint.py test_linear_hvp.py \
 	test_checks.py test_judges.py test_edge_cases.py test_properties.py \
-	test_fast_weight_meta_loss.py test_chunked.py
+	test_fast_weight_meta_loss.py test_chunked.py test_fast_weight_mlp.py
 test-sanitize: setup
 	cmake -S . -B $(CMAKE_BUILD)-sanitize -DCMAKE_BUILD_TYPE=Release -DMETAKERNELS_SANITIZE=ON \
 		-DMETAKERNELS_BUILD_CUDA=OFF

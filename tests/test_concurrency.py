@@ -81,7 +81,20 @@ def meta_loss_once(form: str, backend: str, seed: int) -> dict:
     return run_meta(make_meta_inputs(case, form, m=2, dtype=torch.float32, seed=seed), backend)
 
 
-WORKLOADS = {**{f"meta-loss-{form}": (lambda backend, seed, form=form:
+def mlp_once(form: str, backend: str, seed: int) -> dict:
+    """fast_weight_mlp_meta_loss (gelu, 4-D x, mixed layers) and every gradient, float32."""
+    from test_fast_weight_mlp import MlpCase, add_queries, make_mlp_inputs, run, to_dtype
+    case = MlpCase(activation="gelu", per_step=True, layers="mixed", queries=2,
+                   lr_form="full")
+    kwargs = to_dtype(add_queries(make_mlp_inputs(case, seed=seed), case, form, seed=seed + 1),
+                      torch.float32)
+    return run(kwargs, backend, True)
+
+
+WORKLOADS = {**{f"mlp-meta-loss-{form}": (lambda backend, seed, form=form:
+                                          mlp_once(form, backend, seed))
+                for form in ("A", "B")},
+             **{f"meta-loss-{form}": (lambda backend, seed, form=form:
                                       meta_loss_once(form, backend, seed))
                 for form in ("A", "B")},
              **{name: (lambda backend, seed, name=name: unroll_once(name, backend, seed))

@@ -853,3 +853,44 @@ def test_linear_hvp_fuzz(run, data):
     tile = data.draw(st.sampled_from([None, 256]), label="tile") if backend == "triton" else None
     with weight_tile(tile):
         check_hvp(problem, *run)
+
+
+# --- fast_weight_mlp_unroll / fast_weight_mlp_meta_loss --------------------------------------------
+
+@st.composite
+def mlp_problems(draw):
+    """A drawn MLP call (test_fast_weight_mlp's MlpCase and its form): 1 to 3 layers of widths
+    1 to 12, every activation, loss, x form, layer and bias form, lr form, lr_scale, a readout
+    or either query form, first order."""
+    from test_fast_weight_mlp import MlpCase
+    layers = draw(st.integers(1, 3))
+    widths = tuple(draw(st.lists(st.integers(1, 12), min_size=layers + 1, max_size=layers + 1)))
+    loss = draw(st.sampled_from(["mse", "ce"]))
+    if loss == "ce" and widths[-1] < 2:
+        widths = widths[:-1] + (2,)
+    form = draw(st.sampled_from(["unroll", "readout", "A", "B"]))
+    case = MlpCase(
+        widths=widths, tasks=draw(st.integers(1, 4)), steps=draw(st.integers(1, 5)),
+        support=draw(st.integers(1, 6)), activation=draw(st.sampled_from(
+            ["relu", "tanh", "gelu", "silu"])), loss=loss, per_step=draw(st.booleans()),
+        layers=draw(st.sampled_from(["shared", "task", "mixed"])),
+        bias=draw(st.sampled_from([None, "shared", "task", "mixed"])),
+        lr_form=draw(st.sampled_from(["float", "full", "steps"])), lr_scale=draw(st.booleans()),
+        queries=0 if form == "unroll" else draw(st.integers(1, 4)),
+        first_order=draw(st.booleans()))
+    return case, form, draw(st.booleans()), draw(st.integers(0, 2 ** 16))
+
+
+@pytest.mark.skipif("cpu" not in AVAILABLE, reason="no cpu backend built")
+@settings(max_examples=25)
+@given(problem=mlp_problems())
+def test_mlp_float64(problem):
+    from test_fast_weight_mlp import add_queries, assert_matches, make_mlp_inputs, run
+    case, form, checkpoint, seed = problem
+    kwargs = make_mlp_inputs(case, seed=seed)
+    if form != "unroll":
+        kwargs = add_queries(kwargs, case, form, seed=seed + 1)
+    meta = form in ("A", "B")
+    expected = run(kwargs, "reference", meta)
+    assert_matches(run(kwargs, "cpu", meta, checkpoint=checkpoint), expected, TOLERANCE[F64],
+                   f"{case} {form}")

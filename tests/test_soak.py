@@ -157,8 +157,28 @@ def meta_loss_call(case: Case, form: str, *, x_grad: bool = True, path: str):
     return call
 
 
+def mlp_call(checkpoint: bool):
+    """One forward and backward of fast_weight_mlp_meta_loss on the cpu backend (tanh, two
+    layers, form B); returns the loss."""
+    from test_fast_weight_mlp import MlpCase, add_queries, make_mlp_inputs, to_dtype
+    case = MlpCase(per_step=True, steps=5, queries=2, layers="mixed")
+    inputs = to_dtype(add_queries(make_mlp_inputs(case, seed=7), case, "B"), torch.float32)
+    leaves = [t for v in inputs.values() for t in (v if isinstance(v, list) else [v])
+              if isinstance(t, torch.Tensor) and t.requires_grad]
+
+    def call():
+        meta_loss = mk.fast_weight_mlp_meta_loss(**inputs, checkpoint=checkpoint, backend="cpu")
+        torch.autograd.grad(meta_loss, leaves)
+        return meta_loss.detach()
+
+    return call
+
+
 SMALL = dict(tasks=3, steps=4, support=3, d_in=16, d_out=8)
 WORKLOADS = {
+    # fast_weight_mlp_meta_loss: θ_t kept every step, and checkpointed.
+    "mlp-meta-loss": lambda: mlp_call(False),
+    "mlp-meta-loss-checkpoint": lambda: mlp_call(True),
     # fast_weight_meta_loss: the fused query loss beside the Gram path and the step loop.
     "meta-loss-gram": lambda: meta_loss_call(Case(**SMALL), "A", x_grad=False,
                                              path="fused:gram-space"),

@@ -31,7 +31,22 @@ using cpu::dot;
 using cpu::gemm;
 using cpu::gemm_add;
 using cpu::gemm_tn;
-using cpu::transpose;
+
+// C[rows, cols] (+)= alpha · A[rows, inner] · Bt[cols, inner]ᵀ, as dot products along `inner`
+// on Bt in place: the products with a weight's transpose (Δ_l W_lᵀ, Ā_l W_lᵀ, Δ_l D_lᵀ) read the
+// weight as stored, where a transposed copy per step cost as much as the product.
+template <typename T>
+void gemm_nt(int64_t rows, int64_t inner, int64_t cols, T alpha, const T* a, int64_t lda,
+             const T* bt, int64_t ldbt, bool accumulate, T* c, int64_t ldc) {
+  const T* d = accumulate ? c : nullptr;
+  int64_t i = 0;
+  for (; i + 4 <= rows; i += 4)
+    cpu::gemm_rows_dot<T, 4>(a + i * lda, lda, bt, ldbt, d ? d + i * ldc : d, ldc, c + i * ldc,
+                             ldc, inner, cols, alpha);
+  for (; i < rows; ++i)
+    cpu::gemm_rows_dot<T, 1>(a + i * lda, lda, bt, ldbt, d ? d + i * ldc : d, ldc, c + i * ldc,
+                             ldc, inner, cols, alpha);
+}
 
 // Offsets of the packed parameters and of the per-row activation buffers.
 struct Layout {
@@ -61,45 +76,49 @@ struct Layout {
 
 template <typename T>
 struct ActivationMath {
-  // σ(a), σ'(a), σ''(a); gelu in its erf form, as torch's F.gelu.
-  static T value(Activation f, T a) {
+  // gelu in its erf form, as torch's F.gelu.
+  // σ''(a): relu 0; tanh −2 s (1 − s²); gelu φ(a)(2 − a²); silu s(1 − s)(2 + a(1 − 2s)).
+  static T second(Activation f, T a) {
     switch (f) {
-      case Activation::kRelu: return a > T(0) ? a : T(0);
-      case Activation::kTanh: return std::tanh(a);
-      case Activation::kGelu: return a * T(0.5) * (T(1) + std::erf(a * T(M_SQRT1_2)));
-      default: return a / (T(1) + std::exp(-a));
+      case Activation::kRelu: return T(0);
+      case Activation::kTanh: {
+        const T s = std::tanh(a);
+        return T(-2) * s * (T(1) - s * s);
+      }
+      case Activation::kGelu:
+        return std::exp(T(-0.5) * a * a) * T(0.5 * M_2_SQRTPI * M_SQRT1_2) * (T(2) - a * a);
+      default: {
+        const T s = T(1) / (T(1) + std::exp(-a));
+        return s * (T(1) - s) * (T(2) + a * (T(1) - T(2) * s));
+      }
     }
   }
-  static void derivs(Activation f, T a, T& first, T& second) {
+  // σ(a) and σ'(a) together (gelu and silu share their erf / exp).
+  static void value_and_first(Activation f, T a, T& value, T& first) {
     switch (f) {
       case Activation::kRelu:
+        value = a > T(0) ? a : T(0);
         first = a > T(0) ? T(1) : T(0);
-        second = T(0);
         return;
       case Activation::kTanh: {
-        const T s = std::tanh(a), slope = T(1) - s * s;
-        first = slope;
-        second = T(-2) * s * slope;
+        const T s = std::tanh(a);
+        value = s;
+        first = T(1) - s * s;
         return;
       }
       case Activation::kGelu: {
-        const T pdf = std::exp(T(-0.5) * a * a) * T(0.5 * M_2_SQRTPI * M_SQRT1_2);
-        first = T(0.5) * (T(1) + std::erf(a * T(M_SQRT1_2))) + a * pdf;
-        second = pdf * (T(2) - a * a);
+        const T cdf = T(0.5) * (T(1) + std::erf(a * T(M_SQRT1_2)));
+        value = a * cdf;
+        first = cdf + a * std::exp(T(-0.5) * a * a) * T(0.5 * M_2_SQRTPI * M_SQRT1_2);
         return;
       }
       default: {
         const T s = T(1) / (T(1) + std::exp(-a));
+        value = a * s;
         first = s * (T(1) + a * (T(1) - s));
-        second = s * (T(1) - s) * (T(2) + a * (T(1) - T(2) * s));
         return;
       }
     }
-  }
-  static T first(Activation f, T a) {
-    T d1, d2;
-    derivs(f, a, d1, d2);
-    return d1;
   }
 };
 
@@ -109,8 +128,8 @@ struct Work {
   const MlpDims& d;
   const Layout& lay;
   int64_t cap;  // rows
-  std::vector<T> theta, next_theta, adj, grad, dir, wt, dirt;
-  std::vector<T> a, h, delta, back, adot, hdot, abar, hbar, probs, segment;
+  std::vector<T> theta, next_theta, adj, grad, dir;
+  std::vector<T> a, h, slope, delta, back, adot, hdot, abar, hbar, probs, segment;
 
   Work(const MlpDims& dims, const Layout& layout, int64_t rows, int64_t segment_states)
       : d(dims), lay(layout), cap(std::max<int64_t>(rows, 1)) {
@@ -120,8 +139,6 @@ struct Work {
     adj.resize(p);
     grad.resize(p);
     dir.resize(p);
-    wt.resize(static_cast<size_t>(lay.weights_total));
-    dirt.resize(static_cast<size_t>(lay.weights_total));
     const auto outs = static_cast<size_t>(cap * lay.out_total);
     const auto ins = static_cast<size_t>(cap * lay.in_total);
     a.resize(outs);
@@ -129,6 +146,7 @@ struct Work {
     adot.resize(outs);
     abar.resize(outs);
     h.resize(ins);
+    slope.resize(ins);
     back.resize(ins);
     hdot.resize(ins);
     hbar.resize(ins);
@@ -142,6 +160,7 @@ struct Work {
   T* Abar(int64_t l) { return abar.data() + cap * lay.out_off[l]; }
   // H_l, l ≥ 1 (H_0 is the input itself); Back_l = Δ_l W_lᵀ, l ≥ 1.
   T* H(int64_t l) { return h.data() + cap * lay.in_off[l]; }
+  T* Slope(int64_t l) { return slope.data() + cap * lay.in_off[l]; }  // σ'(A_{l−1})
   T* Back(int64_t l) { return back.data() + cap * lay.in_off[l]; }
   T* Hdot(int64_t l) { return hdot.data() + cap * lay.in_off[l]; }
   T* Hbar(int64_t l) { return hbar.data() + cap * lay.in_off[l]; }
@@ -164,49 +183,42 @@ T* forward_rows(Work<T>& ws, const T* theta, const T* input, int64_t rows) {
     if (l + 1 < lay.layers) {
       const T* pre = ws.A(l);
       T* post = ws.H(l + 1);
+      T* slope = ws.Slope(l + 1);
       const Activation f = ws.d.activation;
-      for (int64_t i = 0; i < rows * dout; ++i) post[i] = ActivationMath<T>::value(f, pre[i]);
+      for (int64_t i = 0; i < rows * dout; ++i)
+        ActivationMath<T>::value_and_first(f, pre[i], post[i], slope[i]);
     }
   }
   return ws.A(lay.layers - 1);
 }
 
-// The transposes W_lᵀ of θ's weights into ws.wt (the products with Wᵀ run on them).
-template <typename T>
-void transpose_weights(Work<T>& ws, const T* theta, T* out) {
-  const Layout& lay = ws.lay;
-  for (int64_t l = 0; l < lay.layers; ++l)
-    transpose(lay.w[l], lay.w[l + 1], theta + lay.w_off[l], lay.w[l + 1], out + lay.w_off[l]);
-}
-
-// Backpropagation from Δ_{L−1} (in ws.Delta(L−1)) after forward_rows at θ (ws.wt holding its
-// transposes): Δ_l and Back_l for every layer; grad (+)= alpha · (H_lᵀ Δ_l, 1ᵀ Δ_l) packed;
+// Backpropagation from Δ_{L−1} (in ws.Delta(L−1)) after forward_rows at θ: Δ_l and Back_l
+// for every layer; grad (+)= alpha · (H_lᵀ Δ_l, 1ᵀ Δ_l) packed (grad null: not formed);
 // grad_input (+)= alpha · Δ_0 W_0ᵀ where not null.
 template <typename T>
-void backprop_rows(Work<T>& ws, const T* input, int64_t rows, T* grad, bool accumulate, T alpha,
-                   T* grad_input) {
+void backprop_rows(Work<T>& ws, const T* theta, const T* input, int64_t rows, T* grad,
+                   bool accumulate, T alpha, T* grad_input) {
   const Layout& lay = ws.lay;
-  const Activation f = ws.d.activation;
   for (int64_t l = lay.layers - 1; l >= 0; --l) {
     const int64_t din = lay.w[l], dout = lay.w[l + 1];
     const T* delta = ws.Delta(l);
-    gemm_tn<T>(din, rows, dout, alpha, layer_input(ws, input, l), din, nullptr, delta, dout,
-               accumulate, grad + lay.w_off[l], dout);
-    if (ws.d.bias) {
+    if (grad != nullptr)
+      gemm_tn<T>(din, rows, dout, alpha, layer_input(ws, input, l), din, nullptr, delta, dout,
+                 accumulate, grad + lay.w_off[l], dout);
+    if (grad != nullptr && ws.d.bias) {
       T* gb = grad + lay.b_off[l];
       if (!accumulate) std::fill(gb, gb + dout, T(0));
       add_column_sums(rows, dout, delta, alpha, gb);
     }
     if (l > 0) {
       T* back = ws.Back(l);
-      gemm<T>(rows, dout, din, T(1), delta, dout, ws.wt.data() + lay.w_off[l], din, false, back,
-              din);
-      const T* pre = ws.A(l - 1);
+      gemm_nt<T>(rows, dout, din, T(1), delta, dout, theta + lay.w_off[l], dout, false,
+                 back, din);
+      const T* slope = ws.Slope(l);
       T* below = ws.Delta(l - 1);
-      for (int64_t i = 0; i < rows * din; ++i)
-        below[i] = back[i] * ActivationMath<T>::first(f, pre[i]);
+      for (int64_t i = 0; i < rows * din; ++i) below[i] = back[i] * slope[i];
     } else if (grad_input != nullptr) {
-      gemm<T>(rows, dout, din, alpha, delta, dout, ws.wt.data(), din, true, grad_input, din);
+      gemm_nt<T>(rows, dout, din, alpha, delta, dout, theta, dout, true, grad_input, din);
     }
   }
 }
@@ -245,15 +257,16 @@ StepData<T> step_data(const MlpDims& d, const MlpInputs<T>& in, int64_t task, in
   return s;
 }
 
-// The inner gradient at θ (ws.wt its transposes) on one step's support set into ws.grad, with
-// every activation of the step left in ws; returns ℓ_t.
+// The inner gradient at θ on one step's support set into ws.grad (not formed without
+// `with_grad`), with every activation of the step left in ws; returns ℓ_t.
 template <typename T>
-T inner_gradient(Work<T>& ws, const T* theta, const StepData<T>& s) {
+T inner_gradient(Work<T>& ws, const T* theta, const StepData<T>& s, bool with_grad = true) {
   const int64_t n = ws.d.support, dl = ws.lay.w[ws.lay.layers];
   T* z = forward_rows(ws, theta, s.x, n);
   const T loss = loss_residual(ws.d.loss, z, n, dl, s.y, s.labels);
   std::memcpy(ws.Delta(ws.lay.layers - 1), z, sizeof(T) * static_cast<size_t>(n * dl));
-  backprop_rows(ws, s.x, n, ws.grad.data(), false, T(1), static_cast<T*>(nullptr));
+  backprop_rows(ws, theta, s.x, n, with_grad ? ws.grad.data() : nullptr, false, T(1),
+                static_cast<T*>(nullptr));
   return loss;
 }
 
@@ -340,7 +353,6 @@ void fast_weight_mlp_forward(const MlpDims& d, const MlpInputs<T>& in,
       if (d.stride > 0 && t % d.stride == 0)
         std::memcpy(out.states + (task * kept + t / d.stride) * lay.params, theta,
                     sizeof(T) * lay.params);
-      transpose_weights(ws, theta, ws.wt.data());
       out.losses[task * d.steps + t] = inner_gradient(ws, theta, step_data(d, in, task, t));
       sgd_update(ws, in, theta, in.lr[task * d.steps + t]);
       if (m > 0 && d.query_per_step) {
@@ -364,7 +376,7 @@ void fast_weight_mlp_forward(const MlpDims& d, const MlpInputs<T>& in,
 
 namespace {
 
-// The adjoints of one query block at θ (ws.wt its transposes): top is the adjoint of the
+// The adjoints of one query block at θ: top is the adjoint of the
 // network's output, Ô (readout mode: given; meta-loss: c · E_q computed here). Adds into
 // ws.adj; writes grad_queries and grad_query_y of the block where wanted.
 template <typename T>
@@ -386,7 +398,7 @@ void query_backward(Work<T>& ws, const MlpInputs<T>& in, const MlpBackwardArgs<T
   }
   T* grad_q = args.grad_queries != nullptr ? args.grad_queries + qb.index * m * d0 : nullptr;
   if (grad_q != nullptr) std::fill(grad_q, grad_q + m * d0, T(0));
-  backprop_rows(ws, qb.q, m, ws.adj.data(), true, T(1), grad_q);
+  backprop_rows(ws, theta, qb.q, m, ws.adj.data(), true, T(1), grad_q);
 }
 
 // Step t's reverse at θ_t, ws.adj holding θ̂_{t+1} on entry and θ̂_t on return.
@@ -397,8 +409,10 @@ void step_backward(Work<T>& ws, const MlpInputs<T>& in, const MlpBackwardArgs<T>
   const Layout& lay = ws.lay;
   const int64_t n = d.support, L = lay.layers, d0 = lay.w[0], dl = lay.w[L];
   const auto s = step_data(d, in, task, t);
-  transpose_weights(ws, theta, ws.wt.data());
-  inner_gradient(ws, theta, s);  // activations, E (= Δ_{L−1}), Δ_l, Back_l, G
+  // Second order, η̂ = −⟨V, ∇ℓ⟩ = −⟨E, Ż⟩ comes from the tangent; G itself only for first order
+  // and for lr_scale's gradient.
+  const bool with_grad = args.first_order || args.grad_lr_scale != nullptr;
+  inner_gradient(ws, theta, s, with_grad);  // activations, E (= Δ_{L−1}), Δ_l, Back_l (, G)
   const T lr = in.lr[task * d.steps + t];
   T* adj = ws.adj.data();
   T* dir = ws.dir.data();
@@ -419,8 +433,10 @@ void step_backward(Work<T>& ws, const MlpInputs<T>& in, const MlpBackwardArgs<T>
   }
   std::memcpy(dir + lay.weights_total, adj + lay.weights_total,
               sizeof(T) * (lay.params - lay.weights_total));
-  if (args.grad_lr != nullptr) args.grad_lr[task * d.steps + t] = -dot(lay.params, dir, g);
-  if (args.first_order) return;
+  if (args.first_order) {
+    if (args.grad_lr != nullptr) args.grad_lr[task * d.steps + t] = -dot(lay.params, dir, g);
+    return;
+  }
 
   // The tangent of the step's forward in direction V.
   for (int64_t l = 0; l < L; ++l) {
@@ -432,14 +448,15 @@ void step_backward(Work<T>& ws, const MlpInputs<T>& in, const MlpBackwardArgs<T>
     if (l > 0)
       gemm<T>(n, din, dout, T(1), ws.Hdot(l), din, theta + lay.w_off[l], dout, true, adot, dout);
     if (l + 1 < L) {
-      const T* pre = ws.A(l);
+      const T* slope = ws.Slope(l + 1);
       T* hdot = ws.Hdot(l + 1);
-      for (int64_t i = 0; i < n * dout; ++i)
-        hdot[i] = ActivationMath<T>::first(d.activation, pre[i]) * adot[i];
+      for (int64_t i = 0; i < n * dout; ++i) hdot[i] = slope[i] * adot[i];
     }
   }
   // Ā_{L−1} = H_E Ż.
   const T* zdot = ws.Adot(L - 1);
+  if (args.grad_lr != nullptr)
+    args.grad_lr[task * d.steps + t] = -dot(n * dl, ws.Delta(L - 1), zdot);
   T* abar_top = ws.Abar(L - 1);
   const T inv_n = T(1) / static_cast<T>(n);
   if (d.loss == Loss::kMse) {
@@ -455,7 +472,6 @@ void step_backward(Work<T>& ws, const MlpInputs<T>& in, const MlpBackwardArgs<T>
       softmax_jacobian_row(ws.probs.data(), zdot + i * dl, dl, inv_n, abar_top + i * dl);
     }
   }
-  transpose_weights(ws, dir, ws.dirt.data());
   T* grad_x = args.grad_x != nullptr ? args.grad_x + x_index * n * d0 : nullptr;
   for (int64_t l = L - 1; l >= 0; --l) {
     const int64_t din = lay.w[l], dout = lay.w[l + 1];
@@ -469,21 +485,23 @@ void step_backward(Work<T>& ws, const MlpInputs<T>& in, const MlpBackwardArgs<T>
     if (d.bias) add_column_sums(n, dout, abar, -lr, adj + lay.b_off[l]);
     if (l > 0) {
       T* hbar = ws.Hbar(l);
-      gemm<T>(n, dout, din, T(1), abar, dout, ws.wt.data() + lay.w_off[l], din, false, hbar, din);
-      gemm<T>(n, dout, din, T(1), delta, dout, ws.dirt.data() + lay.w_off[l], din, true, hbar,
-              din);
+      gemm_nt<T>(n, dout, din, T(1), abar, dout, theta + lay.w_off[l], dout, false, hbar, din);
+      gemm_nt<T>(n, dout, din, T(1), delta, dout, dir + lay.w_off[l], dout, true, hbar, din);
       const T* pre = ws.A(l - 1);
       const T* back = ws.Back(l);
       const T* adot_below = ws.Adot(l - 1);
       T* abar_below = ws.Abar(l - 1);
-      for (int64_t i = 0; i < n * din; ++i) {
-        T first, second;
-        ActivationMath<T>::derivs(d.activation, pre[i], first, second);
-        abar_below[i] = hbar[i] * first + back[i] * second * adot_below[i];
+      const T* slope = ws.Slope(l);
+      if (d.activation == Activation::kRelu) {
+        for (int64_t i = 0; i < n * din; ++i) abar_below[i] = hbar[i] * slope[i];
+      } else {
+        for (int64_t i = 0; i < n * din; ++i)
+          abar_below[i] = hbar[i] * slope[i] +
+                          back[i] * ActivationMath<T>::second(d.activation, pre[i]) * adot_below[i];
       }
     } else if (grad_x != nullptr) {
-      gemm<T>(n, dout, din, -lr, abar, dout, ws.wt.data(), din, true, grad_x, din);
-      gemm<T>(n, dout, din, -lr, delta, dout, ws.dirt.data(), din, true, grad_x, din);
+      gemm_nt<T>(n, dout, din, -lr, abar, dout, theta, dout, true, grad_x, din);
+      gemm_nt<T>(n, dout, din, -lr, delta, dout, dir, dout, true, grad_x, din);
     }
   }
 }
@@ -525,7 +543,6 @@ void fast_weight_mlp_backward(const MlpDims& d, const MlpInputs<T>& in,
     pack_theta(lay, d, args.weights_final, args.biases_final, task, theta_next);
     const bool queried = m > 0 && (d.meta_loss || args.grad_out != nullptr);
     if (queried && !d.query_per_step) {
-      transpose_weights(ws, theta_next, ws.wt.data());
       query_backward(ws, in, args, theta_next, task, 0);
     }
     for (int64_t seg = kept - 1; seg >= 0; --seg) {
@@ -538,7 +555,6 @@ void fast_weight_mlp_backward(const MlpDims& d, const MlpInputs<T>& in,
         for (int64_t t = start + 1; t < stop; ++t) {
           T* theta = states + (t - start) * lay.params;
           std::memcpy(theta, theta - lay.params, sizeof(T) * lay.params);
-          transpose_weights(ws, theta, ws.wt.data());
           inner_gradient(ws, theta, step_data(d, in, task, t - 1));
           sgd_update(ws, in, theta, in.lr[task * d.steps + t - 1]);
         }
@@ -546,7 +562,6 @@ void fast_weight_mlp_backward(const MlpDims& d, const MlpInputs<T>& in,
       for (int64_t t = stop - 1; t >= start; --t) {
         const T* theta = stride > 1 ? states + (t - start) * lay.params : kept_state;
         if (queried && d.query_per_step) {
-          transpose_weights(ws, theta_next, ws.wt.data());
           query_backward(ws, in, args, theta_next, task, t);
         }
         step_backward(ws, in, args, theta, task, t, d.x_per_step ? task * d.steps + t : task);

@@ -495,7 +495,14 @@ def _mlp_bwd_fake(weights, biases, x, y, lr, lr_scale, queries, query_y, states,
     return out
 
 
-_mlp_bwd.register_autograd(_unroll._no_double_backward)
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError(
+        "metakernels: the backward of fast_weight_mlp_unroll / fast_weight_mlp_meta_loss (a fused "
+        "kernel computing the exact second-order meta-gradient) cannot be differentiated again: "
+        "double backward is not supported; use backend='reference' for higher-order derivatives.")
+
+
+_mlp_bwd.register_autograd(_no_double_backward)
 
 
 class _EagerMLP(torch.autograd.Function):
@@ -520,7 +527,8 @@ class _EagerMLP(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads_out):
         layers = ctx.layers
+        # Under create_graph the backward op runs, whose own backward raises (double backward).
         grads = _grads(ctx, grads_out[1], list(grads_out[3:3 + layers]),
-                       list(grads_out[3 + layers:]), direct=True)
+                       list(grads_out[3 + layers:]), direct=not torch.is_grad_enabled())
         gw, gb, gx, gy, glr, gs, gq, gqy = _split_grads(ctx, grads)
         return (None, None, None, None, gx, gy, glr, gq, gqy, *gw, *gb, *gs)
