@@ -17,11 +17,14 @@ import torch
 
 pytest.importorskip("triton")
 
+from hypothesis import given, settings  # noqa: E402
+
 import metakernels as mk  # noqa: E402
 from conftest import TOLERANCE  # noqa: E402
 from metakernels.ops import _backends  # noqa: E402
 from test_fast_weight_mlp import (MlpCase, add_queries, assert_matches,  # noqa: E402
                                   make_mlp_inputs, run, to_dtype)
+from test_properties import mlp_problems  # noqa: E402
 
 INTERPRETER = _backends.triton_interpreter()
 interpreter = pytest.mark.skipif(
@@ -165,6 +168,16 @@ def test_empty_batch_and_no_grad():
         want = mk.fast_weight_mlp_unroll(**to_dtype(plain, torch.float64), backend="reference")
     assert_matches({"w": got.weights[0], "losses": got.losses},
                    {"w": want.weights[0], "losses": want.losses}, TOLERANCE[torch.float32])
+
+
+@interpreter
+@settings(max_examples=4)
+@given(problem=mlp_problems())
+def test_drawn_problems(problem):
+    """tests/test_properties.py's drawn MLP calls (1 to 3 layers of widths 1 to 12, every form),
+    float32, checkpointed or not."""
+    case, form, checkpoint, seed = problem
+    check_op(case, form, torch.float32, seed=seed, checkpoint=checkpoint)
 
 # --- compiled, on a GPU (bench/gpu/check.sh) -------------------------------------------------------
 
