@@ -34,7 +34,13 @@ Backward, per step t = T−1 … 0, with θ̂ the adjoint of θ_{t+1} (the maths
 Limits: ``BD² ≤ MAX_TILE`` (widths up to 128), ``BN·BD`` and ``BM·BD ≤ MAX_TILE`` (e.g. n ≤ 128
 at width 128); :func:`mlp_unsupported_reason` says why a shape is outside them, so that the ops
 layer falls back to another backend; the launchers raise RuntimeError there too. ttt-mlp
-(64 → 256 → 64) is outside them. Activations: relu, tanh, gelu (erf form), silu.
+(64 → 256 → 64) is outside them. Within them, a launch that needs more shared memory than the
+card has raises RuntimeError (_launch.launch): float32 at width 128 (n = m = 16) needs 172 KB in
+the backward, which sm_90 has and sm_80 has not. Activations: relu, tanh, gelu (erf form), silu.
+
+Meta-loss mode (``query_y`` given) composes the kernels with the outer loss in PyTorch: form A
+takes ℓ at θ_T (float32, recomputed from the last stored θ in the backward), form B the readout
+of every step (the backward re-runs the forward kernel for the readouts, segment by segment).
 """
 
 from __future__ import annotations
