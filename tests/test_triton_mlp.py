@@ -32,7 +32,7 @@ interpreter = pytest.mark.skipif(
 HALF_TOLERANCE = 2e-2   # docs/conventions.md: float16 / bfloat16
 
 
-# --- every form at small odd shapes, through the public ops ----------------------------------------
+# --- every form at small odd shapes, through the public ops --------------------------------------
 
 def rounded(kwargs: dict, dtype, device="cpu") -> tuple[dict, dict]:
     """(the arguments in ``dtype`` on ``device``, the same values in float64 for the
@@ -179,7 +179,7 @@ def test_drawn_problems(problem):
     case, form, checkpoint, seed = problem
     check_op(case, form, torch.float32, seed=seed, checkpoint=checkpoint)
 
-# --- compiled, on a GPU (bench/gpu/check.sh) -------------------------------------------------------
+# --- compiled, on a GPU (bench/gpu/check.sh) -----------------------------------------------------
 
 GPU_CASES = {
     "maml-sinusoid": (MlpCase(widths=(1, 40, 40, 1), tasks=25, steps=5, support=10,

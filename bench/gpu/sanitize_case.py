@@ -185,7 +185,8 @@ def check_mlp(backend: str) -> int:
 
     def call(dtype, backend):
         cast = lambda t: t.detach().to(dtype).requires_grad_()  # noqa: E731
-        ws, bs, ss = [cast(w) for w in weights], [cast(b) for b in biases], [cast(s) for s in scales]
+        ws, bs = [cast(w) for w in weights], [cast(b) for b in biases]
+        ss = [cast(s) for s in scales]
         xx, yy, qq, ll, x3c = cast(x4), cast(y4), cast(q4), cast(lr), cast(x3)
         out = mk.fast_weight_mlp_unroll(ws, bs, xx, yy, ll, activation="silu", lr_scale=ss,
                                         queries=qq, checkpoint=True, backend=backend)
