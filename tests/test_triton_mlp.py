@@ -179,6 +179,38 @@ def test_drawn_problems(problem):
     case, form, checkpoint, seed = problem
     check_op(case, form, torch.float32, seed=seed, checkpoint=checkpoint)
 
+
+@interpreter
+@pytest.mark.parametrize("form", ["readout", "A", "B"])
+def test_custom_op_path_and_opcheck(form):
+    """The registered custom ops (what torch.compile runs) on the Triton backend: the same
+    gradients as the eager fast path, and opcheck (schema, fake tensors, autograd registration)
+    on the forward op."""
+    from metakernels.ops import fast_weight_mlp as mlp_ops
+    case = MlpCase(activation="gelu", queries=2, lr_form="full", layers="mixed")
+    kwargs = to_dtype(add_queries(make_mlp_inputs(case), case, form), torch.float32)
+    eager = run(kwargs, "triton", form in ("A", "B"))
+    original = mlp_ops._unroll._plain_eager
+    try:
+        mlp_ops._unroll._plain_eager = lambda *tensors: False
+        traced = run(kwargs, "triton", form in ("A", "B"))
+    finally:
+        mlp_ops._unroll._plain_eager = original
+    assert_matches(traced, eager, 1e-6)
+    B = case.tasks
+    w = [t.detach().expand(B, *t.shape[-2:]).contiguous().requires_grad_()
+         for t in kwargs["weights"]]
+    b = [t.detach().expand(B, t.shape[-1]).contiguous().requires_grad_()
+         for t in kwargs["biases"]]
+    queries = kwargs.get("query_x", kwargs.get("queries")).detach().requires_grad_()
+    query_y = kwargs["query_y"].detach() if form in ("A", "B") else None
+    args = (w, b, kwargs["x"].detach().requires_grad_(), kwargs["y"].detach(),
+            kwargs["lr"].detach().requires_grad_(), [], queries, query_y, 2, 0, False, 1, 0,
+            "triton")
+    torch.library.opcheck(torch.ops.metakernels.fast_weight_mlp_fwd.default, args,
+                          test_utils=("test_schema", "test_faketensor",
+                                      "test_autograd_registration"))
+
 # --- compiled, on a GPU (bench/gpu/check.sh) -----------------------------------------------------
 
 GPU_CASES = {

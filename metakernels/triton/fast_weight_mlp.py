@@ -257,7 +257,7 @@ def fast_weight_mlp_bwd_kernel(
     p_states, p_layers, p_x, p_y, p_lr, p_scale, p_queries, p_grad_readout,
     p_grad_theta, p_grad_lr, p_grad_scale, p_grad_x, p_grad_y, p_grad_queries,
     p_next, p_inner, p_acts, p_racts, p_qacts,
-    s_x_b, s_x_t, s_y_b, s_y_t,
+    s_x_b, s_x_t, s_y_b, s_y_t, s_q_b, s_q_t, s_o_b, s_o_t, q_first,
     T, L, n, m, d_first, d_last, P,
     ACT: tl.constexpr, LOSS_CE: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_LR_SCALE: tl.constexpr, HAS_QUERIES: tl.constexpr, X_PER_STEP: tl.constexpr,
@@ -301,34 +301,38 @@ def fast_weight_mlp_bwd_kernel(
                         HAS_BIAS, HAS_LR_SCALE, True, BN, BD, PRECISION)
         tl.debug_barrier()
 
-        # 2. the readout O_t = net(θ_{t+1}, Q_t): θ̂ += its backpropagation, Q̂_t
+        # 2. the readout O_t = net(θ_{t+1}, Q_t): θ̂ += its backpropagation, Q̂_t; steps from
+        #    q_first on (meta-loss form A: the last step only, Q the same each step: s_q_t = 0)
         if HAS_QUERIES:
-            m_q = (o_m < m)[:, None] & (o_d < d_first)[None, :]
-            o_q = (o_bt * m + o_m[:, None]) * d_first + o_d[None, :]
-            b_q = tl.load(p_queries + o_q, mask=m_q, other=0.0).to(tl.float32)
-            _network(p_nx, p_layers, p_qac, b_q, L, ACT, HAS_BIAS, True, BM, BD, PRECISION)
-            tl.debug_barrier()
-            m_o = (o_m < m)[:, None] & (o_d < d_last)[None, :]
-            b_dq = tl.load(p_grad_readout + (o_bt * m + o_m[:, None]) * d_last + o_d[None, :],
-                           mask=m_o, other=0.0).to(tl.float32)
-            for i_l in range(0, L):
-                l = L - 1 - i_l
-                o_w, m_w, o_b, m_b = _layer(p_layers, l, BD)
-                l_prev = tl.maximum(l - 1, 0)
-                b_a_prev = tl.load(p_qac + l_prev * BM * BD + o_md)
-                b_h = tl.where(l > 0, _act(b_a_prev, ACT), b_q)
-                b_gw = tl.load(p_gth + o_w, mask=m_w, other=0.0)
-                b_gw += tl.dot(tl.trans(b_h), b_dq, input_precision=PRECISION)
-                tl.store(p_gth + o_w, b_gw, mask=m_w)
-                if HAS_BIAS:
-                    b_gb = tl.load(p_gth + o_b, mask=m_b, other=0.0) + tl.sum(b_dq, 0)
-                    tl.store(p_gth + o_b, b_gb, mask=m_b)
-                b_w = tl.load(p_nx + o_w, mask=m_w, other=0.0)
-                b_back = tl.dot(b_dq, tl.trans(b_w), input_precision=PRECISION)
-                if WANT_QUERIES:
-                    tl.store(p_grad_queries + o_q, b_back, mask=m_q & ((o_m * 0 + l) == 0)[:, None])
-                b_dq = b_back * _act_d1(b_a_prev, ACT)
-            tl.debug_barrier()
+            if i_t >= q_first:
+                m_q = (o_m < m)[:, None] & (o_d < d_first)[None, :]
+                o_q = i_b * s_q_b + i_t * s_q_t + o_m[:, None] * d_first + o_d[None, :]
+                b_q = tl.load(p_queries + o_q, mask=m_q, other=0.0).to(tl.float32)
+                _network(p_nx, p_layers, p_qac, b_q, L, ACT, HAS_BIAS, True, BM, BD,
+                         PRECISION)
+                tl.debug_barrier()
+                m_o = (o_m < m)[:, None] & (o_d < d_last)[None, :]
+                b_dq = tl.load(p_grad_readout + i_b * s_o_b + i_t * s_o_t + o_m[:, None] * d_last
+                               + o_d[None, :], mask=m_o, other=0.0).to(tl.float32)
+                for i_l in range(0, L):
+                    l = L - 1 - i_l
+                    o_w, m_w, o_b, m_b = _layer(p_layers, l, BD)
+                    l_prev = tl.maximum(l - 1, 0)
+                    b_a_prev = tl.load(p_qac + l_prev * BM * BD + o_md)
+                    b_h = tl.where(l > 0, _act(b_a_prev, ACT), b_q)
+                    b_gw = tl.load(p_gth + o_w, mask=m_w, other=0.0)
+                    b_gw += tl.dot(tl.trans(b_h), b_dq, input_precision=PRECISION)
+                    tl.store(p_gth + o_w, b_gw, mask=m_w)
+                    if HAS_BIAS:
+                        b_gb = tl.load(p_gth + o_b, mask=m_b, other=0.0) + tl.sum(b_dq, 0)
+                        tl.store(p_gth + o_b, b_gb, mask=m_b)
+                    b_w = tl.load(p_nx + o_w, mask=m_w, other=0.0)
+                    b_back = tl.dot(b_dq, tl.trans(b_w), input_precision=PRECISION)
+                    if WANT_QUERIES:
+                        m_first = ((o_m * 0 + l) == 0)[:, None]     # Q̂_t at layer 0 only
+                        tl.store(p_grad_queries + o_q, b_back, mask=m_q & m_first)
+                    b_dq = b_back * _act_d1(b_a_prev, ACT)
+                tl.debug_barrier()
 
         # 3. η̂_t = −⟨θ̂, P∘G⟩ and P̂ += −η_t θ̂∘G (biases have no P)
         b_eta = tl.zeros([BF], dtype=tl.float32)
@@ -561,6 +565,22 @@ class _MLP:
         return per.sum(1) if per.dim() == 2 else per
 
 
+def _outer_adjoint(u: _MLP, outputs: torch.Tensor, query_y: torch.Tensor,
+                   c: torch.Tensor) -> torch.Tensor:
+    """c·Ê = c·∂ℓ/∂outputs of the outer loss, ``outputs [B, (T,) m, d_L]`` float32: mse
+    ``c (Z − Y)/m``, ce ``c (softmax(Z) − onehot(Y))/m``. Written out rather than taken from
+    autograd, which the custom op's backward runs without."""
+    rows = outputs.shape[-2]
+    if u.ce:
+        residual = torch.softmax(outputs, -1)
+        residual.scatter_add_(-1, query_y.unsqueeze(-1),
+                              torch.full(query_y.shape + (1,), -1.0, dtype=torch.float32,
+                                         device=outputs.device))
+    else:
+        residual = outputs - query_y.float()
+    return residual * (c / rows).view((-1,) + (1,) * (outputs.dim() - 1))
+
+
 def _network_torch(u: _MLP, theta: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
     """The network at a packed θ on ``inputs [B, m, d_0]``, in PyTorch (meta-loss form A)."""
     from metakernels.reference.fast_weight_mlp import ACTIVATIONS, mlp_apply
@@ -602,10 +622,11 @@ def mlp_backward(weights, biases, x, targets, lr, lr_scale, queries, query_y, st
 
     With ``stride`` k > 1 the steps run backwards in segments of k: each segment's θ_t are
     recomputed by the forward kernel from its stored start, then its backward runs. Meta-loss
-    form A takes the outer loss's adjoint of θ_T and query_x in PyTorch at a float32 θ_T
-    recomputed from the last stored state (``weights_final`` is not read: a half-precision θ_T
-    would lose digits); form B takes the readouts' adjoints c·Ê_t in PyTorch from readouts the
-    forward kernel recomputes segment by segment."""
+    form A: Ê of the outer loss at a float32 θ_T recomputed from the last stored state
+    (``weights_final`` is not read: a half-precision θ_T would lose digits), which the kernel
+    backpropagates as the readout of the last step; form B: the readouts' adjoints c·Ê_t, from
+    readouts the forward kernel recomputes segment by segment. No autograd: the custom op's
+    backward runs without it."""
     if len(wanted) != 8:
         raise RuntimeError("metakernels internal error: mlp_backward takes 8 flags")
     u = _MLP(weights, biases, x, targets, lr, lr_scale, queries, query_y, activation, loss)
@@ -660,22 +681,17 @@ def mlp_backward(weights, biases, x, targets, lr, lr_scale, queries, query_y, st
     elif grad_out is not None and grad_out.numel() == 0:
         grad_out = None
 
-    # Meta-loss form A: the outer loss at θ_T, in PyTorch.
-    if u.meta and not u.form_b and B > 0:
-        theta_T = (states[:, S - 1].clone() if S else u.pack(u.weights, u.biases))
-        u.run_forward(theta_T, (S - 1) * stride if S else 0, T, 0, f32)
-        with torch.enable_grad():
-            theta_T.requires_grad_()
-            query_x = u.queries.detach().float().requires_grad_(want_q)
-            query_y_f = (u.query_y.detach().float().requires_grad_(want_qy) if not u.ce
-                         else u.query_y)
-            per_task = u.outer_loss(_network_torch(u, theta_T, query_x), query_y_f)
-            inputs = [theta_T] + ([query_x] if want_q else []) + ([query_y_f] if want_qy else [])
-            grads = torch.autograd.grad((per_task * c).sum(), inputs)
-        grad_theta += grads[0]
-        grad_q = grads[1] if want_q else None
-        grad_qy = grads[-1] if want_qy else None
-    elif want_q:
+    # Meta-loss form A: Ê of the outer loss at θ_T (recomputed in float32 from the last kept
+    # state); the kernel takes it as the readout adjoint of the last step, queried by query_x.
+    adjoint_a = None
+    if u.meta and not u.form_b:
+        theta_T = states[:, S - 1].clone()
+        u.run_forward(theta_T, (S - 1) * stride, T, 0, f32)
+        outputs = _network_torch(u, theta_T, u.queries)
+        adjoint_a = _outer_adjoint(u, outputs, u.query_y, c).contiguous()
+        if want_qy:
+            grad_qy = -adjoint_a
+    if want_q:
         grad_q = _launch.new_output(u.queries.shape, f32, device)
     if u.form_b and want_qy:
         grad_qy = _launch.new_output(u.query_y.shape, f32, device)
@@ -687,37 +703,39 @@ def mlp_backward(weights, biases, x, targets, lr, lr_scale, queries, query_y, st
             seg_states = states
         else:
             _, _, seg_states = u.run_forward(states[:, t0 // stride].clone(), t0, t1, 1, f32)
-        grad_readout = None
+        n_steps = t1 - t0
+        # The readout the kernel differentiates: (queries, its adjoint, the first step that has
+        # one, grad-queries buffer), the two tensors [B, n_steps, m, ·] or, form A, [B, m, ·]
+        # read at the last step only.
+        seg_queries = grad_readout = seg_q = None
+        q_first = 0
         if u.form_b:
             _, readout, _ = u.run_forward(seg_states[:, 0].clone(), t0, t1, 0, f32)
-            with torch.enable_grad():
-                readout.requires_grad_()
-                yq = u.query_y[:, t0:t1]
-                yq = yq.detach().float().requires_grad_(want_qy) if not u.ce else yq
-                per_task = u.outer_loss(readout, yq)
-                grads = torch.autograd.grad((per_task * c).sum(),
-                                            [readout] + ([yq] if want_qy else []))
-            grad_readout = grads[0].contiguous()
+            grad_readout = _outer_adjoint(u, readout, u.query_y[:, t0:t1], c).contiguous()
             if want_qy:
-                grad_qy[:, t0:t1] = grads[1]
+                grad_qy[:, t0:t1] = -grad_readout
         elif not u.meta and u.queries is not None:
-            grad_readout = (torch.zeros(B, t1 - t0, u.m, u.widths[-1], dtype=f32, device=device)
+            grad_readout = (torch.zeros(B, n_steps, u.m, u.widths[-1], dtype=f32, device=device)
                             if grad_out is None else grad_out[:, t0:t1].contiguous())
-        n_steps = t1 - t0
+        elif u.meta and t1 == T:
+            seg_queries, grad_readout, q_first = u.queries, adjoint_a, n_steps - 1
+        if grad_readout is not None and seg_queries is None:
+            seg_queries = u.steps_of(u.queries, t0, t1)
+        if want_q and seg_queries is not None:
+            seg_q = (grad_q if seg_queries.dim() == 3 else
+                     _launch.new_output((B, n_steps, u.m, u.widths[0]), f32, device))
+        step_stride = lambda t: t.stride(1) if t.dim() == 4 else 0  # noqa: E731
         seg_lr = _launch.new_output((B, n_steps), f32, device)
         seg_x = (grad_x if not u.per_step or first or grad_x is None
                  else _launch.new_output((B, n_steps) + tuple(u.x.shape[2:]), f32, device))
         seg_y = (grad_y if not u.per_step or first or grad_y is None
                  else _launch.new_output((B, n_steps) + tuple(u.targets.shape[2:]), f32, device))
-        want_seg_q = want_q and u.readout_queries is not None
-        seg_q = (_launch.new_output((B, n_steps, u.m, u.widths[0]), f32, device) if want_seg_q
-                 else None)
         x_seg = u.steps_of(u.x, t0, t1, u.per_step)
         y_seg = u.steps_of(u.targets, t0, t1, u.per_step)
         _launch.launch(
             fast_weight_mlp_bwd_kernel, (B,),
             seg_states.contiguous(), u.layers, x_seg, y_seg, u.lr[:, t0:t1].contiguous(),
-            u.dummy(u.scale), u.dummy(u.steps_of(u.readout_queries, t0, t1)),
+            u.dummy(u.scale), u.dummy(seg_queries),
             u.dummy(grad_readout), grad_theta, seg_lr, u.dummy(grad_scale), u.dummy(seg_x),
             u.dummy(seg_y), u.dummy(seg_q),
             torch.empty(B * u.P, dtype=f32, device=device),
@@ -725,17 +743,22 @@ def mlp_backward(weights, biases, x, targets, lr, lr_scale, queries, query_y, st
             u.scratch(u.BN), u.scratch(u.BN), u.scratch(u.BM),
             x_seg.stride(0), x_seg.stride(1) if u.per_step else 0,
             y_seg.stride(0), y_seg.stride(1) if u.per_step else 0,
+            seg_queries.stride(0) if seg_queries is not None else 0,
+            step_stride(seg_queries) if seg_queries is not None else 0,
+            grad_readout.stride(0) if grad_readout is not None else 0,
+            step_stride(grad_readout) if grad_readout is not None else 0, q_first,
             n_steps, L, u.n, u.m, u.widths[0], u.widths[-1], u.P,
             X_PER_STEP=u.per_step, FIRST_ORDER=first, WANT_X=want_x and not first,
-            WANT_Y=want_y and not first, WANT_SCALE=want_scale, WANT_QUERIES=want_seg_q,
-            **u.common())
+            WANT_Y=want_y and not first, WANT_SCALE=want_scale,
+            WANT_QUERIES=seg_q is not None, **dict(u.common(),
+                                                   HAS_QUERIES=seg_queries is not None))
         grad_lr[:, t0:t1] = seg_lr
         if u.per_step and not first:
             if want_x:
                 grad_x[:, t0:t1] = seg_x
             if want_y:
                 grad_y[:, t0:t1] = seg_y
-        if want_seg_q:
+        if seg_q is not None and seg_q is not grad_q:
             grad_q[:, t0:t1] = seg_q
 
     empty = lambda: torch.empty(0, dtype=dtype, device=device)  # noqa: E731
