@@ -38,9 +38,11 @@ layer falls back to another backend; the launchers raise RuntimeError there too.
 card has raises RuntimeError (_launch.launch): float32 at width 128 (n = m = 16) needs 172 KB in
 the backward, which sm_90 has and sm_80 has not. Activations: relu, tanh, gelu (erf form), silu.
 
-Meta-loss mode (``query_y`` given) composes the kernels with the outer loss in PyTorch: form A
-takes ℓ at θ_T (float32, recomputed from the last stored θ in the backward), form B the readout
-of every step (the backward re-runs the forward kernel for the readouts, segment by segment).
+Meta-loss mode (``query_y`` given): the outer loss and its residual Ê are computed in PyTorch
+(plain tensor ops, no autograd) from the network at θ_T (form A; float32, recomputed from the
+last stored θ in the backward) or the kernels' readout of every step (form B; the backward
+re-runs the forward kernel for them, segment by segment); the backward kernel backpropagates
+c·Ê as a readout adjoint (form A: the last step's, with ``q_first``).
 """
 
 from __future__ import annotations
