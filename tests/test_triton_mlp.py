@@ -103,7 +103,7 @@ def test_float16(name):
 
 @interpreter
 @pytest.mark.parametrize("name,case,form", [
-    ("unroll-4d-L3", MlpCase(widths=(3, 5, 4, 2), activation="silu", steps=5, queries=2,
+    ("unroll-4d-L3", MlpCase(widths=(3, 5, 4, 2), activation="silu", steps=4, queries=2,
                              per_step=True, layers="mixed", lr_form="full"), "readout"),
     ("meta-B", MlpCase(steps=5, queries=2, activation="tanh", lr_scale=True), "B"),
     ("meta-A-ce", MlpCase(widths=(3, 4, 3), loss="ce", steps=4, queries=2), "A"),
