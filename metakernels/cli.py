@@ -23,6 +23,7 @@ from metakernels._argtypes import positive_int
 from metakernels._extras import MissingExtra
 from metakernels.benchmarks import CONFIGS, bench
 from metakernels.benchmarks import cli as bench_cli
+from metakernels.benchmarks import mlp as mlp_bench
 from metakernels.benchmarks.correctness import CHECK_SIZES, TOLERANCE, check_backends
 from metakernels.benchmarks.suite import format_table, machine_description, run_config
 from metakernels.train import cli as train_cli
@@ -84,8 +85,10 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--repeats", type=positive_int, metavar="N",
                       help=f"timed repeats per contestant (default {DEFAULT_REPEATS}, "
                            f"{QUICK_REPEATS} with --quick)")
-    demo.add_argument("--config", action="append", choices=sorted(CONFIGS), metavar="NAME",
-                      help=f"a configuration to time, repeatable; one of {', '.join(CONFIGS)} "
+    demo.add_argument("--config", action="append",
+                      choices=sorted(CONFIGS) + sorted(mlp_bench.MLP_CONFIGS), metavar="NAME",
+                      help=f"a configuration to time, repeatable; one of {', '.join(CONFIGS)}, "
+                           f"or an MLP one ({', '.join(mlp_bench.MLP_CONFIGS)}) "
                            f"(default: {' '.join(DEMO_CONFIGS)})")
     demo.add_argument("--device", default="cpu", help="where to time (default cpu)")
     demo.add_argument("--threads", type=positive_int, metavar="N",
@@ -165,8 +168,19 @@ def demo(args: argparse.Namespace, argv: list[str]) -> int:
         print("  no backend besides the reference on this device")
     failed = [c for c in checks if not c.passed]
 
-    all_records, sizes = [], []
+    all_records, sizes, mlp_records = [], [], []
     for name in args.config or DEMO_CONFIGS:
+        if name in mlp_bench.MLP_CONFIGS:
+            if device.type != "cpu":
+                print(f"\n== {name}: skipped: the MLP benchmarks run on the CPU in this release")
+                continue
+            records = mlp_bench.run_config(name, quick=args.quick, repeats=repeats,
+                                           measure_memory=not args.no_memory, seed=args.seed,
+                                           log=lambda line: print(line, flush=True))
+            mlp_records += records
+            failed += [r for r in records
+                       if r["contestant"].startswith("metakernels:") and not r["agrees"]]
+            continue
         config = CONFIGS[name]
         if args.quick:
             config = dataclasses.replace(config, tasks=min(config.tasks, QUICK_TASKS))
@@ -200,6 +214,7 @@ def demo(args: argparse.Namespace, argv: list[str]) -> int:
             "backend_checks": [_finite_or_none(dataclasses.asdict(c)) for c in checks],
             "results": [_finite_or_none({**dataclasses.asdict(r), **size})
                         for r, size in zip(all_records, sizes)],
+            "mlp_results": [_finite_or_none(r) for r in mlp_records],
             "elapsed_s": elapsed,
         }, indent=2) + "\n")
         print(f"records written to {args.json}")

@@ -273,12 +273,12 @@ def test_custom_op_path_and_opcheck():
     case = MlpCase(activation="gelu", queries=2, lr_form="full", layers="mixed")
     kwargs = add_queries(make_mlp_inputs(case), case, "B")
     eager = run(kwargs, "cpu", True)
-    original = mlp_ops._unroll._plain_eager
+    original = mlp_ops._plain_eager
     try:
-        mlp_ops._unroll._plain_eager = lambda *tensors: False
+        mlp_ops._plain_eager = lambda *tensors: False
         traced = run(kwargs, "cpu", True)
     finally:
-        mlp_ops._unroll._plain_eager = original
+        mlp_ops._plain_eager = original
     assert_matches(traced, eager, 1e-13)
     w = [t.expand(3, *t.shape[-2:]).contiguous().detach().requires_grad_()
          for t in kwargs["weights"]]

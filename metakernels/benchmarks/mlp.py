@@ -25,6 +25,7 @@ import json
 import statistics
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -358,8 +359,14 @@ def run_config(name: str, *, quick: bool = False, repeats: int = 20, backends=No
     problem = make_problem(config, torch.float32, seed)
     slow = {"higher", "torchopt", "metakernels:reference"}
     counts = {k: max(3, repeats // 4) if k in slow else repeats for k in ok}
+    # One torch thread: this thread's CPU time (time.thread_time), which a machine shared with
+    # other jobs does not stretch; several: wall time.
+    one_thread = torch.get_num_threads() == 1
+    clock = time.thread_time if one_thread else time.perf_counter
+    log(f"  timing: {'CPU time of the one thread' if one_thread else 'wall time'}, median of "
+        f"{repeats} interleaved rounds ({max(3, repeats // 4)} for the slow peers)")
     samples = timing.time_interleaved({k: (lambda run=runs[k]: run(problem)) for k in ok},
-                                      repeats=counts, warmup=2)
+                                      repeats=counts, warmup=2, clock=clock)
     medians = {k: statistics.median(v) for k, v in samples.items()}
     base = medians.get("torch.func")
     flops = config.flops()

@@ -14,7 +14,6 @@ keeps θ_t every ``stride`` steps and the backward recomputes the steps between.
 
 from __future__ import annotations
 
-import importlib
 import re
 from typing import Optional
 
@@ -26,10 +25,9 @@ from metakernels._losses import LOSS_CODES
 from metakernels.ops import _backends, _checks
 from metakernels.reference.fast_weight_mlp import ACTIVATIONS, MLPUnrollOutput
 from metakernels.reference.meta_loss import REDUCTIONS, reduce_tasks
-
-# The sibling op modules (by module path: the package's attributes of these names are the ops).
-_meta = importlib.import_module("metakernels.ops.fast_weight_meta_loss")
-_unroll = importlib.import_module("metakernels.ops.fast_weight_unroll")
+from metakernels.ops.fast_weight_meta_loss import _checked_query_x, _checked_query_y, _task_grads
+from metakernels.ops.fast_weight_unroll import (CHECKPOINT_BYTES, _check, _plain_eager,
+                                                checkpoint_segment, state_dtype)
 
 
 
@@ -210,15 +208,15 @@ def _plan(weights, biases, x, y, lr, steps, activation, loss, lr_scale, queries,
     stand_in = first.new_empty(1).as_strided((widths[0], widths[-1]), (0, 0))
     form_b_queries = queries if queries is not None and queries.dim() == 4 else None
     if query_y is not None:
-        _meta._checked_query_x(queries, x, _checks.check_steps("x", x, steps))
+        _checked_query_x(queries, x, _checks.check_steps("x", x, steps))
     try:
-        (_, x, y, lr, steps, _, _, _, readout_queries) = _unroll._check(
+        (_, x, y, lr, steps, _, _, _, readout_queries) = _check(
             stand_in, x, y, lr, steps, loss, None, None, None,
             form_b_queries if query_y is not None else queries, first_order, backend)
     except ValueError as error:
         raise _renamed(error) from None
     if query_y is not None:
-        query_y = _meta._checked_query_y(query_y, queries, stand_in, loss)
+        query_y = _checked_query_y(query_y, queries, stand_in, loss)
         _checks.check_same_dtype(queries_name, queries, dtype)
         if loss == "mse":
             _checks.check_same_dtype("query_y", query_y, dtype)
@@ -255,10 +253,10 @@ def _plan(weights, biases, x, y, lr, steps, activation, loss, lr_scale, queries,
     if recording:
         params = sum(a * b + (b if biases is not None else 0)
                      for a, b in zip(widths[:-1], widths[1:]))
-        itemsize = torch.finfo(_unroll.state_dtype(dtype)).bits // 8
+        itemsize = torch.finfo(state_dtype(dtype)).bits // 8
         if checkpoint is None:
-            checkpoint = tasks * steps * params * itemsize > _unroll.CHECKPOINT_BYTES
-        call.stride = _unroll.checkpoint_segment(steps) if checkpoint else 1
+            checkpoint = tasks * steps * params * itemsize > CHECKPOINT_BYTES
+        call.stride = checkpoint_segment(steps) if checkpoint else 1
     return call
 
 
@@ -297,7 +295,7 @@ def _run(call: _Call, first_order: bool, reduction: int) -> list:
     args = (call.weights, biases, call.x, call.y, call.lr, lr_scale, call.queries, call.query_y,
             ACTIVATIONS.index(call.activation), LOSS_CODES[call.loss], first_order, call.stride,
             reduction, call.backend)
-    if _unroll._plain_eager(call.x, call.y, call.lr, call.queries, call.query_y, *call.weights,
+    if _plain_eager(call.x, call.y, call.lr, call.queries, call.query_y, *call.weights,
                             *biases, *lr_scale):
         layers, has_bias, has_scale = len(call.weights), bool(biases), bool(lr_scale)
         return list(_EagerMLP.apply(layers, has_bias, has_scale, args[8:], call.x, call.y,
@@ -342,7 +340,7 @@ def _mlp_fwd_fake(weights, biases, x, y, lr, lr_scale, queries, query_y, activat
         out = first.new_empty(0)
     params = sum(w.shape[-2] * w.shape[-1] for w in weights) + sum(b.shape[-1] for b in biases)
     kept = -(-steps // stride) if stride > 0 else 0
-    states = (first.new_empty(tasks, kept, params, dtype=_unroll.state_dtype(first.dtype))
+    states = (first.new_empty(tasks, kept, params, dtype=state_dtype(first.dtype))
               if stride > 0 else first.new_empty(0))
     return ([first.new_empty(tasks, steps), out, states]
             + [w.new_empty(w.shape) for w in weights] + [b.new_empty(b.shape) for b in biases])
@@ -403,7 +401,7 @@ def _grads(ctx, grad_out, grad_weights_t, grad_biases_t, direct: bool):
         return None
     if ctx.meta_loss:
         grad_out = (None if grad_out is None
-                    else _meta._task_grads(grad_out, lr.shape[0], REDUCTIONS[reduction]))
+                    else _task_grads(grad_out, lr.shape[0], REDUCTIONS[reduction]))
         grad_weights_t, grad_biases_t = [], []
     else:
         if all(g is None for g in grad_weights_t + grad_biases_t):
