@@ -190,12 +190,12 @@ def test_custom_op_path_and_opcheck(form):
     case = MlpCase(activation="gelu", queries=2, lr_form="full", layers="mixed")
     kwargs = to_dtype(add_queries(make_mlp_inputs(case), case, form), torch.float32)
     eager = run(kwargs, "triton", form in ("A", "B"))
-    original = mlp_ops._unroll._plain_eager
+    original = mlp_ops._plain_eager
     try:
-        mlp_ops._unroll._plain_eager = lambda *tensors: False
+        mlp_ops._plain_eager = lambda *tensors: False
         traced = run(kwargs, "triton", form in ("A", "B"))
     finally:
-        mlp_ops._unroll._plain_eager = original
+        mlp_ops._plain_eager = original
     assert_matches(traced, eager, 1e-6)
     B = case.tasks
     w = [t.detach().expand(B, *t.shape[-2:]).contiguous().requires_grad_()
