@@ -455,6 +455,18 @@ def mlp_unsupported_reason(widths, n: int, m: int) -> str | None:
     return None
 
 
+def _launch_mlp(kernel, grid, *args, **kwargs) -> None:
+    """_launch.launch, its too-much-shared-memory error naming the backends that run the MLP
+    ops (the cuda backend has no MLP kernels)."""
+    try:
+        _launch.launch(kernel, grid, *args, **kwargs)
+    except RuntimeError as error:
+        if "more than the card has" not in str(error):
+            raise
+        raise RuntimeError(str(error).replace("backend='cuda', 'cpu' or 'reference'",
+                                              "backend='cpu' or 'reference'")) from error
+
+
 class _MLP:
     """One call's inputs (normalised by the ops: per-task layers, contiguous), the packed layout
     of θ (W_0 … W_{L−1}, then b_0 … b_{L−1}) and the block sizes."""
@@ -547,7 +559,7 @@ class _MLP:
         if B > 0 and T > 0:
             x = self.steps_of(self.x, t0, t1, self.per_step)
             y = self.steps_of(self.targets, t0, t1, self.per_step)
-            _launch.launch(
+            _launch_mlp(
                 fast_weight_mlp_fwd_kernel, (B,),
                 theta, self.layers, x, y, self.lr[:, t0:t1].contiguous(), self.dummy(self.scale),
                 self.dummy(queries), losses, self.dummy(readout), self.dummy(states),
@@ -734,7 +746,7 @@ def mlp_backward(weights, biases, x, targets, lr, lr_scale, queries, query_y, st
                  else _launch.new_output((B, n_steps) + tuple(u.targets.shape[2:]), f32, device))
         x_seg = u.steps_of(u.x, t0, t1, u.per_step)
         y_seg = u.steps_of(u.targets, t0, t1, u.per_step)
-        _launch.launch(
+        _launch_mlp(
             fast_weight_mlp_bwd_kernel, (B,),
             seg_states.contiguous(), u.layers, x_seg, y_seg, u.lr[:, t0:t1].contiguous(),
             u.dummy(u.scale), u.dummy(seg_queries),
