@@ -51,19 +51,18 @@ import torch
 import triton
 import triton.language as tl
 
+from metakernels.reference.fast_weight_mlp import ACTIVATIONS, mlp_apply
+from metakernels.reference.meta_loss import _row_mean_loss
 from metakernels.triton import _launch
 from metakernels.triton.fast_weight_unroll import _ce_hessian, _softmax_rows
 
-ACTIVATIONS = ("relu", "tanh", "gelu", "silu")
-_ACT_RELU, _ACT_TANH, _ACT_GELU, _ACT_SILU = 0, 1, 2, 3
-_LOSSES = ("mse", "ce")
-
 
 # --- the activation and its first two derivatives ------------------------------------------------
+# ACT is the index in ACTIVATIONS: 0 relu, 1 tanh, 2 gelu (erf form), 3 silu.
 
 @triton.jit
 def _tanh(a):
-    # tl has no tanh; this form keeps relative accuracy for large |a| and small a alike.
+    # tl has no tanh; this form does not overflow for large |a|.
     e = tl.exp(-2.0 * tl.abs(a))
     t = (1.0 - e) / (1.0 + e)
     return tl.where(a < 0, -t, t)
@@ -573,7 +572,6 @@ class _MLP:
     def outer_loss(self, outputs, query_y):
         """Per-task outer loss [B] of the network's outputs (form A [B, m, d_L]; form B
         [B, T, m, d_L], summed over steps), in float32."""
-        from metakernels.reference.meta_loss import _row_mean_loss
         targets = query_y.float() if not self.ce else query_y
         per = _row_mean_loss(outputs.float(), targets, "ce" if self.ce else "mse")
         return per.sum(1) if per.dim() == 2 else per
@@ -597,7 +595,6 @@ def _outer_adjoint(u: _MLP, outputs: torch.Tensor, query_y: torch.Tensor,
 
 def _network_torch(u: _MLP, theta: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
     """The network at a packed θ on ``inputs [B, m, d_0]``, in PyTorch (meta-loss form A)."""
-    from metakernels.reference.fast_weight_mlp import ACTIVATIONS, mlp_apply
     weights, biases = u.unpack(theta)
     return mlp_apply(weights, biases if u.has_bias else None, inputs.float(),
                      ACTIVATIONS[u.activation])
