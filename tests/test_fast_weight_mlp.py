@@ -389,3 +389,25 @@ def test_trainer_adapt_all_through_the_op_equals_generic(task_name, algo):
     assert grads["all"].keys() == grads["all-generic"].keys()
     for name, want in grads["all-generic"].items():
         assert rel_err(grads["all"][name], want) <= 1e-10, name
+
+
+def test_nn_fast_weight_mlp():
+    """FastWeightMLP: meta_loss is the query loss of forward() on adapt()'s layers, and its
+    gradient reaches every parameter (Meta-SGD scales and learned lrs included)."""
+    from metakernels.nn import FastWeightMLP
+    torch.manual_seed(0)
+    net = FastWeightMLP([3, 6, 2], steps=3, inner_lr=0.2, activation="tanh", learn_lr=True,
+                        meta_sgd=True).double()
+    x, y = torch.randn(4, 5, 3, dtype=torch.float64), torch.randn(4, 5, 2, dtype=torch.float64)
+    qx, qy = torch.randn(4, 7, 3, dtype=torch.float64), torch.randn(4, 7, 2, dtype=torch.float64)
+    loss = net.meta_loss(x, y, qx, qy)
+    adapted = net.adapt(x, y)
+    pred = net(qx, adapted)
+    expected = (0.5 * (pred - qy).pow(2).sum((-2, -1)) / 7).mean()
+    assert rel_err(loss, expected) <= 1e-12
+    loss.backward()
+    for name, param in net.named_parameters():
+        assert param.grad is not None and float(param.grad.abs().sum()) > 0, name
+    assert net(qx).shape == (4, 7, 2)
+    with pytest.raises(ValueError, match="learning rates for 3 steps"):
+        net.adapt(x, y, steps=4)

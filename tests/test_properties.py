@@ -855,7 +855,7 @@ def test_linear_hvp_fuzz(run, data):
         check_hvp(problem, *run)
 
 
-# --- fast_weight_mlp_unroll / fast_weight_mlp_meta_loss --------------------------------------------
+# --- fast_weight_mlp_unroll / fast_weight_mlp_meta_loss -----------------------------------------
 
 @st.composite
 def mlp_problems(draw):

@@ -168,9 +168,10 @@ def torch_func_contestant(problem: MlpProblem) -> list:
     def inner_loss(fast, x_t, y_t):
         return mean_loss(_net(fast, x_t, c.activation), y_t, "mse")
 
+    inner_grad = torch.func.grad(inner_loss)
+
     def one_task(params, x, y, qx, qy):
-        return _unrolled_meta_loss(list(params), x, y, qx, qy, c,
-                                   lambda fast, x_t, y_t: torch.func.grad(inner_loss)(fast, x_t, y_t))
+        return _unrolled_meta_loss(list(params), x, y, qx, qy, c, inner_grad)
 
     def total(params):
         per_task = torch.func.vmap(one_task, in_dims=(None, 0, 0, 0, 0))(
@@ -258,7 +259,8 @@ def higher_contestant(problem: MlpProblem) -> list:
     inner_opt = torch.optim.SGD(module.parameters(), lr=c.inner_lr)
     for b in range(c.tasks):
         x, y, qx, qy = _task_slices(problem, b)
-        with higher.innerloop_ctx(module, inner_opt, copy_initial_weights=False) as (fmodel, diffopt):
+        with higher.innerloop_ctx(module, inner_opt,
+                                  copy_initial_weights=False) as (fmodel, diffopt):
             total = 0.0
             for t in range(c.steps):
                 x_t, y_t = (x[t], y[t]) if c.x_per_step else (x, y)

@@ -121,14 +121,7 @@ class FastWeightLinear(nn.Module):
 
     def _steps(self, support_x: Tensor, steps: int | None) -> int:
         """T for a call of adapt or meta_loss, checked against the layer's learning rates."""
-        if not isinstance(support_x, Tensor):
-            raise TypeError(f"support_x must be a tensor, got {type(support_x).__name__}")
-        total = _checks.check_steps(
-            "support_x", support_x, self.steps if steps is None and support_x.dim() != 4 else steps)
-        if total > self.steps:
-            raise ValueError(f"the layer has learning rates for {self.steps} steps, asked for "
-                             f"{total}: build it with steps={total}")
-        return total
+        return inner_steps(support_x, steps, self.steps, "layer")
 
     def forward(self, x: Tensor, weight: Tensor | None = None,
                 bias: Tensor | None = None) -> Tensor:
@@ -155,3 +148,17 @@ class FastWeightLinear(nn.Module):
             raise ValueError("bias must be given exactly when the layer has a bias")
         out = torch.bmm(x, weight)
         return out if bias is None else out + bias.unsqueeze(1)
+
+
+def inner_steps(support_x: Tensor, steps: int | None, available: int, owner: str) -> int:
+    """T for an adapting module's call: ``steps`` (default ``available``) with 3-D
+    ``support_x``, its T with 4-D; at most ``available``, the per-step learning rates the
+    ``owner`` ("layer", "module") holds."""
+    if not isinstance(support_x, Tensor):
+        raise TypeError(f"support_x must be a tensor, got {type(support_x).__name__}")
+    total = _checks.check_steps(
+        "support_x", support_x, available if steps is None and support_x.dim() != 4 else steps)
+    if total > available:
+        raise ValueError(f"the {owner} has learning rates for {available} steps, asked for "
+                         f"{total}: build it with steps={total}")
+    return total

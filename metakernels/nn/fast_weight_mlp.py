@@ -9,6 +9,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from metakernels.nn.fast_weight_linear import inner_steps
 from metakernels.ops import _checks
 from metakernels.ops.fast_weight_mlp import fast_weight_mlp_meta_loss, fast_weight_mlp_unroll
 from metakernels.reference.fast_weight_mlp import (ACTIVATIONS, MLPUnrollOutput, activate,
@@ -74,18 +75,8 @@ class FastWeightMLP(nn.Module):
                 f"loss={self.loss!r}, bias={self.biases is not None}, "
                 f"meta_sgd={self.lr_scale is not None}")
 
-    def _steps(self, support_x: Tensor, steps: int | None) -> int:
-        if not isinstance(support_x, Tensor):
-            raise TypeError(f"support_x must be a tensor, got {type(support_x).__name__}")
-        total = _checks.check_steps(
-            "support_x", support_x, self.steps if steps is None and support_x.dim() != 4 else steps)
-        if total > self.steps:
-            raise ValueError(f"the module has learning rates for {self.steps} steps, asked for "
-                             f"{total}: build it with steps={total}")
-        return total
-
     def _common(self, support_x, steps, first_order):
-        total = self._steps(support_x, steps)
+        total = inner_steps(support_x, steps, self.steps, "module")
         return dict(steps=None if support_x.dim() == 4 else total, activation=self.activation,
                     loss=self.loss, lr_scale=None if self.lr_scale is None else list(self.lr_scale),
                     first_order=self.first_order if first_order is None else first_order,

@@ -154,8 +154,8 @@ def _renamed(error: ValueError) -> ValueError:
 
 def _plan(weights, biases, x, y, lr, steps, activation, loss, lr_scale, queries, query_y,
           first_order, reduction, checkpoint, backend, *, queries_name: str) -> _Call:
-    """Checks every argument (SPEC's rules, each message naming the argument); returns them
-    normalised, with the backend and the stride of the kept states."""
+    """Checks every argument (docs/ops/fast_weight_mlp.md, "Bad input"; each message names the
+    argument); returns them normalised, with the backend and the stride of the kept states."""
     weights = _layer_list("weights", weights, None)
     if not weights:
         raise ValueError("weights is empty; give at least one layer [d_0, d_1]")
