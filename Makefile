@@ -75,6 +75,7 @@ test-triton: setup
 	TRITON_INTERPRET=1 $(PY) -m pytest -q tests/test_triton_meta_loss.py tests/test_triton_chunked.py
 	TRITON_INTERPRET=1 $(PY) -m pytest -q tests/test_edge_cases.py tests/test_concurrency.py -k triton
 	TRITON_INTERPRET=1 $(PY) -m pytest -q tests/test_delta_rule.py -k "triton and not int32"
+	TRITON_INTERPRET=1 $(PY) -m pytest -q tests/test_triton_mlp.py
 
 # The wheel, built from a clean copy of the tree, installed into a fresh virtual environment
 # and run there; beside another torch (its kernels left out); and the user's journey through

@@ -36,3 +36,15 @@ def test_sanitize_case_finds_every_triton_kernel():
 
 def test_check_script_parses():
     subprocess.run(["bash", "-n", str(ROOT / "bench" / "gpu" / "check.sh")], check=True)
+
+
+def test_mlp_triton_script_loads_and_needs_cuda():
+    """bench/gpu/mlp_triton.py (check.sh stage 4c) imports and, without a GPU, says so (exit 2)."""
+    spec = importlib.util.spec_from_file_location("mlp_triton",
+                                                  ROOT / "bench" / "gpu" / "mlp_triton.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert set(module.MLP_CONFIGS) >= {"maml-sinusoid", "ttt-mlp"}
+    import torch
+    if not torch.cuda.is_available():
+        assert module.main(["--repeats", "1"]) == 2

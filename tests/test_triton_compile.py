@@ -80,3 +80,15 @@ def test_too_much_shared_memory_is_refused_like_a_launch():
     with pytest.raises(RuntimeError, match="needs more than the card has"):
         with _launch.compile_only(90):
             compile_unroll(make_inputs(case), torch.float32, loss="ce")
+
+
+def test_mlp_kernels_compile():
+    """The MLP kernels (metakernels/triton/fast_weight_mlp.py) at maml-sinusoid's sizes, meta-loss
+    form A, float32, for sm_90: one forward (and the backward's recompute of θ_T), one backward."""
+    from metakernels.triton.compile_check import compile_mlp
+    with _launch.compile_only(90) as records:
+        compile_mlp((1, 40, 40, 1), torch.float32, tasks=25, steps=5, support=10, rows=10,
+                    meta="A")
+    assert sorted({r["kernel"] for r in records}) == ["fast_weight_mlp_bwd_kernel",
+                                                      "fast_weight_mlp_fwd_kernel"]
+    assert all(0 <= r["shared_bytes"] <= _launch.SHARED_MEMORY_LIMIT[90] for r in records)

@@ -11,12 +11,13 @@
 #      this card;
 #   4b. the Triton chunked kernels against fla's chunk_delta_rule and the Triton step kernels on
 #      the delta rule (bench/gpu/chunked_delta_rule.py);
+#   4c. the Triton MLP kernels on maml-sinusoid and ttt-mlp (bench/gpu/mlp_triton.py);
 #   5. compute-sanitizer memcheck (CUDA and Triton kernels) and racecheck (CUDA kernels) on
 #      bench/gpu/sanitize_case.py, after checking that its cases launch every GPU kernel.
 # Every stage has a time limit, goes on after a failure, and prints one summary line; the whole
 # script stays under about 9 minutes (MK_CHECK_BUDGET seconds, default 540). Logs and results go to $OUT
 # (default ./gpu-out): summary.txt, build.log, pytest.log, bench.log, gpu-results.md,
-# gpu-results.json, chunked.log, chunked-delta-rule.md, coverage.log, memcheck.log, memcheck-triton.log, racecheck.log.
+# gpu-results.json, chunked.log, chunked-delta-rule.md, mlp.log, mlp-triton.md, coverage.log, memcheck.log, memcheck-triton.log, racecheck.log.
 #
 #   bash bench/gpu/check.sh
 set -u
@@ -113,7 +114,8 @@ fi
 SANITIZE_RESERVE=0
 [[ -f bench/gpu/sanitize_case.py ]] && SANITIZE_RESERVE=170
 CHUNKED_CAP=${MK_CHUNKED_CAP:-100}
-stage bench "${MK_BENCH_CAP:-210}" $(( SANITIZE_RESERVE + CHUNKED_CAP )) "$OUT/bench.log" \
+MLP_CAP=${MK_MLP_CAP:-90}
+stage bench "${MK_BENCH_CAP:-210}" $(( SANITIZE_RESERVE + CHUNKED_CAP + MLP_CAP )) "$OUT/bench.log" \
     "$PY" -m metakernels bench --device cuda \
         --config large --config trajectory --config maml-small --config maml-ce \
         --config delta-rule:bfloat16 --config delta-rule \
@@ -125,9 +127,17 @@ grep -E "^(PASS|FAIL)" "$OUT/bench.log" | tail -n 1 | sed 's/^/  bench: /' | tee
 #     the Triton step kernels, bfloat16 and float32, the `delta-rule` configuration's and fla's own
 #     shapes; the table (with the ratios chunked / fla and chunked / steps) goes to
 #     chunked-delta-rule.md.
-stage chunked-delta-rule "$CHUNKED_CAP" "$SANITIZE_RESERVE" "$OUT/chunked.log" \
+stage chunked-delta-rule "$CHUNKED_CAP" $(( SANITIZE_RESERVE + MLP_CAP )) "$OUT/chunked.log" \
     "$PY" bench/gpu/chunked_delta_rule.py --repeats 10 --out "$OUT/chunked-delta-rule.md"
 grep -E "^\| delta-rule" "$OUT/chunked.log" | sed 's/^/  chunked: /' | tee -a "$SUMMARY"
+
+# 4c. The Triton MLP kernels (issue 18): maml-sinusoid and ttt-mlp meta-steps (forward + backward,
+#     float32) after a meta-gradient check against the float64 reference, timed against the
+#     reference backend and torch.func; a configuration past the kernels' limits (ttt-mlp's
+#     256-wide layer) says so on its row. The table goes to mlp-triton.md.
+stage mlp-triton "$MLP_CAP" "$SANITIZE_RESERVE" "$OUT/mlp.log" \
+    "$PY" bench/gpu/mlp_triton.py --repeats 10 --out "$OUT/mlp-triton.md"
+grep -E "^\| (maml-sinusoid|ttt-mlp)" "$OUT/mlp.log" | sort -u | sed 's/^/  mlp: /' | tee -a "$SUMMARY"
 
 # 5. compute-sanitizer on small cases that launch every GPU kernel: first (without the sanitizer)
 #    the check that they do, then memcheck on the CUDA and the Triton kernels, racecheck on the

@@ -9,6 +9,7 @@
 ``__global__`` kernel of csrc/cuda/*.cu (backend cuda) and every ``*_kernel`` of
 metakernels/triton/ (backend triton), so a kernel added later cannot escape the sanitizer.
 
+The MLP kernels (Triton) run an unroll and a meta-loss of a two-layer network too.
 Small odd shapes (both losses, 3-D and 4-D x, readout, bias, lr_scale, per-task and shared init,
 one shape too big for shared memory, which takes the global-memory workspace path, and
 fragment-aligned shapes for the tensor-core kernels, with d_out split over CTAs too), each
@@ -156,7 +157,60 @@ def check_backend(backend: str) -> int:
             failures += not err <= 1e-4
             if not err <= 1e-4:
                 print(f"FAIL {backend} linear_hvp {loss} {name}: relative error {err:.3e}")
+    if hasattr(module, "mlp_forward"):
+        failures += check_mlp(backend)
     torch.cuda.synchronize()
+    return failures
+
+
+def check_mlp(backend: str) -> int:
+    """The MLP fast-weight kernels (issue 18): an unroll with a readout (4-D x, lr_scale, a
+    shared and a per-task layer, checkpointed) and a meta-loss of form B with ce, float32 and
+    bfloat16, against the float64 reference; returns the mismatches."""
+    failures = 0
+    gen = torch.Generator().manual_seed(3)
+    B, T, n, m, widths = 3, 3, 5, 2, (3, 7, 5)
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(shape, generator=gen, dtype=torch.float64) * scale).cuda()
+
+    weights = [randn(3, 7, scale=0.5), randn(B, 7, 5, scale=0.4)]
+    biases = [randn(B, 7, scale=0.3), randn(5, scale=0.3)]
+    scales = [0.5 + torch.rand(a, b, generator=gen, dtype=torch.float64).cuda()
+              for a, b in zip(widths[:-1], widths[1:])]
+    x4, y4, q4 = randn(B, T, n, 3), randn(B, T, n, 5), randn(B, T, m, 3)
+    x3, labels = randn(B, n, 3), torch.randint(0, 5, (B, n), generator=gen).cuda()
+    qy = torch.randint(0, 5, (B, T, m), generator=gen).cuda()
+    lr = 0.2 + 0.3 * torch.rand(B, T, generator=gen, dtype=torch.float64).cuda()
+
+    def call(dtype, backend):
+        cast = lambda t: t.detach().to(dtype).requires_grad_()  # noqa: E731
+        ws, bs = [cast(w) for w in weights], [cast(b) for b in biases]
+        ss = [cast(s) for s in scales]
+        xx, yy, qq, ll, x3c = cast(x4), cast(y4), cast(q4), cast(lr), cast(x3)
+        out = mk.fast_weight_mlp_unroll(ws, bs, xx, yy, ll, activation="silu", lr_scale=ss,
+                                        queries=qq, checkpoint=True, backend=backend)
+        meta = mk.fast_weight_mlp_meta_loss(ws, bs, x3c, labels, ll, qq, qy, steps=T,
+                                            activation="gelu", loss="ce", backend=backend)
+        g = torch.Generator().manual_seed(4)
+        outs = list(out.weights) + list(out.biases) + [out.readout, meta]
+        cots = [torch.randn(o.shape, generator=g, dtype=torch.float64).to(dtype).cuda()
+                for o in outs]
+        leaves = ws + bs + ss + [xx, yy, qq, ll, x3c]
+        return outs + list(torch.autograd.grad(outs, leaves, cots, allow_unused=True))
+
+    want = call(torch.float64, "reference")
+    for dtype in (torch.float32, torch.bfloat16):
+        got = call(dtype, backend)
+        for index, (g, w) in enumerate(zip(got, want)):
+            if w is None:
+                continue
+            err = rel_err(g, w)
+            ok = err <= TOL[dtype]
+            failures += not ok
+            if not ok:
+                print(f"FAIL {backend} mlp {dtype} output/gradient {index}: relative error "
+                      f"{err:.3e}")
     return failures
 
 

@@ -12,6 +12,9 @@ from metakernels.triton._launch import set_poison_outputs
 from metakernels.triton.fast_weight_chunked import (chunked_expected, set_chunked_knobs,
                                                     unroll_backward, unroll_forward, unroll_path)
 from metakernels.triton.linear_hvp import linear_hvp
+# The MLP fast-weight ops (fast_weight_mlp_unroll / _meta_loss) and the probe of their limits.
+from metakernels.triton.fast_weight_mlp import mlp_backward, mlp_forward, mlp_unsupported_reason
 
 __all__ = ["unroll_forward", "unroll_backward", "unroll_path", "linear_hvp",
-           "set_poison_outputs", "chunked_expected", "set_chunked_knobs"]
+           "set_poison_outputs", "chunked_expected", "set_chunked_knobs",
+           "mlp_forward", "mlp_backward", "mlp_unsupported_reason"]

@@ -48,3 +48,41 @@ def compile_linear_hvp(loss: str, *, tasks: int, support: int, d_in: int, d_out:
         return torch.empty(*shape, dtype=dtype, device="meta")
     linear_hvp(meta(d_in, d_out), meta(tasks, support, d_in), meta(tasks, d_in, d_out),
                meta(tasks, d_out), meta(tasks, d_out), LOSS_CODES[loss], True)
+
+
+def compile_mlp(widths, dtype: torch.dtype, *, tasks: int, steps: int, support: int,
+                rows: int = 0, per_step: bool = False, loss: str = "mse", activation: int = 0,
+                bias: bool = True, lr_scale: bool = False, meta: str = "",
+                first_order: bool = False, stride: int = 1) -> None:
+    """Every kernel launch of one MLP forward and backward (mlp_forward / mlp_backward) at these
+    sizes, every gradient wanted: unroll mode with ``rows`` readout rows, or meta-loss form
+    ``meta`` ("A" or "B")."""
+    from metakernels.triton import mlp_backward, mlp_forward
+
+    def meta_t(*shape, dt=dtype):
+        return torch.empty(*shape, dtype=dt, device="meta")
+    L = len(widths) - 1
+    weights = [meta_t(tasks, widths[l], widths[l + 1]) for l in range(L)]
+    biases = [meta_t(tasks, widths[l + 1]) for l in range(L)] if bias else []
+    lead = (tasks, steps, support) if per_step else (tasks, support)
+    x = meta_t(*lead, widths[0])
+    y = meta_t(*lead, widths[-1]) if loss == "mse" else meta_t(*lead, dt=torch.int64)
+    scales = [meta_t(widths[l], widths[l + 1]) for l in range(L)] if lr_scale else []
+    query_y = None
+    if meta:
+        q_lead = (tasks, steps, rows) if meta == "B" else (tasks, rows)
+        queries = meta_t(*q_lead, widths[0])
+        query_y = (meta_t(*q_lead, widths[-1]) if loss == "mse"
+                   else meta_t(*q_lead, dt=torch.int64))
+    else:
+        queries = meta_t(tasks, steps, rows, widths[0]) if rows else None
+    args = (weights, biases, x, y, meta_t(tasks, steps), scales, queries, query_y)
+    code = LOSS_CODES[loss]
+    out = mlp_forward(*args, activation, code, stride)
+    states, finals = out[2], out[3:]
+    grad_out = (meta_t(tasks) if meta else meta_t(tasks, steps, rows, widths[-1]) if rows
+                else None)
+    mlp_backward(*args, states, finals[:L], finals[L:], [torch.empty_like(w) for w in
+                                                         finals[:L]],
+                 [torch.empty_like(b) for b in finals[L:]], grad_out, activation, code, stride,
+                 first_order, [True] * 8)
