@@ -138,6 +138,28 @@ def test_delta_rule_under_autocast_bf16_keys_float32_beta(backend):
     assert torch.isfinite(q16.grad.float()).all() and torch.isfinite(state.grad).all()
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mlp_ops_under_autocast_bf16_body_float32_layers(backend):
+    """The MLP ops under CPU autocast: bfloat16 support and query features from a body beside
+    float32 layers compute in float32 and give the float32 call's loss and gradients."""
+    gen = torch.Generator().manual_seed(11)
+    layers = [torch.randn(3, 5, generator=gen, requires_grad=True),
+              torch.randn(5, 2, generator=gen, requires_grad=True)]
+    biases = [torch.randn(5, generator=gen), torch.randn(2, generator=gen)]
+    x, qx = features(4, 6, 3, 1).to(BF16), features(4, 5, 3, 2).to(BF16)
+    y, qy = torch.randn(4, 6, 2, generator=gen), torch.randn(4, 5, 2, generator=gen)
+    with torch.autocast("cpu", dtype=BF16):
+        loss = mk.fast_weight_mlp_meta_loss(layers, biases, x, y, 0.2, qx, qy, steps=2,
+                                            activation="tanh", backend=backend)
+        out = mk.fast_weight_mlp_unroll(layers, biases, x, y, 0.2, steps=2, backend=backend)
+    want = mk.fast_weight_mlp_meta_loss(layers, biases, x.float(), y, 0.2, qx.float(), qy,
+                                        steps=2, activation="tanh", backend=backend)
+    assert loss.dtype == F32 and out.weights[0].dtype == F32
+    assert rel_err(loss, want) < HALF_TOLERANCE
+    for got, expected in zip(grads_of(loss, layers), grads_of(want, layers)):
+        assert rel_err(got, expected) < HALF_TOLERANCE
+
+
 def test_mixed_dtypes_outside_autocast_are_still_refused():
     weight, x, y = torch.randn(7, 6), torch.randn(3, 5, 7, dtype=BF16), torch.randn(3, 5, 6)
     with pytest.raises(ValueError, match="x has dtype bfloat16 but weight has float32"):

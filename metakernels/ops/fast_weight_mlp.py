@@ -75,6 +75,8 @@ def fast_weight_mlp_unroll(weights, biases, x: Tensor, y: Tensor, lr, *,
     call = _plan(weights, biases, x, y, lr, steps, activation, loss, lr_scale, queries, None,
                  first_order, "mean", checkpoint, backend, queries_name="queries")
     if call.backend == "reference":
+        if loss == "ce":
+            _checks.check_label_range("y", call.y, call.weights[-1].shape[-1])
         return reference.fast_weight_mlp_unroll(
             call.weights, call.biases, call.x, call.y, call.lr, steps=call.steps,
             activation=activation, loss=loss, lr_scale=call.lr_scale, queries=call.queries,
@@ -121,6 +123,9 @@ def fast_weight_mlp_meta_loss(weights, biases, x: Tensor, y: Tensor, lr, query_x
     call = _plan(weights, biases, x, y, lr, steps, activation, loss, lr_scale, query_x, query_y,
                  first_order, reduction, checkpoint, backend, queries_name="query_x")
     if call.backend == "reference":
+        if loss == "ce":
+            _checks.check_label_range("y", call.y, call.weights[-1].shape[-1])
+            _checks.check_label_range("query_y", call.query_y, call.weights[-1].shape[-1])
         return reference.fast_weight_mlp_meta_loss(
             call.weights, call.biases, call.x, call.y, call.lr, call.queries, call.query_y,
             steps=call.steps, activation=activation, loss=loss, lr_scale=call.lr_scale,
@@ -309,9 +314,9 @@ def _run(call: _Call, first_order: bool, reduction: int) -> list:
 def _forward_kernels(weights, biases, x, y, lr, lr_scale, queries, query_y, activation, loss,
                      stride, reduction, backend) -> list:
     if loss == LOSS_CODES["ce"]:
-        _checks.check_labels("y", y, weights[-1].shape[-1])
+        _checks.check_label_range("y", y, weights[-1].shape[-1])
         if query_y is not None:
-            _checks.check_labels("query_y", query_y, weights[-1].shape[-1])
+            _checks.check_label_range("query_y", query_y, weights[-1].shape[-1])
     out = list(_backends.kernels(backend).mlp_forward(
         weights, biases, x, y, lr, lr_scale, queries, query_y, activation, loss, stride))
     if query_y is not None:
