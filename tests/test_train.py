@@ -285,3 +285,17 @@ def test_trains_on_cuda(tmp_path, task, algo, adapt):
     cpu = train(tiny(task, algo, tmp_path / "cpu", adapt=adapt))
     assert summary["eval"]["query_loss_after_adapt"] == pytest.approx(
         cpu["eval"]["query_loss_after_adapt"], rel=1e-2)
+
+
+@pytest.mark.parametrize("adapt,given,expected", [
+    ("head", None, 0.1), ("all", None, 0.01), ("all-generic", None, 0.01), ("all", 0.05, 0.05)])
+def test_sinusoid_inner_lr_default_follows_what_adapts(tmp_path, adapt, given, expected):
+    """Finn et al.'s inner lr 0.01 when every layer adapts, the head's 0.1 otherwise; a given
+    --inner-lr wins, and a resumed run keeps what it started with."""
+    from metakernels.train.loop import resolve
+    task = make_task("sinusoid")
+    config = TrainConfig(task="sinusoid", algo="maml", adapt=adapt, steps=1, out=str(tmp_path),
+                         inner_lr=given)
+    assert resolve(config, task, None).inner_lr == expected
+    saved = {"config": {**vars(resolve(config, task, None)), "inner_lr": 0.3}}
+    assert resolve(config.replace(inner_lr=None), task, saved).inner_lr == 0.3

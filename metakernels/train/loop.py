@@ -60,6 +60,10 @@ def resolve(config: TrainConfig, task, saved: dict | None) -> TrainConfig:
             changes[name] = stored
         elif value is None:
             changes[name] = defaults.get(name)
+    adapt = changes.get("adapt", config.adapt)
+    if (saved is None and config.inner_lr is None and adapt in ("all", "all-generic")
+            and task.defaults.inner_lr_all is not None):
+        changes["inner_lr"] = task.defaults.inner_lr_all
     return config.replace(**changes)
 
 

@@ -24,6 +24,7 @@ class Defaults:
     inner_lr: float       # η
     meta_lr: float        # Adam's learning rate in the outer loop
     eval_tasks: int       # held-out tasks in the final evaluation
+    inner_lr_all: float | None = None   # η when every layer adapts (--adapt all, all-generic)
 
 
 class Task:

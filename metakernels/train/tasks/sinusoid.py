@@ -17,9 +17,12 @@ SUPPORT, QUERY = 10, 10
 class Sinusoid(Task):
     name = "sinusoid"
     loss = "mse"
-    # Finn et al. use one inner step of lr 0.01 on the whole network; the head alone on 40
-    # meta-learned features takes larger steps.
-    defaults = Defaults(meta_batch=25, inner_steps=5, inner_lr=0.1, meta_lr=1e-3, eval_tasks=1000)
+    # Finn et al. use inner steps of lr 0.01 on the whole network; the head alone on 40
+    # meta-learned features takes larger steps. With every layer adapting, lr 0.1 over 5 steps
+    # leaves a held-out query loss near 2.5 after 1500 meta-steps, lr 0.01 near 0.5
+    # (seeds 0-2, both --adapt all and all-generic, 2026-12-07).
+    defaults = Defaults(meta_batch=25, inner_steps=5, inner_lr=0.1, meta_lr=1e-3, eval_tasks=1000,
+                        inner_lr_all=0.01)
 
     def sample(self, tasks: int, generator: torch.Generator, split: str) -> TaskBatch:
         # Regression tasks have no class split: held-out tasks are fresh draws (from the
