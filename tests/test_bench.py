@@ -138,6 +138,7 @@ def test_bench_leaves_out_a_disagreeing_peer(monkeypatch, tmp_path, capsys):
 
 
 def test_bench_sweep_plots_and_slopes(monkeypatch, tmp_path, capsys):
+    pytest.importorskip("matplotlib")  # --plot needs the bench extra (test_extras: its refusal)
     monkeypatch.setitem(bench.QUICK_SIZES, "maml-small", TINY)
     monkeypatch.setitem(bench.QUICK_SWEEP_VALUES, "T", (2, 4, 8))
     code = cli.main(["bench", "--quick", "--config", "maml-small", "--sweep", "T",
