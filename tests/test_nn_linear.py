@@ -7,7 +7,7 @@ import torch
 
 import metakernels as mk
 from metakernels.nn import FastWeightLinear
-from tests.conftest import COMPILED_BACKENDS, rel_err
+from conftest import COMPILED_BACKENDS, rel_err
 
 BACKENDS = ["reference", *COMPILED_BACKENDS]
 

@@ -13,7 +13,7 @@ from metakernels.train import TrainConfig, train
 from metakernels.train.loop import resolve
 from metakernels.train.tasks import make_task
 from metakernels.train.tasks import reasoning_data as data
-from tests.test_train import PNG_MAGIC, check_outputs, tiny
+from test_train import PNG_MAGIC, check_outputs, tiny
 
 
 def task_and_model(**options):
