@@ -19,7 +19,6 @@ import metakernels
 from metakernels import _compat
 from conftest import COMPILED_BACKENDS
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 needs_extension = pytest.mark.skipif("cpu" not in COMPILED_BACKENDS,
                                      reason="the C++ extension is not built")
 
@@ -139,8 +138,9 @@ def test_build_info_of_this_install_matches_it():
 
 
 def run_python(code: str, tmp_path, **env) -> subprocess.CompletedProcess:
-    """``code`` in a fresh interpreter that imports this checkout, from outside it."""
-    environ = {**os.environ, "PYTHONPATH": str(ROOT)}
+    """``code`` in a fresh interpreter that imports the metakernels these tests import (this
+    checkout's, or an installed wheel's), from outside the checkout."""
+    environ = {**os.environ, "PYTHONPATH": str(pathlib.Path(metakernels.__file__).parents[1])}
     environ.pop(_compat.DISABLE_ENV, None)
     environ.update(env)
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=tmp_path,
