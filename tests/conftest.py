@@ -224,3 +224,13 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def pytest_report_header(config):
+    """Which metakernels the run tests, and its compiled backends: `python -m pytest` in a
+    checkout imports the source tree (without a compiled extension unless it was built in place,
+    `pip install --no-build-isolation -e .`), where the `pytest` command imports the installed
+    package; the compiled backends' tests skip where the extension is missing."""
+    where = pathlib.Path(mk.__file__).parent
+    built = ", ".join(COMPILED_BACKENDS) or "none (not built)"
+    return f"metakernels {mk.__version__} from {where}; compiled backends tested here: {built}"
