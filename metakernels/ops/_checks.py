@@ -45,31 +45,40 @@ def check_flag(name: str, value) -> bool:
     return value
 
 
-def check_float_dtype(weight: Tensor, backend: str = "auto") -> torch.dtype:
-    """The dtype of every floating input: weight's, which must be supported on its device."""
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def check_float_dtype(weight: Tensor, backend: str = "auto", *, anchor: str = "weight"
+                      ) -> torch.dtype:
+    """The dtype of every floating input: that of ``weight`` (the argument named ``anchor``),
+    which must be supported on its device."""
     supported = SUPPORTED_DTYPES.get(weight.device.type)
     if (backend == "triton" and weight.device.type == "cpu"
             and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")):
         # Triton's interpreter runs GPU dtypes on CPU tensors: how CI tests the Triton kernels.
         supported = supported + (torch.float16,)
     if supported is None:
-        raise ValueError(f"weight is on device {weight.device}; metakernels supports cpu and cuda")
+        raise ValueError(f"{anchor} is on device {weight.device}; metakernels supports cpu and "
+                         "cuda")
     if weight.dtype not in supported:
-        names = ", ".join(str(d).replace("torch.", "") for d in supported)
-        raise ValueError(f"weight has dtype {str(weight.dtype).replace('torch.', '')}; "
+        names = ", ".join(dtype_name(d) for d in supported)
+        raise ValueError(f"{anchor} has dtype {dtype_name(weight.dtype)}; "
                          f"on {weight.device.type} metakernels supports {names}")
     return weight.dtype
 
 
-def check_same_dtype(name: str, tensor: Tensor | None, dtype: torch.dtype) -> None:
+def check_same_dtype(name: str, tensor: Tensor | None, dtype: torch.dtype, *,
+                     anchor: str = "weight") -> None:
     if tensor is not None and tensor.dtype != dtype:
-        raise ValueError(f"{name} has dtype {str(tensor.dtype).replace('torch.', '')} but weight has "
-                         f"{str(dtype).replace('torch.', '')}; floating inputs must share one dtype")
+        raise ValueError(f"{name} has dtype {dtype_name(tensor.dtype)} but {anchor} has "
+                         f"{dtype_name(dtype)}; floating inputs must share one dtype")
 
 
-def check_device(name: str, tensor: Tensor | None, device: torch.device) -> None:
+def check_device(name: str, tensor: Tensor | None, device: torch.device, *,
+                 anchor: str = "weight") -> None:
     if tensor is not None and tensor.device != device:
-        raise ValueError(f"{name} is on {tensor.device} but weight is on {device}; "
+        raise ValueError(f"{name} is on {tensor.device} but {anchor} is on {device}; "
                          "all tensor inputs must be on one device")
 
 

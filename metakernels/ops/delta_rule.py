@@ -163,22 +163,12 @@ def _check(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens,
     d_v = v.shape[3]
     _checks.check_shape("beta", beta, (batch, length, heads))
 
-    supported = _checks.SUPPORTED_DTYPES.get(q.device.type)
-    if supported is None:
-        raise ValueError(f"q is on device {q.device}; metakernels supports cpu and cuda")
-    if q.dtype not in supported:
-        names = ", ".join(_dtype_name(d) for d in supported)
-        raise ValueError(f"q has dtype {_dtype_name(q.dtype)}; on {q.device.type} "
-                         f"metakernels supports {names}")
+    _checks.check_float_dtype(q, anchor="q")
     for name, tensor in (("k", k), ("v", v), ("beta", beta)):
-        if tensor.dtype != q.dtype:
-            raise ValueError(f"{name} has dtype {_dtype_name(tensor.dtype)} but q has "
-                             f"{_dtype_name(q.dtype)}; q, k, v and beta must share one dtype")
+        _checks.check_same_dtype(name, tensor, q.dtype, anchor="q")
     for name, tensor in (("k", k), ("v", v), ("beta", beta), ("initial_state", initial_state),
                          ("cu_seqlens", cu_seqlens)):
-        if tensor is not None and tensor.device != q.device:
-            raise ValueError(f"{name} is on {tensor.device} but q is on {q.device}; all tensor "
-                             "inputs must be on one device")
+        _checks.check_device(name, tensor, q.device, anchor="q")
 
     if scale is None:
         scale = d_k ** -0.5
@@ -191,8 +181,8 @@ def _check(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens,
     bounds = None
     if cu_seqlens is not None:
         if cu_seqlens.dtype not in (torch.int32, torch.int64):
-            raise ValueError(f"cu_seqlens has dtype {_dtype_name(cu_seqlens.dtype)}, expected "
-                             "int32 or int64")
+            raise ValueError(f"cu_seqlens has dtype {_checks.dtype_name(cu_seqlens.dtype)}, "
+                             "expected int32 or int64")
         if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 2:
             raise ValueError(f"cu_seqlens has shape {_checks.shape_str(cu_seqlens.shape)}, "
                              "expected [N + 1] with N ≥ 1 sequences")
@@ -204,8 +194,8 @@ def _check(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens,
         if cu_seqlens_cpu is not None and (
                 cu_seqlens_cpu.device.type != "cpu" or cu_seqlens_cpu.shape != cu_seqlens.shape
                 or cu_seqlens_cpu.dtype not in (torch.int32, torch.int64)):
-            raise ValueError(f"cu_seqlens_cpu is a {_dtype_name(cu_seqlens_cpu.dtype)} tensor "
-                             f"of shape {_checks.shape_str(cu_seqlens_cpu.shape)} on "
+            raise ValueError(f"cu_seqlens_cpu is a {_checks.dtype_name(cu_seqlens_cpu.dtype)} "
+                             f"tensor of shape {_checks.shape_str(cu_seqlens_cpu.shape)} on "
                              f"{cu_seqlens_cpu.device}, expected cu_seqlens's values on the cpu: "
                              f"int32 or int64, shape {_checks.shape_str(cu_seqlens.shape)}")
         if not torch.compiler.is_compiling():
@@ -219,9 +209,9 @@ def _check(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens,
         _checks.check_shape("initial_state", initial_state, (sequences, heads, d_k, d_v))
         allowed = (q.dtype, torch.float32) if q.dtype in HALF_DTYPES else (q.dtype,)
         if initial_state.dtype not in allowed:
-            raise ValueError(f"initial_state has dtype {_dtype_name(initial_state.dtype)}, "
-                             f"expected {' or '.join(_dtype_name(d) for d in allowed)} (q has "
-                             f"{_dtype_name(q.dtype)})")
+            names = " or ".join(_checks.dtype_name(d) for d in allowed)
+            raise ValueError(f"initial_state has dtype {_checks.dtype_name(initial_state.dtype)}, "
+                             f"expected {names} (q has {_checks.dtype_name(q.dtype)})")
     return float(scale), bounds
 
 
@@ -238,10 +228,6 @@ def check_bounds(bounds: list[int], length: int) -> None:
         shown = bounds if len(bounds) <= 12 else bounds[:5] + ["..."] + bounds[-5:]
         raise ValueError(f"cu_seqlens holds {shown}, expected non-decreasing values from 0 to "
                          f"T = {length} (q's length)")
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")
 
 
 # --- the packed form behind custom ops (torch.compile, make_fx, functorch) -----------------------
