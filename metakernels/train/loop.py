@@ -45,6 +45,9 @@ def resolve(config: TrainConfig, task, saved: dict | None) -> TrainConfig:
     """Fills every unset (None) setting: from the checkpoint when resuming, else the task's and
     the trainer's defaults. A setting given explicitly must agree with the checkpoint."""
     defaults = {**GENERIC_DEFAULTS, **dataclasses.asdict(task.defaults), **task.option_defaults}
+    adapt = config.adapt if config.adapt is not None else defaults["adapt"]
+    if adapt in ("all", "all-generic") and task.defaults.inner_lr_all is not None:
+        defaults["inner_lr"] = task.defaults.inner_lr_all
     changes = {}
     for name in RUN_FIELDS:
         value = getattr(config, name)
@@ -60,10 +63,6 @@ def resolve(config: TrainConfig, task, saved: dict | None) -> TrainConfig:
             changes[name] = stored
         elif value is None:
             changes[name] = defaults.get(name)
-    adapt = changes.get("adapt", config.adapt)
-    if (saved is None and config.inner_lr is None and adapt in ("all", "all-generic")
-            and task.defaults.inner_lr_all is not None):
-        changes["inner_lr"] = task.defaults.inner_lr_all
     return config.replace(**changes)
 
 
